@@ -1,0 +1,289 @@
+"""Friendly Sharpness-Aware Minimization (F-SAM) as an Optax transformation."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Mask = Any  # A pytree of bools (a prefix of the params), or a callable giving one.
+
+
+class SAMGrad(NamedTuple):
+  """The gradient pair that :func:`sam_value_and_grad` returns for one leaf.
+
+  Attributes:
+    perturbed: gradient of the loss at the perturbed weights ``theta + e``; it
+      is what the optimizers after :func:`fsam` in the chain receive.
+    clean: gradient at ``theta``, fed into the F-SAM moving average; ``None``
+      when the state keeps no average (plain SAM).
+  """
+
+  perturbed: jax.Array
+  clean: jax.Array | None
+
+
+@dataclasses.dataclass(frozen=True)
+class PerturbationConfig:
+  """Static settings the gradient helper reads from the state.
+
+  It is a pytree with no leaves (``jax.tree_util.register_static``), so it
+  travels with the state through ``jit``, ``scan`` and checkpoints without
+  becoming a traced value.
+  """
+
+  adaptive: bool
+  mask: Callable[[Any], Any] | _FrozenMask | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _FrozenMask:
+  """A hashable copy of a pytree of Python bools."""
+
+  treedef: Any
+  leaves: tuple[bool, ...]
+
+  def tree(self) -> Any:
+    return jax.tree.unflatten(self.treedef, self.leaves)
+
+
+jax.tree_util.register_static(PerturbationConfig)
+
+
+class FSAMState(NamedTuple):
+  """State of :func:`fsam`.
+
+  Attributes:
+    count: number of updates applied so far (int32).
+    rho: perturbation radius for the next step (a schedule is evaluated here).
+    sigma: weight of the moving average removed from the gradient.
+    eps: added to the direction's norm before dividing by it.
+    ema: moving average ``m`` of clean gradients, or ``None`` for plain SAM.
+    config: static settings (adaptive mode, mask).
+  """
+
+  count: jax.Array
+  rho: jax.Array
+  sigma: jax.Array
+  eps: jax.Array
+  ema: optax.Updates | None
+  config: PerturbationConfig
+
+
+def _concrete(value: Any) -> float | None:
+  """Returns ``value`` as a float when it is known now, else ``None``."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return None
+  if jnp.ndim(value) != 0:
+    raise ValueError(f"expected a scalar hyperparameter, got shape {jnp.shape(value)}")
+  return float(value)
+
+
+def _check(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
+  v = _concrete(value)
+  if v is not None and not ok(v):
+    raise ValueError(f"fsam: `{name}` must be {allowed}, got {v!r}.")
+
+
+def _freeze_mask(mask: Mask | None) -> Callable[[Any], Any] | _FrozenMask | None:
+  if mask is None or callable(mask):
+    return mask
+  leaves, treedef = jax.tree.flatten(mask)
+  for leaf in leaves:
+    if not isinstance(leaf, (bool, jnp.bool_)) and _concrete(leaf) is None:
+      raise ValueError("fsam: `mask` leaves must be concrete Python bools.")
+  return _FrozenMask(treedef, tuple(bool(leaf) for leaf in leaves))
+
+
+def _default_float(x: Any) -> jax.Array:
+  # float64 when x64 is on, float32 otherwise; never weakly typed, so that the
+  # state keeps one dtype through init, update, scan and cond.
+  return jnp.asarray(x, dtype=jnp.result_type(float))
+
+
+def _at(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
+  return _default_float(value(count) if callable(value) else value)
+
+
+def split_grads(updates: optax.Updates) -> tuple[list[jax.Array], list[Any], Any]:
+  """Splits helper gradients into perturbed and clean leaves, and a treedef."""
+  is_pair = lambda x: isinstance(x, SAMGrad)  # noqa: E731
+  pairs, treedef = jax.tree.flatten(updates, is_leaf=is_pair)
+  if not all(is_pair(p) for p in pairs):
+    raise ValueError(
+        "fsam received plain gradients. Compute them with "
+        "`fsam_optax.sam_value_and_grad(loss_fn)(params, opt_state, ...)`, "
+        "which returns the perturbed and clean gradients that fsam consumes, "
+        "and place fsam first in the chain."
+    )
+  return [p.perturbed for p in pairs], [p.clean for p in pairs], treedef
+
+
+def fsam(
+    rho: optax.ScalarOrSchedule = 0.05,
+    sigma: float | jax.Array = 1.0,
+    lmbda: float | jax.Array = 0.9,
+    *,
+    adaptive: bool = False,
+    eps: float | jax.Array = 1e-12,
+    mask: Mask | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Friendly Sharpness-Aware Minimization (F-SAM).
+
+  SAM takes the gradient at weights moved a distance ``rho`` uphill along the
+  minibatch gradient ``g``. F-SAM moves only along the batch-specific noise:
+  it removes ``sigma`` times a moving average ``m`` of past gradients (an
+  estimate of the full gradient) from ``g``. Step for step as the authors'
+  official code:
+
+  .. math::
+    d_t &= g_t - \sigma m_{t-1}, \qquad d_1 = g_1 \\
+    m_t &= \lambda m_{t-1} + (1 - \lambda) g_t, \qquad m_1 = g_1 \\
+    e_t &= \rho\, d_t / (\lVert d_t \rVert + \epsilon)
+
+  and the optimizers after ``fsam`` receive ``g'_t``, the gradient at
+  ``theta + e_t``. The norm is global over all (unmasked) parameters. In
+  adaptive mode (ASAM) the norm is that of ``|theta| d`` and
+  ``e = rho theta^2 d / (norm + eps)``. ``sigma = 0`` is SAM.
+
+  ``fsam`` must be first in the chain and be fed by
+  :func:`fsam_optax.sam_value_and_grad`, which computes ``g``, ``e`` and
+  ``g'`` from this state; ``fsam`` itself keeps the moving average.
+
+  Args:
+    rho: perturbation radius, ``>= 0``; a scalar or a schedule of the step.
+    sigma: how much of the moving average to remove, ``>= 0``. A Python ``0``
+      keeps no moving average (plain SAM).
+    lmbda: decay of the moving average, in ``[0, 1)``.
+    adaptive: ASAM-style scale-invariant perturbation.
+    eps: added to the norm before dividing, ``> 0``.
+    mask: pytree of bools (or a callable of the params returning one); leaves
+      that are ``False`` are not perturbed and are left out of the norm.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, fsam_optax
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> loss = lambda p, x: jnp.sum((p["w"] * x) ** 2)
+    >>> tx = optax.chain(fsam_optax.fsam(rho=0.2, sigma=1.0, lmbda=0.6),
+    ...                  optax.sgd(0.05, momentum=0.9))
+    >>> opt_state = tx.init(params)
+    >>> grad_fn = fsam_optax.sam_value_and_grad(loss)
+    >>> value, grads = grad_fn(params, opt_state, jnp.array([1.0, 0.5]))
+    >>> updates, opt_state = tx.update(grads, opt_state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> print(float(value))
+    2.0
+
+  References:
+    Li et al., `Friendly Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2403.12350>`_, CVPR 2024.
+  """
+  _check("rho", rho, lambda v: v >= 0, "a radius >= 0")
+  _check("sigma", sigma, lambda v: v >= 0, ">= 0")
+  _check("lmbda", lmbda, lambda v: 0 <= v < 1, "in [0, 1)")
+  _check("eps", eps, lambda v: v > 0, "> 0")
+  config = PerturbationConfig(adaptive=bool(adaptive), mask=_freeze_mask(mask))
+  # Only a concrete Python zero drops the buffer: a traced sigma (for example
+  # under inject_hyperparams) keeps it, so init and update agree on structure.
+  keep_ema = not (isinstance(sigma, numbers.Real) and sigma == 0)
+
+  def init_fn(params: optax.Params) -> FSAMState:
+    if isinstance(config.mask, _FrozenMask):
+      try:
+        jax.tree.broadcast(config.mask.tree(), params)
+      except (ValueError, TypeError) as err:
+        raise ValueError(
+            "fsam: `mask` must have the structure of the params (or a prefix "
+            f"of it): {err}"
+        ) from None
+    return FSAMState(
+        count=jnp.zeros([], jnp.int32),
+        rho=_at(rho, jnp.zeros([], jnp.int32)),
+        sigma=_default_float(sigma),
+        eps=_default_float(eps),
+        ema=optax.tree.zeros_like(params) if keep_ema else None,
+        config=config,
+    )
+
+  def update_fn(
+      updates: optax.Updates,
+      state: FSAMState,
+      params: optax.Params | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, FSAMState]:
+    del params, extra_args
+    perturbed, clean, treedef = split_grads(updates)
+    ema = state.ema
+    if ema is not None:
+      if any(c is None for c in clean):
+        raise ValueError(
+            "fsam: these gradients carry no clean gradient; they were made "
+            "for a state without a moving average. Pass the same opt_state to "
+            "sam_value_and_grad and to tx.update."
+        )
+      ema_leaves, ema_def = jax.tree.flatten(ema)
+      if len(ema_leaves) != len(clean):
+        raise ValueError(
+            f"fsam: the gradients have {len(clean)} leaves but the state's "
+            f"moving average has {len(ema_leaves)}; initialise the optimizer "
+            "with the params you differentiate."
+        )
+      # First step: m = g (the official code's initialisation), by decay 0.
+      decay = jnp.where(state.count == 0, 0.0, lmbda)
+      ema = ema_def.unflatten([
+          (decay * m + (1 - decay) * g).astype(m.dtype)
+          for m, g in zip(ema_leaves, clean)
+      ])
+    count = optax.safe_increment(state.count)
+    new_state = state._replace(
+        count=count,
+        rho=_at(rho, count),
+        sigma=_default_float(sigma),
+        eps=_default_float(eps),
+        ema=ema,
+    )
+    return treedef.unflatten(perturbed), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def sam(
+    rho: optax.ScalarOrSchedule = 0.05,
+    *,
+    adaptive: bool = False,
+    eps: float | jax.Array = 1e-12,
+    mask: Mask | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Sharpness-Aware Minimization: :func:`fsam` with ``sigma = 0``.
+
+  Keeps no moving average; with ``adaptive=True`` it is ASAM.
+
+  Args:
+    rho: perturbation radius, ``>= 0``; a scalar or a schedule of the step.
+    adaptive: ASAM-style scale-invariant perturbation.
+    eps: added to the norm before dividing, ``> 0``.
+    mask: pytree of bools (or a callable of the params returning one); leaves
+      that are ``False`` are not perturbed.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, fsam_optax
+    >>> tx = optax.chain(fsam_optax.sam(rho=0.05), optax.sgd(0.1))
+    >>> tx.init({"w": jnp.zeros(3)})[0].ema is None
+    True
+
+  References:
+    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+    Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
+  """
+  return fsam(rho, sigma=0.0, adaptive=adaptive, eps=eps, mask=mask)

@@ -1,0 +1,84 @@
+"""Finds the F-SAM state inside a (possibly nested) optimizer state."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from fsam_optax._fsam import FSAMState
+
+_HOW_TO_BUILD = (
+    "Build the optimizer as `optax.chain(fsam_optax.fsam(...), base_optimizer)` "
+    "(or `fsam_optax.sam(...)`) and pass the state that its init/update return."
+)
+
+
+class Found(NamedTuple):
+  """The F-SAM state and, under ``inject_hyperparams``, its live hyperparameters."""
+
+  state: FSAMState
+  hyperparams: Mapping[str, Any] | None
+
+
+class _Hit(NamedTuple):
+  state: FSAMState
+  hyperparams: Mapping[str, Any] | None
+  problem: str | None
+
+
+def _not_first(where: str) -> str:
+  return (
+      "fsam must be the first transformation of the chain, because the "
+      "transformations before it would receive (perturbed, clean) gradient "
+      f"pairs; found it at {where}. Move it to the front: "
+      "`optax.chain(fsam_optax.fsam(...), ...)`."
+  )
+
+
+def _children(node: Any) -> list[tuple[Any, str | None]]:
+  """One level of a pytree, each child with the placement problem it implies."""
+  if isinstance(node, optax.MultiStepsState):
+    problem = (
+        "fsam cannot sit inside optax.MultiSteps, which accumulates plain "
+        "gradients. Accumulate after it instead: `optax.chain(fsam_optax."
+        "fsam(...), optax.MultiSteps(base, every_k_schedule=k)."
+        "gradient_transformation())`."
+    )
+    return [(c, problem) for c in node]
+  if type(node) in (tuple, list):  # an optax.chain state
+    return [(c, _not_first(f"position {i}") if i else None) for i, c in enumerate(node)]
+  if isinstance(node, dict):  # an optax.named_chain state, in insertion order
+    items = enumerate(node.items())
+    return [(c, _not_first(f"entry {k!r}") if i else None) for i, (k, c) in items]
+  leaves = jax.tree.leaves(node, is_leaf=lambda x: x is not node)
+  return [] if leaves == [node] else [(c, None) for c in leaves]
+
+
+def _search(node: Any, hyperparams: Any, problem: str | None) -> list[_Hit]:
+  if isinstance(node, FSAMState):
+    return [_Hit(node, hyperparams, problem)]
+  if isinstance(node, optax.InjectHyperparamsState):
+    return _search(node.inner_state, node.hyperparams, problem)
+  hits = []
+  for child, child_problem in _children(node):
+    hits += _search(child, None, problem or child_problem)
+  return hits
+
+
+def find_fsam_state(opt_state: Any) -> Found:
+  """Returns the one F-SAM state in ``opt_state``, or raises a helpful error."""
+  hits = _search(opt_state, None, None)
+  if not hits:
+    raise ValueError(f"sam_value_and_grad: opt_state holds no F-SAM state. {_HOW_TO_BUILD}")
+  if len(hits) > 1:
+    raise ValueError(
+        f"sam_value_and_grad: opt_state holds {len(hits)} F-SAM states; a "
+        "chain must contain exactly one fsam (or sam)."
+    )
+  hit = hits[0]
+  if hit.problem is not None:
+    raise ValueError(hit.problem)
+  return Found(hit.state, hit.hyperparams)

@@ -1,0 +1,201 @@
+"""The two-pass gradient that :func:`fsam_optax.fsam` consumes."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fsam_optax._fsam import FSAMState, SAMGrad
+from fsam_optax._lookup import find_fsam_state
+
+Perturbation = Literal["global", "per_device"]
+
+
+class SAMDiagnostics(NamedTuple):
+  """Per-step quantities that come for free with the two passes.
+
+  Attributes:
+    value: loss at the weights ``theta`` (the clean pass).
+    perturbed_value: loss at ``theta + e`` (the second pass).
+    direction_norm: global norm ``n`` of the direction ``d`` (of ``|theta| d``
+      in adaptive mode), before scaling to the radius.
+    perturbation_norm: global norm of the perturbation ``e``.
+  """
+
+  value: jax.Array
+  perturbed_value: jax.Array
+  direction_norm: jax.Array
+  perturbation_norm: jax.Array
+
+  @property
+  def sharpness(self) -> jax.Array:
+    """Perturbed loss minus clean loss."""
+    return self.perturbed_value - self.value
+
+
+def _scalar(x: Any) -> jax.Array:
+  # Unwraps Flax NNX variables (nnx.Optimizer keeps its state in them).
+  return jnp.asarray(jax.tree.leaves(x)[0])
+
+
+def _hyperparam(name: str, state: FSAMState, live: Any) -> jax.Array:
+  # Under inject_hyperparams the dict holds the values the user set last; the
+  # inner state only learns them at the next update.
+  value = getattr(state, name)
+  if live is not None and name in live:
+    value = jnp.asarray(_scalar(live[name]), dtype=_scalar(value).dtype)
+  return _scalar(value)
+
+
+def _mask_leaves(mask: Any, params: Any, n: int) -> list[bool]:
+  if mask is None:
+    return [True] * n
+  tree = mask(params) if callable(mask) else mask.tree()
+  leaves = jax.tree.leaves(jax.tree.broadcast(tree, params))
+  if len(leaves) != n:
+    raise ValueError(f"fsam: `mask` gives {len(leaves)} leaves for {n} parameters.")
+  return [bool(leaf) for leaf in leaves]
+
+
+def _acc_dtype(leaves: list[jax.Array]) -> jnp.dtype:
+  # Norms accumulate in at least float32, in float64 for float64 params.
+  return jnp.result_type(jnp.float32, *(x.dtype for x in leaves))
+
+
+def perturb(params: Any, grads: Any, state: FSAMState, live: Any) -> tuple[Any, jax.Array, list]:
+  """Returns ``theta + e``, the direction norm ``n`` and the leaves of ``e``.
+
+  Masked-out leaves get no perturbation, and ``None`` in place of theirs.
+  """
+  p_leaves, treedef = jax.tree.flatten(params)
+  d_leaves = jax.tree.leaves(grads)
+  if state.ema is not None:
+    ema = jax.tree.leaves(state.ema)
+    if len(ema) != len(p_leaves):
+      raise ValueError(
+          f"sam_value_and_grad: params have {len(p_leaves)} leaves but the "
+          f"F-SAM state averages {len(ema)}; initialise the optimizer with "
+          "the same params you pass here."
+      )
+    sigma = _hyperparam("sigma", state, live)
+    d_leaves = [(g - sigma * m).astype(g.dtype) for g, m in zip(d_leaves, ema)]
+  rho = _hyperparam("rho", state, live)
+  eps = _hyperparam("eps", state, live)
+  adaptive = state.config.adaptive
+  chosen = _mask_leaves(state.config.mask, params, len(p_leaves))
+
+  acc = _acc_dtype(p_leaves)
+  sq = [
+      jnp.sum(jnp.square((jnp.abs(p) * d if adaptive else d).astype(acc)))
+      for p, d, keep in zip(p_leaves, d_leaves, chosen)
+      if keep
+  ]
+  norm = jnp.sqrt(sum(sq, jnp.zeros([], acc)))
+  scale = rho.astype(acc) / (norm + eps.astype(acc))
+  e_leaves = [
+      (scale * (jnp.square(p) * d if adaptive else d).astype(acc)).astype(p.dtype) if keep else None
+      for p, d, keep in zip(p_leaves, d_leaves, chosen)
+  ]
+  perturbed = [p if e is None else p + e for p, e in zip(p_leaves, e_leaves)]
+  return treedef.unflatten(perturbed), norm, e_leaves
+
+
+def _norm(leaves: list) -> jax.Array:
+  leaves = [x for x in leaves if x is not None]
+  acc = _acc_dtype(leaves)
+  return jnp.sqrt(sum((jnp.sum(jnp.square(x.astype(acc))) for x in leaves), jnp.zeros([], acc)))
+
+
+def sam_value_and_grad(
+    fun: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    axis_name: str | None = None,
+    perturbation: Perturbation = "global",
+    return_diagnostics: bool = False,
+) -> Callable[..., Any]:
+  """Clean loss and F-SAM gradients of ``fun``, for :func:`fsam_optax.fsam`.
+
+  The returned function takes ``(params, opt_state, *args, **kwargs)``. It
+  finds the F-SAM state in ``opt_state`` (under ``optax.chain``,
+  ``named_chain``, ``inject_hyperparams``, ``apply_if_finite`` or an
+  ``nnx.Optimizer``), takes the gradient ``g`` of ``fun`` at ``params``, builds
+  the perturbation ``e`` from ``g`` and the state, and takes the gradient
+  ``g'`` at ``params + e``. It returns ``(value, grads)``, or
+  ``((value, aux), grads)`` with ``has_aux``, where ``value`` and ``aux`` come
+  from the clean pass and ``grads`` has the structure of ``params`` with a
+  :class:`SAMGrad` ``(perturbed=g', clean=g)`` at each leaf: pass it unchanged
+  to ``tx.update`` (or ``TrainState.apply_gradients``, ``nnx.Optimizer.update``).
+
+  Args:
+    fun: the loss, ``fun(params, *args, **kwargs)``; a scalar, or
+      ``(scalar, aux)`` with ``has_aux=True``.
+    has_aux: whether ``fun`` returns auxiliary data. Only the clean pass's
+      aux is returned (so batch statistics come from it).
+    axis_name: the mapped axis (``pmap`` or ``shard_map``) over which the
+      batch is split. Gradients and the value are averaged over it, so every
+      device gets the result of the global batch.
+    perturbation: ``"global"`` perturbs with the gradient averaged over
+      ``axis_name`` (the single-device algorithm on the global batch);
+      ``"per_device"`` perturbs each device with its local gradient
+      ("m-sharpness") and averages only the perturbed gradients (the moving
+      average is still fed the averaged clean gradient, so the state stays
+      identical on every device).
+    return_diagnostics: also return a :class:`SAMDiagnostics` as a third
+      output. Under ``jit`` what is not used is compiled away.
+
+  Returns:
+    A function ``(params, opt_state, *args, **kwargs) -> (value, grads)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, fsam_optax
+    >>> params = jnp.array([1.0, 2.0])
+    >>> loss = lambda p: jnp.sum(p ** 2)
+    >>> tx = optax.chain(fsam_optax.sam(rho=0.5), optax.sgd(0.1))
+    >>> opt_state = tx.init(params)
+    >>> grad_fn = fsam_optax.sam_value_and_grad(loss, return_diagnostics=True)
+    >>> value, grads, diag = jax.jit(grad_fn)(params, opt_state)
+    >>> print(round(float(diag.perturbation_norm), 4))
+    0.5
+  """
+  if not callable(fun):
+    raise TypeError(f"sam_value_and_grad: `fun` must be callable, got {type(fun).__name__}.")
+  if perturbation not in ("global", "per_device"):
+    raise ValueError(
+        "sam_value_and_grad: `perturbation` must be 'global' or 'per_device', "
+        f"got {perturbation!r}."
+    )
+  if perturbation == "per_device" and axis_name is None:
+    raise ValueError(
+        "sam_value_and_grad: perturbation='per_device' needs `axis_name`, the "
+        "pmap or shard_map axis that splits the batch."
+    )
+  value_and_grad = jax.value_and_grad(fun, has_aux=has_aux)
+  mean = functools.partial(jax.lax.pmean, axis_name=axis_name) if axis_name else (lambda x: x)
+
+  def grad_fn(params: Any, opt_state: Any, *args: Any, **kwargs: Any) -> Any:
+    found = find_fsam_state(opt_state)
+    state = found.state
+    out, local_grads = value_and_grad(params, *args, **kwargs)
+    grads = mean(local_grads)
+    direction = local_grads if perturbation == "per_device" else grads
+    perturbed_params, norm, e_leaves = perturb(params, direction, state, found.hyperparams)
+    out_p, perturbed_grads = value_and_grad(perturbed_params, *args, **kwargs)
+    perturbed_grads = mean(perturbed_grads)
+    if state.ema is None:
+      sam_grads = jax.tree.map(lambda gp: SAMGrad(gp, None), perturbed_grads)
+    else:
+      sam_grads = jax.tree.map(SAMGrad, perturbed_grads, grads)
+    value = mean(out[0] if has_aux else out)
+    result = ((value, out[1]) if has_aux else value), sam_grads
+    if not return_diagnostics:
+      return result
+    perturbed_value = mean(out_p[0] if has_aux else out_p)
+    return (*result, SAMDiagnostics(value, perturbed_value, norm, _norm(e_leaves)))
+
+  return grad_fn
+
