@@ -89,15 +89,22 @@ def perturb(params: Any, grads: Any, state: FSAMState, live: Any) -> tuple[Any, 
   chosen = _mask_leaves(state.config.mask, params, len(p_leaves))
 
   acc = _acc_dtype(p_leaves)
+
+  def weighted(p: jax.Array, d: jax.Array, power: int) -> jax.Array:
+    # |theta|**power * d in `acc`, not in the params' dtype: in float16 the
+    # product overflows to inf (and e to NaN) already for |theta|, |d| ~ 300.
+    d = d.astype(acc)
+    return jnp.abs(p).astype(acc) ** power * d if adaptive else d
+
   sq = [
-      jnp.sum(jnp.square((jnp.abs(p) * d if adaptive else d).astype(acc)))
+      jnp.sum(jnp.square(weighted(p, d, 1)))
       for p, d, keep in zip(p_leaves, d_leaves, chosen)
       if keep
   ]
   norm = jnp.sqrt(sum(sq, jnp.zeros([], acc)))
   scale = rho.astype(acc) / (norm + eps.astype(acc))
   e_leaves = [
-      (scale * (jnp.square(p) * d if adaptive else d).astype(acc)).astype(p.dtype) if keep else None
+      (scale * weighted(p, d, 2)).astype(p.dtype) if keep else None
       for p, d, keep in zip(p_leaves, d_leaves, chosen)
   ]
   perturbed = [p if e is None else p + e for p, e in zip(p_leaves, e_leaves)]
