@@ -100,6 +100,16 @@ def _freeze_mask(mask: Mask | None) -> Callable[[Any], Any] | _FrozenMask | None
   return _FrozenMask(treedef, tuple(bool(leaf) for leaf in leaves))
 
 
+def broadcast_mask(mask_tree: Any, params: Any) -> Any:
+  """``mask_tree`` broadcast to the structure of ``params``, or a ValueError."""
+  try:
+    return jax.tree.broadcast(mask_tree, params)
+  except (ValueError, TypeError) as err:
+    raise ValueError(
+        f"fsam: `mask` must have the structure of the params (or a prefix of it): {err}"
+    ) from None
+
+
 def _default_float(x: Any) -> jax.Array:
   # float64 when x64 is on, float32 otherwise; never weakly typed, so that the
   # state keeps one dtype through init, update, scan and cond.
@@ -197,13 +207,7 @@ def fsam(
 
   def init_fn(params: optax.Params) -> FSAMState:
     if isinstance(config.mask, _FrozenMask):
-      try:
-        jax.tree.broadcast(config.mask.tree(), params)
-      except (ValueError, TypeError) as err:
-        raise ValueError(
-            "fsam: `mask` must have the structure of the params (or a prefix "
-            f"of it): {err}"
-        ) from None
+      broadcast_mask(config.mask.tree(), params)
     return FSAMState(
         count=jnp.zeros([], jnp.int32),
         rho=_at(rho, jnp.zeros([], jnp.int32)),

@@ -9,7 +9,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fsam_optax._fsam import FSAMState, SAMGrad
+from fsam_optax._fsam import FSAMState, SAMGrad, broadcast_mask
 from fsam_optax._lookup import find_fsam_state
 
 Perturbation = Literal["global", "per_device"]
@@ -55,7 +55,8 @@ def _mask_leaves(mask: Any, params: Any, n: int) -> list[bool]:
   if mask is None:
     return [True] * n
   tree = mask(params) if callable(mask) else mask.tree()
-  leaves = jax.tree.leaves(jax.tree.broadcast(tree, params))
+  # A callable's result is checked here, at every call, not once at init.
+  leaves = jax.tree.leaves(broadcast_mask(tree, params))
   if len(leaves) != n:
     raise ValueError(f"fsam: `mask` gives {len(leaves)} leaves for {n} parameters.")
   return [bool(leaf) for leaf in leaves]
