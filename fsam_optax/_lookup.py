@@ -54,7 +54,10 @@ def _children(node: Any) -> list[tuple[Any, str | None]]:
     items = enumerate(node.items())
     return [(c, _not_first(f"entry {k!r}") if i else None) for i, (k, c) in items]
   leaves = jax.tree.leaves(node, is_leaf=lambda x: x is not node)
-  return [] if leaves == [node] else [(c, None) for c in leaves]
+  # Identity, not ==: a wrapper such as an NNX OptVariable would compare
+  # elementwise with the array it holds.
+  is_leaf = len(leaves) == 1 and leaves[0] is node
+  return [] if is_leaf else [(c, None) for c in leaves]
 
 
 def _search(node: Any, hyperparams: Any, problem: str | None) -> list[_Hit]:
