@@ -117,7 +117,11 @@ def _default_float(x: Any) -> jax.Array:
 
 
 def _at(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  return _default_float(value(count) if callable(value) else value)
+  if not callable(value):
+    return _default_float(value)
+  # An int32 count would make optax's schedules compute in float32 even when
+  # x64 is on; the default integer keeps the run's precision.
+  return _default_float(value(count.astype(jnp.result_type(int))))
 
 
 def split_grads(updates: optax.Updates) -> tuple[list[jax.Array], list[Any], Any]:

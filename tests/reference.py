@@ -1,0 +1,125 @@
+"""A plain NumPy, float64 statement of ``shared/F-SAM.md`` and a small network.
+
+Nothing here imports fsam_optax: it is the independent reference the library
+is checked against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+EPS = 1e-12
+
+
+@dataclasses.dataclass
+class FSAMReference:
+  """One F-SAM optimiser as the official code runs it, on dicts of arrays.
+
+  ``ema_feed`` and ``form`` exist only to build the variants that the tests
+  must tell apart from the official code: ``ema_feed="d"`` is the popular
+  PyTorch library's EMA of the corrected direction, ``form="paper"`` is the
+  paper's written form (m_0 = 0, EMA updated first, d uses the new m).
+  """
+
+  rho: float
+  sigma: float
+  lmbda: float
+  adaptive: bool = False
+  ema_feed: str = "g"
+  form: str = "official"
+  m: dict | None = None
+
+  def direction(self, g: dict) -> dict:
+    """Returns d and updates the EMA, as step 2 of the algorithm says."""
+    if self.form == "paper":
+      m_old = self.m or {k: np.zeros_like(v) for k, v in g.items()}
+      self.m = {k: self.lmbda * m_old[k] + (1 - self.lmbda) * g[k] for k in g}
+      return {k: g[k] - self.sigma * self.m[k] for k in g}
+    if self.m is None:
+      self.m = dict(g)
+      return dict(g)
+    d = {k: g[k] - self.sigma * self.m[k] for k in g}
+    feed = g if self.ema_feed == "g" else d
+    self.m = {k: self.lmbda * self.m[k] + (1 - self.lmbda) * feed[k] for k in g}
+    return d
+
+  def perturbation(self, theta: dict, d: dict) -> dict:
+    """Steps 3 and 4: e = rho d / (||d|| + eps), or the adaptive form."""
+    scaled = {k: np.abs(theta[k]) * d[k] if self.adaptive else d[k] for k in d}
+    n = np.sqrt(sum(np.sum(v**2) for v in scaled.values()))
+    return {
+        k: self.rho * (theta[k] ** 2 if self.adaptive else 1.0) * d[k] / (n + EPS)
+        for k in d
+    }
+
+
+@dataclasses.dataclass
+class SGDReference:
+  """optax.add_decayed_weights then optax.sgd with (heavy-ball) momentum."""
+
+  lr: float
+  momentum: float
+  weight_decay: float
+  trace: dict | None = None
+
+  def step(self, theta: dict, grads: dict) -> dict:
+    u = {k: grads[k] + self.weight_decay * theta[k] for k in grads}
+    if self.trace is None:
+      self.trace = {k: np.zeros_like(v) for k, v in u.items()}
+    self.trace = {k: u[k] + self.momentum * self.trace[k] for k in u}
+    return {k: theta[k] - self.lr * self.trace[k] for k in theta}
+
+
+def init_mlp(seed: int, sizes: tuple[int, ...] = (5, 7, 3)) -> dict:
+  """A tanh MLP's weights, as float64 NumPy arrays."""
+  rng = np.random.default_rng(seed)
+  params = {}
+  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    params[f"w{i}"] = rng.normal(size=(a, b)) / np.sqrt(a)
+    params[f"b{i}"] = rng.normal(size=(b,)) * 0.1
+  return params
+
+
+def mlp_loss_and_grad(params: dict, x: np.ndarray, y: np.ndarray) -> tuple[float, dict]:
+  """Mean squared error of a tanh MLP, with its gradient by hand (backprop)."""
+  n_layers = len(params) // 2
+  acts = [x]
+  for i in range(n_layers):
+    z = acts[-1] @ params[f"w{i}"] + params[f"b{i}"]
+    acts.append(np.tanh(z) if i < n_layers - 1 else z)
+  err = acts[-1] - y
+  loss = float(np.mean(err**2))
+  delta = 2 * err / err.size
+  grads = {}
+  for i in reversed(range(n_layers)):
+    grads[f"w{i}"] = acts[i].T @ delta
+    grads[f"b{i}"] = delta.sum(axis=0)
+    if i:
+      delta = (delta @ params[f"w{i}"].T) * (1 - acts[i] ** 2)
+  return loss, grads
+
+
+def batches(seed: int, steps: int, batch: int = 16, sizes=(5, 7, 3)) -> list[tuple]:
+  """Fixed regression minibatches: a noisy linear target."""
+  rng = np.random.default_rng(seed)
+  w = rng.normal(size=(sizes[0], sizes[-1]))
+  out = []
+  for _ in range(steps):
+    x = rng.normal(size=(batch, sizes[0]))
+    out.append((x, np.tanh(x @ w) + 0.1 * rng.normal(size=(batch, sizes[-1]))))
+  return out
+
+
+def train(opt: FSAMReference, base: SGDReference, theta: dict, data: list) -> list[dict]:
+  """Runs steps 1-6 for every batch and returns the weights after each step."""
+  path = []
+  for x, y in data:
+    _, g = mlp_loss_and_grad(theta, x, y)
+    d = opt.direction(g)
+    e = opt.perturbation(theta, d)
+    _, g_p = mlp_loss_and_grad({k: theta[k] + e[k] for k in theta}, x, y)
+    theta = base.step(theta, g_p)
+    path.append(theta)
+  return path
