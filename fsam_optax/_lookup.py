@@ -16,6 +16,10 @@ _HOW_TO_BUILD = (
 )
 
 
+# inject_hyperparams returns the stateful variant's state in recent optax.
+_INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
 class Found(NamedTuple):
   """The F-SAM state and, under ``inject_hyperparams``, its live hyperparameters."""
 
@@ -63,7 +67,7 @@ def _children(node: Any) -> list[tuple[Any, str | None]]:
 def _search(node: Any, hyperparams: Any, problem: str | None) -> list[_Hit]:
   if isinstance(node, FSAMState):
     return [_Hit(node, hyperparams, problem)]
-  if isinstance(node, optax.InjectHyperparamsState):
+  if isinstance(node, _INJECT_STATES):
     return _search(node.inner_state, node.hyperparams, problem)
   hits = []
   for child, child_problem in _children(node):
