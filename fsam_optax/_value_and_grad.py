@@ -112,6 +112,31 @@ def perturb(params: Any, grads: Any, state: FSAMState, live: Any) -> tuple[Any, 
   return treedef.unflatten(perturbed), norm, e_leaves
 
 
+def _vary(tree: Any, axis_name: Any) -> Any:
+  """Marks ``tree`` as varying over ``axis_name`` (a no-op outside shard_map).
+
+  Under ``shard_map``'s type checking (``check_vma=True``, its default),
+  autodiff sums the gradient of a replicated input over the axis itself, so a
+  device would never see its local gradient and the pmean after it would not
+  undo the sum. Differentiating at varying params gives the local gradient
+  under ``pmap`` and ``shard_map`` alike.
+  """
+  axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+  def one(x: Any) -> Any:
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)  # newer JAX; older JAX names the set `vma`
+    varying = mat.varying if mat is not None else getattr(aval, "vma", frozenset())
+    missing = tuple(a for a in axes if a not in varying)
+    if not missing:
+      return x
+    if hasattr(jax.lax, "pcast"):
+      return jax.lax.pcast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)
+
+  return jax.tree.map(one, tree)
+
+
 def _norm(leaves: list) -> jax.Array:
   leaves = [x for x in leaves if x is not None]
   acc = _acc_dtype(leaves)
@@ -188,6 +213,8 @@ def sam_value_and_grad(
   def grad_fn(params: Any, opt_state: Any, *args: Any, **kwargs: Any) -> Any:
     found = find_fsam_state(opt_state)
     state = found.state
+    if axis_name is not None:
+      params = _vary(params, axis_name)
     out, local_grads = value_and_grad(params, *args, **kwargs)
     grads = mean(local_grads)
     direction = local_grads if perturbation == "per_device" else grads
