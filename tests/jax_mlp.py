@@ -1,0 +1,34 @@
+"""The JAX twin of ``tests/reference.py``'s MLP, and F-SAM's g' by hand from it.
+
+The reference side uses only NumPy (``reference.mlp_loss_and_grad``), so a
+test that compares the library with it compares two independent computations.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from tests import reference as ref
+
+
+def mlp_loss(params: dict, x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
+  """Mean squared error of the tanh MLP of ``reference.init_mlp``."""
+  n_layers = len(params) // 2
+  h = x
+  for i in range(n_layers):
+    h = h @ params[f"w{i}"] + params[f"b{i}"][None, :]
+    if i < n_layers - 1:
+      h = jnp.tanh(h)
+  return jnp.mean((h - y) ** 2)
+
+
+def perturbed_grad(opt: ref.FSAMReference, theta: dict, x: np.ndarray, y: np.ndarray) -> dict:
+  """Steps 1-5 of F-SAM in NumPy: g' on one batch (and ``opt``'s EMA advanced)."""
+  _, g = ref.mlp_loss_and_grad(theta, x, y)
+  e = opt.perturbation(theta, opt.direction(g))
+  return ref.mlp_loss_and_grad({k: theta[k] + e[k] for k in theta}, x, y)[1]
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+  return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in b)

@@ -1,0 +1,136 @@
+"""Flax NNX: an ``nnx.Optimizer`` train step with BatchNorm, as the README shows it.
+
+The NNX step must give the weights of the same maths written as a pure JAX
+function of a dict of arrays, and BatchNorm's running statistics must come
+from the clean pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, traverse_util
+
+import fsam_optax
+from tests import reference as ref
+from tests.jax_mlp import max_abs_diff
+
+FSAM = dict(rho=0.2, sigma=1.0, lmbda=0.6)
+LR, MOMENTUM = 0.05, 0.9
+STEPS = 3
+BN_MOMENTUM, BN_EPS = 0.99, 1e-5  # nnx.BatchNorm's defaults
+
+
+class Net(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.linear1 = nnx.Linear(5, 6, param_dtype=jnp.float64, rngs=rngs)
+    self.bn = nnx.BatchNorm(6, param_dtype=jnp.float64, rngs=rngs)
+    self.linear2 = nnx.Linear(6, 3, param_dtype=jnp.float64, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.linear2(jnp.tanh(self.bn(self.linear1(x))))
+
+
+def make_tx() -> optax.GradientTransformation:
+  return optax.chain(fsam_optax.fsam(**FSAM), optax.sgd(LR, momentum=MOMENTUM))
+
+
+def nnx_loss(params, graphdef, rest, x, y):
+  # copy=True: the forward pass writes BatchNorm statistics, which must go
+  # into fresh Variables, not into the model's own from outside this trace.
+  model = nnx.merge(graphdef, params, rest, copy=True)
+  loss = jnp.mean((model(x) - y) ** 2)
+  return loss, nnx.state(model, nnx.BatchStat)
+
+
+nnx_grad_fn = fsam_optax.sam_value_and_grad(nnx_loss, has_aux=True)
+
+
+@nnx.jit
+def train_step(model: Net, optimizer: nnx.Optimizer, x, y) -> jax.Array:
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  (loss, stats), grads = nnx_grad_fn(params, optimizer.opt_state, graphdef, rest, x, y)
+  nnx.update(model, stats)
+  optimizer.update(model, grads)
+  return loss
+
+
+def pre_norm(params: dict, x):
+  return x @ params["linear1"]["kernel"] + params["linear1"]["bias"][None]
+
+
+def pure_loss(params: dict, x, y):
+  """The same network as ``Net`` in training mode, on a dict of arrays."""
+  h = pre_norm(params, x)
+  h = (h - h.mean(0, keepdims=True)) / jnp.sqrt(h.var(0, keepdims=True) + BN_EPS)
+  h = h * params["bn"]["scale"][None] + params["bn"]["bias"][None]
+  out = jnp.tanh(h) @ params["linear2"]["kernel"] + params["linear2"]["bias"][None]
+  return jnp.mean((out - y) ** 2)
+
+
+def new_model() -> Net:
+  model = Net(nnx.Rngs(0))
+  # nnx.BatchNorm makes float32 statistics; keep them in float64 throughout.
+  for stat in (model.bn.mean, model.bn.var):
+    stat.set_value(stat.get_value().astype(jnp.float64))
+  return model
+
+
+def test_nnx_step_equals_pure_jax_step():
+  with jax.enable_x64(True):
+    data = ref.batches(seed=11, steps=STEPS)
+    model = new_model()
+    optimizer = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tx = make_tx()
+    opt_state = tx.init(params)
+    grad_fn = fsam_optax.sam_value_and_grad(pure_loss)
+
+    @jax.jit
+    def pure_step(params, opt_state, x, y):
+      loss, grads = grad_fn(params, opt_state, x, y)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    for x, y in data:
+      nnx_loss_value = train_step(model, optimizer, x, y)
+      params, opt_state, loss = pure_step(params, opt_state, x, y)
+      np.testing.assert_allclose(nnx_loss_value, loss, rtol=1e-13)
+      got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      flat = traverse_util.flatten_dict
+      assert max_abs_diff(flat(got), flat(params)) < 1e-12
+    # The optimizer's F-SAM state advanced once per step (it was fed every step).
+    assert int(optimizer.opt_state[0].count.get_value()) == STEPS
+
+
+def running_stats(params: dict, old: tuple, x) -> tuple:
+  """BatchNorm's (mean, var) after one training-mode pass at ``params``."""
+  h = pre_norm(params, x)
+  batch = (h.mean(0), h.var(0))
+  return tuple(BN_MOMENTUM * o + (1 - BN_MOMENTUM) * b for o, b in zip(old, batch, strict=True))
+
+
+def test_nnx_batch_stats_come_from_the_clean_pass_only():
+  with jax.enable_x64(True):
+    model = new_model()
+    optimizer = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
+    opt = ref.FSAMReference(**FSAM)
+    loss = lambda p, x, y: pure_loss(traverse_util.unflatten_dict(p), x, y)
+    flat_grad = jax.jit(jax.grad(loss))
+    for x, y in ref.batches(seed=12, steps=STEPS):
+      theta = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+      old = (model.bn.mean.get_value(), model.bn.var.get_value())
+      g = {k: np.asarray(v) for k, v in flat_grad(theta, x, y).items()}
+      e = opt.perturbation({k: np.asarray(v) for k, v in theta.items()}, opt.direction(g))
+      clean = running_stats(traverse_util.unflatten_dict(theta), old, x)
+      perturbed = running_stats(
+          traverse_util.unflatten_dict({k: theta[k] + e[k] for k in theta}), old, x
+      )
+      train_step(model, optimizer, x, y)
+      got = (model.bn.mean.get_value(), model.bn.var.get_value())
+      for got_stat, clean_stat, perturbed_stat in zip(got, clean, perturbed, strict=True):
+        np.testing.assert_allclose(got_stat, clean_stat, rtol=1e-13, atol=1e-15)
+        # The perturbed pass would give other statistics, so the check can fail.
+        assert float(jnp.max(jnp.abs(perturbed_stat - clean_stat))) > 1e-6
