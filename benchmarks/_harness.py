@@ -1,0 +1,302 @@
+"""Shared pieces of the benchmark scripts: models, the compared steps, timing.
+
+Every script compares training steps that differ only in how the gradient is
+made: plain SGD (one pass), a hand-written SAM step, ``optax.contrib.sam`` in
+opaque mode, and this package's F-SAM. All use the same base optimizer and
+donate their parameters and optimizer state, so the ratios isolate the cost
+of the gradient and of the F-SAM bookkeeping.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fsam_optax
+
+RHO = 0.2
+SIGMA = 1.0
+LMBDA = 0.6
+EPS = 1e-12
+LEARNING_RATE = 0.05
+MOMENTUM = 0.9
+
+Batch = tuple[jax.Array, jax.Array]
+Step = Callable[[Any, Any, Batch], tuple[Any, Any, jax.Array]]
+
+
+# --------------------------------------------------------------------- models
+
+
+class Model(NamedTuple):
+  """A classifier as plain functions, so every step variant traces the same maths."""
+
+  name: str
+  init: Callable[[jax.Array], Any]
+  apply: Callable[[Any, jax.Array], jax.Array]
+  input_shape: tuple[int, ...]  # one example, channels last
+  batch_size: int
+
+
+def _dense_init(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Array]:
+  w = jax.random.normal(key, (fan_in, fan_out)) * np.sqrt(2.0 / fan_in)
+  return {"w": w, "b": jnp.zeros(fan_out)}
+
+
+def _conv_init(key: jax.Array, c_in: int, c_out: int) -> dict[str, jax.Array]:
+  w = jax.random.normal(key, (3, 3, c_in, c_out)) * np.sqrt(2.0 / (9 * c_in))
+  return {"w": w, "b": jnp.zeros(c_out)}
+
+
+def mlp(width: int = 1024, batch_size: int = 256) -> Model:
+  """784 -> width -> width -> 10 with ReLU; width 1024 gives 1.86M parameters."""
+  sizes = [784, width, width, 10]
+
+  def init(key: jax.Array) -> list[dict[str, jax.Array]]:
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [_dense_init(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)]
+
+  def apply(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
+    for layer in params[:-1]:
+      x = jax.nn.relu(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+  return Model(f"MLP 784-{width}-{width}-10", init, apply, (784,), batch_size)
+
+
+CNN_STRIDES = (1, 2, 2)
+
+
+def cnn(channels: Sequence[int] = (16, 32, 32), batch_size: int = 64) -> Model:
+  """Three 3x3 conv layers (strides 1, 2, 2), global mean pool, linear head.
+
+  Input is CIFAR-shaped (32x32x3, NHWC).
+  """
+  chans = [3, *channels]
+
+  def init(key: jax.Array) -> dict[str, Any]:
+    keys = jax.random.split(key, len(channels) + 1)
+    convs = [_conv_init(k, a, b) for k, a, b in zip(keys[:-1], chans[:-1], chans[1:], strict=True)]
+    return {"convs": convs, "head": _dense_init(keys[-1], chans[-1], 10)}
+
+  def apply(params: dict[str, Any], x: jax.Array) -> jax.Array:
+    for layer, stride in zip(params["convs"], CNN_STRIDES, strict=True):
+      x = jax.lax.conv_general_dilated(
+          x, layer["w"], (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
+      x = jax.nn.relu(x + layer["b"])
+    x = jnp.mean(x, axis=(1, 2))
+    return x @ params["head"]["w"] + params["head"]["b"]
+
+  name = "CNN conv" + "-".join(str(c) for c in channels)
+  return Model(name, init, apply, (32, 32, 3), batch_size)
+
+
+def make_loss(model: Model) -> Callable[[Any, Batch], jax.Array]:
+  def loss_fn(params: Any, batch: Batch) -> jax.Array:
+    x, y = batch
+    logits = model.apply(params, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return loss_fn
+
+
+def synthetic_batch(
+    batch_size: int, input_shape: tuple[int, ...], num_classes: int = 10, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+  """A fixed random batch (float32 inputs, int32 labels), as NumPy arrays."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((batch_size, *input_shape), dtype=np.float32)
+  y = rng.integers(0, num_classes, batch_size).astype(np.int32)
+  return x, y
+
+
+def make_batch(model: Model) -> tuple[np.ndarray, np.ndarray]:
+  return synthetic_batch(model.batch_size, model.input_shape)
+
+
+def param_count(params: Any) -> int:
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+def tree_bytes(tree: Any) -> int:
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+# ---------------------------------------------------------------------- steps
+
+
+def base_optimizer() -> optax.GradientTransformation:
+  return optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
+
+
+class Variant(NamedTuple):
+  """An unjitted training step and the optimizer whose state it carries."""
+
+  step: Step
+  tx: optax.GradientTransformation
+
+
+def sgd_variant(loss_fn: Callable) -> Variant:
+  tx = base_optimizer()
+
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return Variant(step, tx)
+
+
+def hand_sam_variant(loss_fn: Callable) -> Variant:
+  """SAM written out: two value_and_grad calls and a global-norm perturbation."""
+  tx = base_optimizer()
+
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    scale = RHO / (optax.tree.norm(grads) + EPS)
+    perturbed = jax.tree.map(lambda p, g: p + scale * g, params, grads)
+    _, perturbed_grads = jax.value_and_grad(loss_fn)(perturbed, batch)
+    updates, opt_state = tx.update(perturbed_grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return Variant(step, tx)
+
+
+def contrib_sam_variant(loss_fn: Callable) -> Variant:
+  """``optax.contrib.sam`` in opaque mode, the drop-in SAM of its docstring."""
+  adversary = optax.chain(optax.contrib.normalize(), optax.sgd(RHO))
+  tx = optax.contrib.sam(base_optimizer(), adversary, sync_period=2, opaque_mode=True)
+
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    grad_fn = lambda p, _: jax.grad(loss_fn)(p, batch)
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return Variant(step, tx)
+
+
+def fsam_variant(loss_fn: Callable) -> Variant:
+  tx = optax.chain(fsam_optax.fsam(rho=RHO, sigma=SIGMA, lmbda=LMBDA, eps=EPS), base_optimizer())
+  grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
+
+  def step(params, opt_state, batch):
+    loss, grads = grad_fn(params, opt_state, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return Variant(step, tx)
+
+
+VARIANTS: dict[str, Callable[[Callable], Variant]] = {
+    "F-SAM (fsam_optax)": fsam_variant,
+    "SAM (hand-written)": hand_sam_variant,
+    "optax.contrib.sam (opaque)": contrib_sam_variant,
+    "SGD (one pass)": sgd_variant,
+}
+
+
+def jit_step(step: Step) -> Step:
+  # Every variant donates params and optimizer state, as a training loop would.
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+# --------------------------------------------------------------------- timing
+
+
+class Runner:
+  """Carries one variant's params and state from step to step."""
+
+  def __init__(self, step: Step, params: Any, opt_state: Any, batch: Batch):
+    self.step, self.params, self.opt_state, self.batch = step, params, opt_state, batch
+
+  def __call__(self, n: int) -> None:
+    for _ in range(n):
+      self.params, self.opt_state, loss = self.step(self.params, self.opt_state, self.batch)
+    jax.block_until_ready((self.params, self.opt_state, loss))
+
+
+def interleaved(
+    runners: dict[str, Callable[[int], None]], rounds: int, steps_per_round: int
+) -> dict[str, list[float]]:
+  """Seconds per step of each runner, over rounds that visit every runner once.
+
+  The order rotates each round, so that a burst of load from other jobs on
+  the machine falls on every variant alike; the first (warm-up) call of each
+  runner is not recorded.
+  """
+  names = list(runners)
+  for name in names:
+    runners[name](1)
+  times: dict[str, list[float]] = {name: [] for name in names}
+  for r in range(rounds):
+    for name in names[r % len(names) :] + names[: r % len(names)]:
+      start = time.perf_counter()
+      runners[name](steps_per_round)
+      times[name].append((time.perf_counter() - start) / steps_per_round)
+  return times
+
+
+# -------------------------------------------------------------------- reports
+
+
+def load_average() -> str:
+  one, five, fifteen = os.getloadavg()
+  return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return "not installed"
+
+
+def header(title: str, packages: Sequence[str] = ("jax", "jaxlib", "optax", "fsam_optax")) -> str:
+  versions = ", ".join(f"{p} {_version(p)}" for p in packages)
+  lines = [
+      f"# {title}",
+      f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+      f"machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+      f"python {platform.python_version()}; {versions}",
+      f"jax devices: {', '.join(str(d) for d in jax.devices())}",
+      f"load average (1/5/15 min) at start: {load_average()}",
+  ]
+  return "\n".join(lines)
+
+
+def table(rows: Sequence[Sequence[str]], headings: Sequence[str]) -> str:
+  """A Markdown table (it prints readably and pastes into RESULTS.md)."""
+  cells = [list(headings), *[list(r) for r in rows]]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(headings))]
+  fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+  rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+  return "\n".join([fmt(cells[0]), rule, *[fmt(r) for r in cells[1:]]])
+
+
+def summary(samples: Sequence[float], scale: float = 1e3) -> tuple[float, str]:
+  """The median and a 'min-max' string, in milliseconds by default."""
+  med = statistics.median(samples) * scale
+  return med, f"{min(samples) * scale:.2f}-{max(samples) * scale:.2f}"

@@ -1,0 +1,217 @@
+"""ResNet-18 on CIFAR-shaped data: F-SAM against SGD, and against PyTorch's FriendlySAM.
+
+Meant for a GPU: ``python benchmarks/resnet18.py --device gpu --torch``
+(batch 128, synthetic data). It runs anywhere: ``--device cpu`` with a small
+``--batch`` and ``--steps`` shows that it works, but CPU figures say nothing
+about the GPU targets (F-SAM at most 2.05x an SGD step; JAX F-SAM at least
+1.5x the steps per second of PyTorch's FriendlySAM on the same GPU).
+
+Needs ``flax``; ``--torch`` also needs ``torch`` and ``pytorch-optimizer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import _harness as h
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import fsam_optax
+
+STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (channels, first stride), two blocks each
+
+
+class BasicBlock(nn.Module):
+  channels: int
+  stride: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+    y = nn.Conv(self.channels, (3, 3), self.stride, padding=1, use_bias=False)(x)
+    y = nn.relu(norm()(y))
+    y = nn.Conv(self.channels, (3, 3), padding=1, use_bias=False)(y)
+    y = norm()(y)
+    if self.stride != 1 or x.shape[-1] != self.channels:
+      x = nn.Conv(self.channels, (1, 1), self.stride, use_bias=False)(x)
+      x = norm()(x)
+    return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+  """The CIFAR variant: a 3x3 stem without max-pooling."""
+
+  num_classes: int = 100
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    x = nn.Conv(64, (3, 3), padding=1, use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    for channels, stride in STAGES:
+      x = BasicBlock(channels, stride)(x, train)
+      x = BasicBlock(channels, 1)(x, train)
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+def jax_steps(model: ResNet18) -> dict[str, tuple[Callable, optax.GradientTransformation]]:
+  def loss_fn(params: Any, batch_stats: Any, x: jax.Array, y: jax.Array) -> tuple:
+    logits, updated = model.apply(
+        {"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"]
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, updated["batch_stats"]
+
+  sgd_tx = h.base_optimizer()
+  fsam = fsam_optax.fsam(rho=h.RHO, sigma=h.SIGMA, lmbda=h.LMBDA)
+  fsam_tx = optax.chain(fsam, h.base_optimizer())
+  # has_aux: the batch statistics come from the clean pass only.
+  fsam_grad = fsam_optax.sam_value_and_grad(loss_fn, has_aux=True)
+
+  def sgd_step(state, opt_state, batch):
+    params, stats = state
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, *batch)
+    updates, opt_state = sgd_tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), stats), opt_state, loss
+
+  def fsam_step(state, opt_state, batch):
+    params, stats = state
+    (loss, stats), grads = fsam_grad(params, opt_state, stats, *batch)
+    updates, opt_state = fsam_tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), stats), opt_state, loss
+
+  return {"JAX F-SAM": (fsam_step, fsam_tx), "JAX SGD": (sgd_step, sgd_tx)}
+
+
+def torch_runners(batch: tuple, device: str, num_classes: int) -> dict[str, Callable[[int], None]]:
+  """PyTorch FriendlySAM and SGD on the same ResNet-18, in eager mode."""
+  import pytorch_optimizer
+  import torch
+  import torch.nn.functional as F
+  from torch import nn as tnn
+
+  dev = torch.device("cuda" if device == "gpu" else "cpu")
+
+  class Block(tnn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+      super().__init__()
+      self.conv1 = tnn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+      self.bn1 = tnn.BatchNorm2d(c_out)
+      self.conv2 = tnn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+      self.bn2 = tnn.BatchNorm2d(c_out)
+      self.shortcut = tnn.Sequential()
+      if stride != 1 or c_in != c_out:
+        self.shortcut = tnn.Sequential(
+            tnn.Conv2d(c_in, c_out, 1, stride, bias=False), tnn.BatchNorm2d(c_out)
+        )
+
+    def forward(self, x):
+      y = F.relu(self.bn1(self.conv1(x)))
+      return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+  def resnet18():
+    stem = [tnn.Conv2d(3, 64, 3, 1, 1, bias=False), tnn.BatchNorm2d(64), tnn.ReLU()]
+    layers: list[tnn.Module] = stem
+    c_in = 64
+    for channels, stride in STAGES:
+      layers += [Block(c_in, channels, stride), Block(channels, channels, 1)]
+      c_in = channels
+    layers += [tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(512, num_classes)]
+    return tnn.Sequential(*layers).to(dev).train()
+
+  x = torch.from_numpy(batch[0].transpose(0, 3, 1, 2).copy()).to(dev)
+  y = torch.from_numpy(batch[1]).long().to(dev)
+  sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+  def fsam_runner() -> Callable[[int], None]:
+    model = resnet18()
+    opt = pytorch_optimizer.FriendlySAM(
+        model.parameters(), torch.optim.SGD, rho=h.RHO, sigma=h.SIGMA, lmbda=h.LMBDA,
+        lr=h.LEARNING_RATE, momentum=h.MOMENTUM,
+    )
+
+    def closure():
+      opt.zero_grad()
+      loss = F.cross_entropy(model(x), y)
+      loss.backward()
+      return loss
+
+    def run(n: int) -> None:
+      for _ in range(n):
+        closure()
+        opt.step(closure)
+      sync()
+
+    return run
+
+  def sgd_runner() -> Callable[[int], None]:
+    model = resnet18()
+    opt = torch.optim.SGD(model.parameters(), lr=h.LEARNING_RATE, momentum=h.MOMENTUM)
+
+    def run(n: int) -> None:
+      for _ in range(n):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+      sync()
+
+    return run
+
+  return {"PyTorch FriendlySAM": fsam_runner(), "PyTorch SGD": sgd_runner()}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--rounds", type=int, default=20)
+  parser.add_argument("--steps", type=int, default=10, help="steps per round")
+  parser.add_argument("--torch", action="store_true", help="also time PyTorch on the device")
+  args = parser.parse_args()
+
+  device = jax.devices(args.device)[0]
+  packages = ["jax", "jaxlib", "optax", "flax", "fsam_optax"]
+  if args.torch:
+    packages += ["torch", "pytorch_optimizer"]
+  print(h.header(f"ResNet-18, CIFAR-shaped synthetic batch, on {device}", packages))
+  print(f"batch {args.batch}, {args.rounds} interleaved rounds of {args.steps} steps\n")
+
+  model = ResNet18()
+  x, y = h.synthetic_batch(args.batch, (32, 32, 3), model.num_classes)
+  with jax.default_device(device):
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    batch = jax.device_put((x, y), device)
+    runners: dict[str, Callable[[int], None]] = {}
+    for name, (step, tx) in jax_steps(model).items():
+      # Each variant donates its own copy of (params, batch statistics).
+      params, stats = jax.tree.map(
+          lambda a: jax.device_put(a, device).copy(),
+          (variables["params"], variables["batch_stats"]),
+      )
+      runners[name] = h.Runner(h.jit_step(step), (params, stats), tx.init(params), batch)
+  if args.torch:
+    runners.update(torch_runners((x, y), args.device, model.num_classes))
+  times = h.interleaved(runners, args.rounds, args.steps)
+
+  med = {name: statistics.median(t) for name, t in times.items()}
+  rows = []
+  for name, samples in times.items():
+    m, spread = h.summary(samples)
+    rows.append([name, f"{m:.2f}", spread, f"{1 / med[name]:.2f}"])
+  print(h.table(rows, ["variant", "ms/step median", "min-max", "steps/s"]))
+  print()
+  print(f"JAX F-SAM / JAX SGD step time: {med['JAX F-SAM'] / med['JAX SGD']:.3f} "
+        "(GPU target <= 2.05)")
+  if args.torch:
+    print(f"JAX F-SAM steps/s / PyTorch FriendlySAM steps/s: "
+          f"{med['PyTorch FriendlySAM'] / med['JAX F-SAM']:.2f} (GPU target >= 1.5)")
+  print(f"load average (1/5/15 min) at end: {h.load_average()}")
+
+
+if __name__ == "__main__":
+  main()
