@@ -18,7 +18,8 @@ def test_readme_has_code_blocks():
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index):
   # Each block stands alone: a fresh namespace, as a reader pasting it would have.
-  exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "__readme__"})
+  code = compile(BLOCKS[index], f"README.md block {index}", "exec", dont_inherit=True)
+  exec(code, {"__name__": "__readme__"})
 
 
 def test_ci_runs_the_readme_test_command():
