@@ -1,0 +1,133 @@
+"""Non-finite gradients: a guarded step skips the batch and leaves everything untouched.
+
+``optax.apply_if_finite`` cannot wrap a chain that starts with ``fsam``: on a
+bad step it returns zeros shaped like its input, the (perturbed, clean) pairs,
+while the chain returns plain updates, and ``lax.cond`` rejects the mismatch.
+The README's recipe guards the whole step instead; these tests pin both facts
+and what happens with no guard at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fsam_optax
+
+BAD_STEP = 2
+
+
+def make_tx() -> optax.GradientTransformation:
+  return optax.chain(fsam_optax.fsam(rho=0.2, sigma=1.0, lmbda=0.6), optax.sgd(0.05, momentum=0.9))
+
+
+def init_params() -> dict[str, jax.Array]:
+  k1, k2 = jax.random.split(jax.random.key(0))
+  return {"w": jax.random.normal(k1, (3, 2)), "b": jax.random.normal(k2, (1, 2))}
+
+
+def batch(step: int, bad: bool = False) -> tuple[jax.Array, jax.Array]:
+  x = jax.random.normal(jax.random.fold_in(jax.random.key(1), step), (8, 3))
+  # The bad batch makes only the bias's gradient NaN (0 * inf), not the rest.
+  scale = jnp.array(jnp.inf if bad else 1.0)
+  return x, scale
+
+
+def loss_fn(params: dict[str, jax.Array], x: jax.Array, scale: jax.Array) -> jax.Array:
+  out = x @ params["w"] + params["b"] * jnp.minimum(scale, 1.0)
+  return jnp.mean(out**2) + 0.0 * jnp.sum(params["b"]) * scale
+
+
+def all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def guarded_step(tx: optax.GradientTransformation):
+  """The README recipe: keep the old params and state when a gradient is not finite."""
+  grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
+
+  @jax.jit
+  def step(params: Any, opt_state: Any, *batch: jax.Array) -> tuple[Any, Any, jax.Array]:
+    _, grads = grad_fn(params, opt_state, *batch)
+    updates, new_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    finite = all_finite(grads)
+    params, opt_state = optax.tree.where(finite, (new_params, new_state), (params, opt_state))
+    return params, opt_state, finite
+
+  return step
+
+
+def test_bad_batch_makes_only_the_bias_gradient_nan():
+  params = init_params()
+  grads = jax.grad(loss_fn)(params, *batch(0, bad=True))
+  assert np.all(np.isnan(grads["b"])) and np.all(np.isfinite(grads["w"]))
+
+
+def test_guarded_step_skips_a_nonfinite_batch_and_training_continues():
+  tx = make_tx()
+  step = guarded_step(tx)
+  params, state = init_params(), tx.init(init_params())
+  skipped_params, skipped_state = params, state  # a run that never sees the bad batch
+  for i in range(5):
+    before = (params, state)
+    params, state, finite = step(params, state, *batch(i, bad=i == BAD_STEP))
+    assert bool(finite) == (i != BAD_STEP)
+    if i == BAD_STEP:
+      # Params, the EMA, the count and the momentum are all untouched.
+      for x, y in zip(jax.tree.leaves((params, state)), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(x, y)
+      assert int(state[0].count) == BAD_STEP
+    else:
+      skipped_params, skipped_state, _ = step(skipped_params, skipped_state, *batch(i))
+  assert int(state[0].count) == 4
+  # Afterwards, exactly the run that skipped the batch.
+  for x, y in zip(
+    jax.tree.leaves((params, state)), jax.tree.leaves((skipped_params, skipped_state)), strict=True
+  ):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_without_a_guard_nan_in_one_leaf_spreads_to_every_param_and_the_ema():
+  """What the README reports: one NaN leaf poisons the global norm, hence everything."""
+  tx = make_tx()
+  grad_fn = jax.jit(fsam_optax.sam_value_and_grad(loss_fn))
+  params, state = init_params(), tx.init(init_params())
+  for i in range(BAD_STEP + 1):
+    _, grads = grad_fn(params, state, *batch(i, bad=i == BAD_STEP))
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  # The perturbation of every leaf is rho * d / ||d|| with ||d|| = NaN.
+  assert all(
+    np.all(np.isnan(g.perturbed))
+    for g in jax.tree.leaves(grads, is_leaf=lambda x: isinstance(x, fsam_optax.SAMGrad))
+  )
+  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(params))
+  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(state[1]))  # momentum
+  # The EMA is fed the clean gradient: NaN only where that gradient was NaN ...
+  ema = state[0].ema
+  assert np.all(np.isnan(ema["b"])) and np.all(np.isfinite(ema["w"]))
+  # ... until the next step, taken at NaN params, makes it NaN everywhere.
+  _, grads = grad_fn(params, state, *batch(BAD_STEP + 1))
+  _, state = tx.update(grads, state, params)
+  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(state[0].ema))
+
+
+def test_optax_apply_if_finite_finds_the_state_but_cannot_wrap_the_chain():
+  params = init_params()
+  tx = optax.apply_if_finite(make_tx(), max_consecutive_errors=3)
+  state = tx.init(params)
+  grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
+  # The helper finds the F-SAM state inside ApplyIfFiniteState ...
+  _, grads = grad_fn(params, state, *batch(0))
+  _, plain_grads = grad_fn(params, make_tx().init(params), *batch(0))
+  for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads), strict=True):
+    np.testing.assert_array_equal(x, y)
+  # ... but apply_if_finite's skip branch returns zero *pairs*, not plain updates.
+  with pytest.raises(TypeError, match="cond branch outputs must have the same pytree structure"):
+    tx.update(grads, state, params)

@@ -1,0 +1,220 @@
+"""Property-based tests: any pytree, any float dtype, F-SAM equals the float64 reference.
+
+Hypothesis draws the structure (nested dicts, lists, tuples, NamedTuples, empty
+containers), the leaf shapes (scalars and zero-size arrays included), the leaf
+dtypes and the hyperparameters; the values come from a NumPy generator seeded
+by hypothesis. Steps run eagerly, so no example pays for a compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fsam_optax
+from tests.reliability_reference import fsam_steps, quadratic_loss
+
+LR = 0.1
+# Relative tolerance per dtype, a few roundings of its epsilon; the values
+# compared are of order one, so it also serves as the absolute tolerance.
+TOL = {
+  jnp.dtype(jnp.bfloat16): 3e-2,
+  jnp.dtype(jnp.float16): 4e-3,
+  jnp.dtype(jnp.float32): 2e-5,
+  jnp.dtype(jnp.float64): 1e-12,
+}
+
+
+SHAPES = [(), (0,), (3,), (2, 3), (1, 0, 2)]  # scalars and zero-size arrays included
+
+
+class Pair(NamedTuple):
+  first: Any
+  second: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+  """Shape and dtype of one parameter (a pytree leaf, not a container)."""
+
+  shape: tuple[int, ...]
+  dtype: str
+
+
+def _specs(dtypes: list[str]) -> st.SearchStrategy:
+  leaf = st.builds(
+    LeafSpec,
+    # A few shapes, reused across examples, so eager ops hit JAX's caches.
+    shape=st.sampled_from(SHAPES),
+    dtype=st.sampled_from(dtypes),
+  )
+  containers = lambda kids: st.one_of(
+    st.lists(kids, max_size=3),
+    st.lists(kids, max_size=3).map(tuple),
+    st.dictionaries(st.sampled_from("abcd"), kids, max_size=3),
+    st.builds(Pair, kids, kids),
+  )
+  return st.recursive(leaf, containers, max_leaves=5)
+
+
+@st.composite
+def problems(draw: st.DrawFn, dtypes: list[str]) -> dict[str, Any]:
+  """A pytree of specs, F-SAM hyperparameters and a seed for the values."""
+  return {
+    "specs": draw(_specs(dtypes)),
+    "rho": draw(st.sampled_from([0.05, 0.2, 0.5])),
+    # A Python 0.0 is SAM with no moving average; other values keep one.
+    "sigma": draw(st.sampled_from([0.0, 0.5, 1.0, 1.7])),
+    "lmbda": draw(st.sampled_from([0.0, 0.6, 0.95])),
+    "adaptive": draw(st.booleans()),
+    "zero_grads": draw(st.booleans()),
+    "seed": draw(st.integers(0, 2**31 - 1)),
+  }
+
+
+def _values(specs: Any, seed: int, zero_grads: bool) -> tuple[Any, ...]:
+  """Params, the two batches' ``a`` and ``c``, as arrays of each leaf's dtype.
+
+  ``|a| >= 0.5`` dominates ``c * p`` (at most 0.1), and the second batch flips
+  the sign of ``a``, so ``d = g - sigma * m`` never nearly cancels: the
+  comparison measures the optimizer, not an ill-conditioned direction.
+  """
+  rng = np.random.default_rng(seed)
+
+  def draw(spec: LeafSpec, kind: str) -> jax.Array:
+    if kind == "p":
+      x = rng.uniform(-1, 1, spec.shape)
+    elif kind == "a":
+      x = rng.uniform(0.5, 1.5, spec.shape) * rng.choice([-1.0, 1.0], spec.shape)
+    else:
+      x = rng.uniform(0.05, 0.1, spec.shape)
+    if zero_grads and kind != "p":
+      x = np.zeros(spec.shape)
+    return jnp.asarray(x, spec.dtype)
+
+  p = jax.tree.map(lambda s: draw(s, "p"), specs)
+  a = jax.tree.map(lambda s: draw(s, "a"), specs)
+  c = jax.tree.map(lambda s: draw(s, "c"), specs)
+  return p, [a, jax.tree.map(jnp.negative, a)], c
+
+
+def _check_against_reference(problem: dict[str, Any]) -> None:
+  """Two F-SAM + SGD steps: finite, state kept, and equal to the reference."""
+  params, batches, c = _values(problem["specs"], problem["seed"], problem["zero_grads"])
+  tx = optax.chain(
+    fsam_optax.fsam(
+      rho=problem["rho"],
+      sigma=problem["sigma"],
+      lmbda=problem["lmbda"],
+      adaptive=problem["adaptive"],
+    ),
+    optax.sgd(LR),
+  )
+  grad_fn = fsam_optax.sam_value_and_grad(quadratic_loss, return_diagnostics=True)
+  state = init_state = tx.init(params)
+  p = params
+  got = []
+  for a in batches:
+    _, grads, diag = grad_fn(p, state, a, c)
+    updates, state = tx.update(grads, state, p)
+    p = optax.apply_updates(p, updates)
+    got.append((p, state, diag))
+
+  ref = fsam_steps(
+    [np.asarray(x, np.float64) for x in jax.tree.leaves(params)],
+    [[np.asarray(x, np.float64) for x in jax.tree.leaves(a)] for a in batches],
+    [np.asarray(x, np.float64) for x in jax.tree.leaves(c)],
+    rho=problem["rho"],
+    sigma=problem["sigma"],
+    lmbda=problem["lmbda"],
+    lr=LR,
+    adaptive=problem["adaptive"],
+  )
+  dtypes = {x.dtype for x in jax.tree.leaves(params)}
+  tol = max((TOL[d] for d in dtypes), default=0.0)
+  dtype_of = lambda tree: jax.tree.map(lambda x: x.dtype, tree)
+  for (p_t, state_t, diag), step in zip(got, ref, strict=True):
+    # The optimizer itself makes no NaN or Inf, zero gradients included.
+    for leaf in jax.tree.leaves((p_t, state_t, diag)):
+      assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
+    # Params and state keep their structure and every leaf's dtype.
+    assert jax.tree.structure(p_t) == jax.tree.structure(params)
+    assert dtype_of(p_t) == dtype_of(params)
+    assert jax.tree.structure(state_t) == jax.tree.structure(init_state)
+    assert dtype_of(state_t) == dtype_of(init_state)
+    np.testing.assert_allclose(float(diag.direction_norm), step.direction_norm, rtol=tol, atol=tol)
+    for x, r in zip(jax.tree.leaves(p_t), step.params, strict=True):
+      np.testing.assert_allclose(np.asarray(x, np.float64), r, rtol=tol, atol=tol)
+    fsam_state = state_t[0]
+    if problem["sigma"] == 0.0:
+      assert fsam_state.ema is None
+    else:
+      for x, r in zip(jax.tree.leaves(fsam_state.ema), step.ema, strict=True):
+        np.testing.assert_allclose(np.asarray(x, np.float64), r, rtol=tol, atol=tol)
+  assert int(got[-1][1][0].count) == 2
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, database=None)
+@given(problems(["float32", "bfloat16", "float16"]))
+def test_two_steps_match_float64_reference_for_any_pytree_and_dtype(problem):
+  _check_against_reference(problem)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, database=None)
+@given(problems(["float64", "float32", "bfloat16"]))
+def test_two_steps_match_float64_reference_with_x64(problem):
+  # float64 leaves exist only with x64 on; mixed with lower precisions, the
+  # norm is accumulated in float64 and each leaf keeps its own dtype.
+  with jax.enable_x64(True):
+    _check_against_reference(problem)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True, database=None)
+@given(problems(["float32", "bfloat16", "float16"]))
+def test_state_hyperparameters_keep_default_float_dtype(problem):
+  """rho, sigma and eps are float32 without x64 and float64 with it."""
+  params, _, _ = _values(problem["specs"], problem["seed"], False)
+  tx = fsam_optax.fsam(rho=problem["rho"], sigma=problem["sigma"], lmbda=problem["lmbda"])
+  state = tx.init(params)
+  assert {state.rho.dtype, state.sigma.dtype, state.eps.dtype} == {jnp.dtype(jnp.float32)}
+  assert state.count.dtype == jnp.int32
+  if state.ema is not None:
+    assert jax.tree.map(lambda x: x.dtype, state.ema) == jax.tree.map(lambda x: x.dtype, params)
+  with jax.enable_x64(True):
+    state = tx.init(params)
+    assert {state.rho.dtype, state.sigma.dtype, state.eps.dtype} == {jnp.dtype(jnp.float64)}
+
+
+def test_float16_adaptive_products_do_not_overflow():
+  """|theta| * d = 300 * 600 exceeds float16's range; the perturbation stays finite."""
+  params = {"w": jnp.array([300.0, 1.0], jnp.float16)}
+  a = {"w": jnp.array([300.0, 1.0], jnp.float16)}
+  c = {"w": jnp.ones(2, jnp.float16)}
+  tx = optax.chain(fsam_optax.fsam(rho=0.1, adaptive=True), optax.sgd(LR))
+  grad_fn = fsam_optax.sam_value_and_grad(quadratic_loss)
+  _, grads = grad_fn(params, tx.init(params), a, c)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  (ref,) = fsam_steps(
+      [np.array([300.0, 1.0])], [[np.array([300.0, 1.0])]], [np.ones(2)],
+      rho=0.1, sigma=1.0, lmbda=0.9, lr=LR, adaptive=True,
+  )  # fmt: skip
+  got = np.asarray(optax.apply_updates(params, updates)["w"], np.float64)
+  assert updates["w"].dtype == jnp.float16
+  np.testing.assert_allclose(got, ref.params[0], rtol=4e-3)
+
+
+def test_empty_params_step_to_empty_updates():
+  for params in ({}, [], {"a": [], "b": {}}):
+    tx = optax.chain(fsam_optax.fsam(rho=0.2), optax.sgd(LR))
+    state = tx.init(params)
+    _, grads = fsam_optax.sam_value_and_grad(quadratic_loss)(params, state, params, params)
+    updates, state = tx.update(grads, state, params)
+    assert updates == params
+    assert int(state[0].count) == 1
