@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -218,3 +219,14 @@ def test_empty_params_step_to_empty_updates():
     updates, state = tx.update(grads, state, params)
     assert updates == params
     assert int(state[0].count) == 1
+
+
+def test_update_with_the_state_of_other_params_is_refused():
+  """Gradients for two leaves fed to a state that averages one say how to fix it."""
+  tx = fsam_optax.fsam()
+  two = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  _, grads = fsam_optax.sam_value_and_grad(quadratic_loss)(two, tx.init(two), two, two)
+  with pytest.raises(
+      ValueError, match="the gradients have 2 leaves but the state's moving average has 1"
+  ):
+    tx.update(grads, tx.init({"a": jnp.ones(2)}))
