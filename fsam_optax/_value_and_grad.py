@@ -73,6 +73,8 @@ def perturb(params: Any, grads: Any, state: FSAMState, live: Any) -> tuple[Any, 
   Masked-out leaves get no perturbation, and ``None`` in place of theirs.
   """
   p_leaves, treedef = jax.tree.flatten(params)
+  # Python-number leaves (a temperature, say) have no dtype until made arrays.
+  p_leaves = [jnp.asarray(p) for p in p_leaves]
   d_leaves = jax.tree.leaves(grads)
   if state.ema is not None:
     ema = jax.tree.leaves(state.ema)
