@@ -230,3 +230,23 @@ def test_update_with_the_state_of_other_params_is_refused():
       ValueError, match="the gradients have 2 leaves but the state's moving average has 1"
   ):
     tx.update(grads, tx.init({"a": jnp.ones(2)}))
+
+
+def test_python_number_leaves_step_like_scalar_arrays():
+  """A Python float leaf (eager, outside jit) is handled as a 0-d float32 array."""
+
+  def two_steps(params):
+    loss = lambda p: p["t"] ** 2 + jnp.sum(p["w"] ** 2)
+    tx = optax.chain(fsam_optax.fsam(rho=0.2), optax.sgd(LR))
+    state = tx.init(params)
+    for _ in range(2):
+      _, grads = fsam_optax.sam_value_and_grad(loss)(params, state)
+      updates, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    return params, state
+
+  w = jnp.array([1.0, -2.0])
+  got = two_steps({"t": 2.0, "w": w})
+  expected = two_steps({"t": jnp.float32(2.0), "w": w})
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(x, y)
