@@ -15,19 +15,17 @@ Mask = Any  # A pytree of bools (a prefix of the params), or a callable giving o
 
 
 class SAMGrad(NamedTuple):
-  """What :func:`sam_value_and_grad` returns for one leaf, for :func:`fsam`.
+  """The gradient pair that :func:`sam_value_and_grad` returns for one leaf.
 
   Attributes:
     perturbed: gradient of the loss at the perturbed weights ``theta + e``; it
       is what the optimizers after :func:`fsam` in the chain receive.
-    ema: the moving average after this step, for :func:`fsam` to store;
-      ``None`` when the state keeps no average (plain SAM). The helper forms
-      it in the same pass that reads the old average for the direction, so
-      the old average is read once and can be overwritten in place.
+    clean: gradient at ``theta``, fed into the F-SAM moving average; ``None``
+      when the state keeps no average (plain SAM).
   """
 
   perturbed: jax.Array
-  ema: jax.Array | None
+  clean: jax.Array | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +62,6 @@ class FSAMState(NamedTuple):
     count: number of updates applied so far (int32).
     rho: perturbation radius for the next step (a schedule is evaluated here).
     sigma: weight of the moving average removed from the gradient.
-    lmbda: decay of the moving average.
     eps: added to the direction's norm before dividing by it.
     ema: moving average ``m`` of clean gradients, or ``None`` for plain SAM.
     config: static settings (adaptive mode, mask).
@@ -73,7 +70,6 @@ class FSAMState(NamedTuple):
   count: jax.Array
   rho: jax.Array
   sigma: jax.Array
-  lmbda: jax.Array
   eps: jax.Array
   ema: optax.Updates | None
   config: PerturbationConfig
@@ -129,17 +125,17 @@ def _at(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
 
 
 def split_grads(updates: optax.Updates) -> tuple[list[jax.Array], list[Any], Any]:
-  """Splits the helper's pairs into perturbed-gradient and new-average leaves."""
+  """Splits helper gradients into perturbed and clean leaves, and a treedef."""
   is_pair = lambda x: isinstance(x, SAMGrad)  # noqa: E731
   pairs, treedef = jax.tree.flatten(updates, is_leaf=is_pair)
   if not all(is_pair(p) for p in pairs):
     raise ValueError(
         "fsam received plain gradients. Compute them with "
         "`fsam_optax.sam_value_and_grad(loss_fn)(params, opt_state, ...)`, "
-        "which returns the perturbed gradients and moving average fsam consumes, "
+        "which returns the perturbed and clean gradients that fsam consumes, "
         "and place fsam first in the chain."
     )
-  return [p.perturbed for p in pairs], [p.ema for p in pairs], treedef
+  return [p.perturbed for p in pairs], [p.clean for p in pairs], treedef
 
 
 def fsam(
@@ -170,9 +166,8 @@ def fsam(
   ``e = rho theta^2 d / (norm + eps)``. ``sigma = 0`` is SAM.
 
   ``fsam`` must be first in the chain and be fed by
-  :func:`fsam_optax.sam_value_and_grad`, which reads this state, computes
-  ``g``, ``d``, the new average, ``e`` and ``g'``; ``fsam`` stores the new
-  average and hands ``g'`` to the rest of the chain.
+  :func:`fsam_optax.sam_value_and_grad`, which computes ``g``, ``e`` and
+  ``g'`` from this state; ``fsam`` itself keeps the moving average.
 
   Args:
     rho: perturbation radius, ``>= 0``; a scalar or a schedule of the step.
@@ -221,7 +216,6 @@ def fsam(
         count=jnp.zeros([], jnp.int32),
         rho=_at(rho, jnp.zeros([], jnp.int32)),
         sigma=_default_float(sigma),
-        lmbda=_default_float(lmbda),
         eps=_default_float(eps),
         ema=optax.tree.zeros_like(params) if keep_ema else None,
         config=config,
@@ -234,29 +228,33 @@ def fsam(
       **extra_args: Any,
   ) -> tuple[optax.Updates, FSAMState]:
     del params, extra_args
-    perturbed, new_ema, treedef = split_grads(updates)
+    perturbed, clean, treedef = split_grads(updates)
     ema = state.ema
     if ema is not None:
-      if any(m is None for m in new_ema):
+      if any(c is None for c in clean):
         raise ValueError(
-            "fsam: these gradients carry no moving average; they were made "
-            "for a state without one. Pass the same opt_state to "
+            "fsam: these gradients carry no clean gradient; they were made "
+            "for a state without a moving average. Pass the same opt_state to "
             "sam_value_and_grad and to tx.update."
         )
       ema_leaves, ema_def = jax.tree.flatten(ema)
-      if len(ema_leaves) != len(new_ema):
+      if len(ema_leaves) != len(clean):
         raise ValueError(
-            f"fsam: the gradients have {len(new_ema)} leaves but the state's "
+            f"fsam: the gradients have {len(clean)} leaves but the state's "
             f"moving average has {len(ema_leaves)}; initialise the optimizer "
             "with the params you differentiate."
         )
-      ema = ema_def.unflatten([n.astype(m.dtype) for m, n in zip(ema_leaves, new_ema)])
+      # First step: m = g (the official code's initialisation), by decay 0.
+      decay = jnp.where(state.count == 0, 0.0, lmbda)
+      ema = ema_def.unflatten([
+          (decay * m + (1 - decay) * g).astype(m.dtype)
+          for m, g in zip(ema_leaves, clean)
+      ])
     count = optax.safe_increment(state.count)
     new_state = state._replace(
         count=count,
         rho=_at(rho, count),
         sigma=_default_float(sigma),
-        lmbda=_default_float(lmbda),
         eps=_default_float(eps),
         ema=ema,
     )

@@ -36,8 +36,8 @@ class _Hit(NamedTuple):
 def _not_first(where: str) -> str:
   return (
       "fsam must be the first transformation of the chain, because the "
-      "transformations before it would receive its (perturbed gradient, "
-      f"moving average) pairs; found it at {where}. Move it to the front: "
+      "transformations before it would receive (perturbed, clean) gradient "
+      f"pairs; found it at {where}. Move it to the front: "
       "`optax.chain(fsam_optax.fsam(...), ...)`."
   )
 

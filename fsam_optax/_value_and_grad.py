@@ -67,36 +67,7 @@ def _acc_dtype(leaves: list[jax.Array]) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *(x.dtype for x in leaves))
 
 
-def direction(
-    local_grads: Any, grads: Any, state: FSAMState, live: Any
-) -> tuple[list[jax.Array], list[jax.Array] | None]:
-  """Returns the leaves of ``d`` and of the new moving average (or ``None``).
-
-  ``d`` comes from ``local_grads`` (the clean gradient that perturbs this
-  device) and the average is fed ``grads`` (the clean gradient averaged over
-  devices); both read the old average here, in one pass, so that ``fsam``
-  only has to store the result.
-  """
-  d_leaves = jax.tree.leaves(local_grads)
-  if state.ema is None:
-    return d_leaves, None
-  ema = jax.tree.leaves(state.ema)
-  if len(ema) != len(d_leaves):
-    raise ValueError(
-        f"sam_value_and_grad: params have {len(d_leaves)} leaves but the "
-        f"F-SAM state averages {len(ema)}; initialise the optimizer with "
-        "the same params you pass here."
-    )
-  sigma = _hyperparam("sigma", state, live)
-  # First step: d = g (the old average is zero) and m = g, by a decay of 0.
-  decay = jnp.where(_scalar(state.count) == 0, 0, _hyperparam("lmbda", state, live))
-  new_ema = [
-      (decay * m + (1 - decay) * g).astype(m.dtype) for m, g in zip(ema, jax.tree.leaves(grads))
-  ]
-  return [(g - sigma * m).astype(g.dtype) for g, m in zip(d_leaves, ema)], new_ema
-
-
-def perturb(params: Any, d_leaves: list, state: FSAMState, live: Any) -> tuple[Any, jax.Array, list]:
+def perturb(params: Any, grads: Any, state: FSAMState, live: Any) -> tuple[Any, jax.Array, list]:
   """Returns ``theta + e``, the direction norm ``n`` and the leaves of ``e``.
 
   Masked-out leaves get no perturbation, and ``None`` in place of theirs.
@@ -104,6 +75,17 @@ def perturb(params: Any, d_leaves: list, state: FSAMState, live: Any) -> tuple[A
   p_leaves, treedef = jax.tree.flatten(params)
   # Python-number leaves (a temperature, say) have no dtype until made arrays.
   p_leaves = [jnp.asarray(p) for p in p_leaves]
+  d_leaves = jax.tree.leaves(grads)
+  if state.ema is not None:
+    ema = jax.tree.leaves(state.ema)
+    if len(ema) != len(p_leaves):
+      raise ValueError(
+          f"sam_value_and_grad: params have {len(p_leaves)} leaves but the "
+          f"F-SAM state averages {len(ema)}; initialise the optimizer with "
+          "the same params you pass here."
+      )
+    sigma = _hyperparam("sigma", state, live)
+    d_leaves = [(g - sigma * m).astype(g.dtype) for g, m in zip(d_leaves, ema)]
   rho = _hyperparam("rho", state, live)
   eps = _hyperparam("eps", state, live)
   adaptive = state.config.adaptive
@@ -181,8 +163,7 @@ def sam_value_and_grad(
   ``g'`` at ``params + e``. It returns ``(value, grads)``, or
   ``((value, aux), grads)`` with ``has_aux``, where ``value`` and ``aux`` come
   from the clean pass and ``grads`` has the structure of ``params`` with a
-  :class:`SAMGrad` ``(perturbed=g', ema=m)`` at each leaf (``m`` the new
-  moving average, ``None`` for SAM): pass it unchanged
+  :class:`SAMGrad` ``(perturbed=g', clean=g)`` at each leaf: pass it unchanged
   to ``tx.update`` (or ``TrainState.apply_gradients``, ``nnx.Optimizer.update``).
 
   Args:
@@ -238,14 +219,14 @@ def sam_value_and_grad(
       params = _vary(params, axis_name)
     out, local_grads = value_and_grad(params, *args, **kwargs)
     grads = mean(local_grads)
-    d_leaves, new_ema = direction(
-        local_grads if perturbation == "per_device" else grads, grads, state, found.hyperparams
-    )
-    perturbed_params, norm, e_leaves = perturb(params, d_leaves, state, found.hyperparams)
+    direction = local_grads if perturbation == "per_device" else grads
+    perturbed_params, norm, e_leaves = perturb(params, direction, state, found.hyperparams)
     out_p, perturbed_grads = value_and_grad(perturbed_params, *args, **kwargs)
-    perturbed_leaves, treedef = jax.tree.flatten(mean(perturbed_grads))
-    new_ema = new_ema or [None] * len(perturbed_leaves)
-    sam_grads = treedef.unflatten([SAMGrad(*pair) for pair in zip(perturbed_leaves, new_ema)])
+    perturbed_grads = mean(perturbed_grads)
+    if state.ema is None:
+      sam_grads = jax.tree.map(lambda gp: SAMGrad(gp, None), perturbed_grads)
+    else:
+      sam_grads = jax.tree.map(SAMGrad, perturbed_grads, grads)
     value = mean(out[0] if has_aux else out)
     result = ((value, out[1]) if has_aux else value), sam_grads
     if not return_diagnostics:

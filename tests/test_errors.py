@@ -93,7 +93,7 @@ def test_sam_gradients_fed_to_an_fsam_state_are_refused():
   sam_state = optax.chain(fsam_optax.sam(), optax.sgd(0.1)).init(PARAMS)
   _, grads = fsam_optax.sam_value_and_grad(loss)(PARAMS, sam_state)
   tx = optax.chain(fsam_optax.fsam(), optax.sgd(0.1))
-  with pytest.raises(ValueError, match="carry no moving average"):
+  with pytest.raises(ValueError, match="carry no clean gradient"):
     tx.update(grads, tx.init(PARAMS), PARAMS)
 
 

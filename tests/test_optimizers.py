@@ -84,6 +84,10 @@ class MaskedDecaySGDByHand:
     return self.sgd.step(theta, decayed)
 
 
+def is_pair(x) -> bool:
+  return isinstance(x, fsam_optax.SAMGrad)
+
+
 def weights_only(params):
   return {k: k.startswith("w") for k in params}
 
@@ -176,5 +180,5 @@ def test_injected_learning_rate_change_takes_effect_and_ema_still_advances():
   # A zero learning rate gives exactly zero updates, and fsam still saw g.
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
   assert int(opt_state[0].count) == 1
-  # Step 1 stores m = g; g from a separately compiled program may differ by an ulp.
-  assert max_abs_diff(opt_state[0].ema, jax.jit(jax.grad(mlp_loss))(params, x, y)) < 1e-6
+  clean = jax.tree.map(lambda s: s.clean, grads, is_leaf=is_pair)
+  assert max_abs_diff(opt_state[0].ema, clean) == 0

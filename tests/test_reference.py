@@ -141,6 +141,7 @@ def first_two_steps(sigma=1.0, lmbda=0.6):
     for t in targets:
       _, grads, diag = grad_fn(params, state, t)
       clean = params["w"] - t
+      np.testing.assert_array_equal(grads["w"].clean, clean)
       updates, state = tx.update(grads, state, params)
       params = optax.apply_updates(params, updates)
       record.append((np.asarray(clean), diag, np.asarray(state[0].ema["w"])))
