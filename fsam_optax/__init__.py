@@ -6,11 +6,11 @@ from fsam_optax._value_and_grad import SAMDiagnostics, sam_value_and_grad
 __version__ = "0.1.0"
 
 __all__ = [
-    "FSAMState",
-    "PerturbationConfig",
-    "SAMDiagnostics",
-    "SAMGrad",
-    "fsam",
-    "sam",
-    "sam_value_and_grad",
+  "FSAMState",
+  "PerturbationConfig",
+  "SAMDiagnostics",
+  "SAMGrad",
+  "fsam",
+  "sam",
+  "sam_value_and_grad",
 ]

@@ -106,7 +106,7 @@ def broadcast_mask(mask_tree: Any, params: Any) -> Any:
     return jax.tree.broadcast(mask_tree, params)
   except (ValueError, TypeError) as err:
     raise ValueError(
-        f"fsam: `mask` must have the structure of the params (or a prefix of it): {err}"
+      f"fsam: `mask` must have the structure of the params (or a prefix of it): {err}"
     ) from None
 
 
@@ -126,26 +126,26 @@ def _at(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
 
 def split_grads(updates: optax.Updates) -> tuple[list[jax.Array], list[Any], Any]:
   """Splits helper gradients into perturbed and clean leaves, and a treedef."""
-  is_pair = lambda x: isinstance(x, SAMGrad)  # noqa: E731
+  is_pair = lambda x: isinstance(x, SAMGrad)
   pairs, treedef = jax.tree.flatten(updates, is_leaf=is_pair)
   if not all(is_pair(p) for p in pairs):
     raise ValueError(
-        "fsam received plain gradients. Compute them with "
-        "`fsam_optax.sam_value_and_grad(loss_fn)(params, opt_state, ...)`, "
-        "which returns the perturbed and clean gradients that fsam consumes, "
-        "and place fsam first in the chain."
+      "fsam received plain gradients. Compute them with "
+      "`fsam_optax.sam_value_and_grad(loss_fn)(params, opt_state, ...)`, "
+      "which returns the perturbed and clean gradients that fsam consumes, "
+      "and place fsam first in the chain."
     )
   return [p.perturbed for p in pairs], [p.clean for p in pairs], treedef
 
 
 def fsam(
-    rho: optax.ScalarOrSchedule = 0.05,
-    sigma: float | jax.Array = 1.0,
-    lmbda: float | jax.Array = 0.9,
-    *,
-    adaptive: bool = False,
-    eps: float | jax.Array = 1e-12,
-    mask: Mask | None = None,
+  rho: optax.ScalarOrSchedule = 0.05,
+  sigma: float | jax.Array = 1.0,
+  lmbda: float | jax.Array = 0.9,
+  *,
+  adaptive: bool = False,
+  eps: float | jax.Array = 1e-12,
+  mask: Mask | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly Sharpness-Aware Minimization (F-SAM).
 
@@ -213,19 +213,19 @@ def fsam(
     if isinstance(config.mask, _FrozenMask):
       broadcast_mask(config.mask.tree(), params)
     return FSAMState(
-        count=jnp.zeros([], jnp.int32),
-        rho=_at(rho, jnp.zeros([], jnp.int32)),
-        sigma=_default_float(sigma),
-        eps=_default_float(eps),
-        ema=optax.tree.zeros_like(params) if keep_ema else None,
-        config=config,
+      count=jnp.zeros([], jnp.int32),
+      rho=_at(rho, jnp.zeros([], jnp.int32)),
+      sigma=_default_float(sigma),
+      eps=_default_float(eps),
+      ema=optax.tree.zeros_like(params) if keep_ema else None,
+      config=config,
     )
 
   def update_fn(
-      updates: optax.Updates,
-      state: FSAMState,
-      params: optax.Params | None = None,
-      **extra_args: Any,
+    updates: optax.Updates,
+    state: FSAMState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, FSAMState]:
     del params, extra_args
     perturbed, clean, treedef = split_grads(updates)
@@ -233,30 +233,32 @@ def fsam(
     if ema is not None:
       if any(c is None for c in clean):
         raise ValueError(
-            "fsam: these gradients carry no clean gradient; they were made "
-            "for a state without a moving average. Pass the same opt_state to "
-            "sam_value_and_grad and to tx.update."
+          "fsam: these gradients carry no clean gradient; they were made "
+          "for a state without a moving average. Pass the same opt_state to "
+          "sam_value_and_grad and to tx.update."
         )
       ema_leaves, ema_def = jax.tree.flatten(ema)
       if len(ema_leaves) != len(clean):
         raise ValueError(
-            f"fsam: the gradients have {len(clean)} leaves but the state's "
-            f"moving average has {len(ema_leaves)}; initialise the optimizer "
-            "with the params you differentiate."
+          f"fsam: the gradients have {len(clean)} leaves but the state's "
+          f"moving average has {len(ema_leaves)}; initialise the optimizer "
+          "with the params you differentiate."
         )
       # First step: m = g (the official code's initialisation), by decay 0.
       decay = jnp.where(state.count == 0, 0.0, lmbda)
-      ema = ema_def.unflatten([
+      ema = ema_def.unflatten(
+        [
           (decay * m + (1 - decay) * g).astype(m.dtype)
-          for m, g in zip(ema_leaves, clean)
-      ])
+          for m, g in zip(ema_leaves, clean, strict=True)
+        ]
+      )
     count = optax.safe_increment(state.count)
     new_state = state._replace(
-        count=count,
-        rho=_at(rho, count),
-        sigma=_default_float(sigma),
-        eps=_default_float(eps),
-        ema=ema,
+      count=count,
+      rho=_at(rho, count),
+      sigma=_default_float(sigma),
+      eps=_default_float(eps),
+      ema=ema,
     )
     return treedef.unflatten(perturbed), new_state
 
@@ -264,11 +266,11 @@ def fsam(
 
 
 def sam(
-    rho: optax.ScalarOrSchedule = 0.05,
-    *,
-    adaptive: bool = False,
-    eps: float | jax.Array = 1e-12,
-    mask: Mask | None = None,
+  rho: optax.ScalarOrSchedule = 0.05,
+  *,
+  adaptive: bool = False,
+  eps: float | jax.Array = 1e-12,
+  mask: Mask | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sharpness-Aware Minimization: :func:`fsam` with ``sigma = 0``.
 

@@ -11,8 +11,8 @@ import optax
 from fsam_optax._fsam import FSAMState
 
 _HOW_TO_BUILD = (
-    "Build the optimizer as `optax.chain(fsam_optax.fsam(...), base_optimizer)` "
-    "(or `fsam_optax.sam(...)`) and pass the state that its init/update return."
+  "Build the optimizer as `optax.chain(fsam_optax.fsam(...), base_optimizer)` "
+  "(or `fsam_optax.sam(...)`) and pass the state that its init/update return."
 )
 
 
@@ -35,10 +35,10 @@ class _Hit(NamedTuple):
 
 def _not_first(where: str) -> str:
   return (
-      "fsam must be the first transformation of the chain, because the "
-      "transformations before it would receive (perturbed, clean) gradient "
-      f"pairs; found it at {where}. Move it to the front: "
-      "`optax.chain(fsam_optax.fsam(...), ...)`."
+    "fsam must be the first transformation of the chain, because the "
+    "transformations before it would receive (perturbed, clean) gradient "
+    f"pairs; found it at {where}. Move it to the front: "
+    "`optax.chain(fsam_optax.fsam(...), ...)`."
   )
 
 
@@ -46,10 +46,10 @@ def _children(node: Any) -> list[tuple[Any, str | None]]:
   """One level of a pytree, each child with the placement problem it implies."""
   if isinstance(node, optax.MultiStepsState):
     problem = (
-        "fsam cannot sit inside optax.MultiSteps, which accumulates plain "
-        "gradients. Accumulate after it instead: `optax.chain(fsam_optax."
-        "fsam(...), optax.MultiSteps(base, every_k_schedule=k)."
-        "gradient_transformation())`."
+      "fsam cannot sit inside optax.MultiSteps, which accumulates plain "
+      "gradients. Accumulate after it instead: `optax.chain(fsam_optax."
+      "fsam(...), optax.MultiSteps(base, every_k_schedule=k)."
+      "gradient_transformation())`."
     )
     return [(c, problem) for c in node]
   if type(node) in (tuple, list):  # an optax.chain state
@@ -82,8 +82,8 @@ def find_fsam_state(opt_state: Any) -> Found:
     raise ValueError(f"sam_value_and_grad: opt_state holds no F-SAM state. {_HOW_TO_BUILD}")
   if len(hits) > 1:
     raise ValueError(
-        f"sam_value_and_grad: opt_state holds {len(hits)} F-SAM states; a "
-        "chain must contain exactly one fsam (or sam)."
+      f"sam_value_and_grad: opt_state holds {len(hits)} F-SAM states; a "
+      "chain must contain exactly one fsam (or sam)."
     )
   hit = hits[0]
   if hit.problem is not None:

@@ -80,12 +80,12 @@ def perturb(params: Any, grads: Any, state: FSAMState, live: Any) -> tuple[Any, 
     ema = jax.tree.leaves(state.ema)
     if len(ema) != len(p_leaves):
       raise ValueError(
-          f"sam_value_and_grad: params have {len(p_leaves)} leaves but the "
-          f"F-SAM state averages {len(ema)}; initialise the optimizer with "
-          "the same params you pass here."
+        f"sam_value_and_grad: params have {len(p_leaves)} leaves but the "
+        f"F-SAM state averages {len(ema)}; initialise the optimizer with "
+        "the same params you pass here."
       )
     sigma = _hyperparam("sigma", state, live)
-    d_leaves = [(g - sigma * m).astype(g.dtype) for g, m in zip(d_leaves, ema)]
+    d_leaves = [(g - sigma * m).astype(g.dtype) for g, m in zip(d_leaves, ema, strict=True)]
   rho = _hyperparam("rho", state, live)
   eps = _hyperparam("eps", state, live)
   adaptive = state.config.adaptive
@@ -100,17 +100,17 @@ def perturb(params: Any, grads: Any, state: FSAMState, live: Any) -> tuple[Any, 
     return jnp.abs(p).astype(acc) ** power * d if adaptive else d
 
   sq = [
-      jnp.sum(jnp.square(weighted(p, d, 1)))
-      for p, d, keep in zip(p_leaves, d_leaves, chosen)
-      if keep
+    jnp.sum(jnp.square(weighted(p, d, 1)))
+    for p, d, keep in zip(p_leaves, d_leaves, chosen, strict=True)
+    if keep
   ]
   norm = jnp.sqrt(sum(sq, jnp.zeros([], acc)))
   scale = rho.astype(acc) / (norm + eps.astype(acc))
   e_leaves = [
-      (scale * weighted(p, d, 2)).astype(p.dtype) if keep else None
-      for p, d, keep in zip(p_leaves, d_leaves, chosen)
+    (scale * weighted(p, d, 2)).astype(p.dtype) if keep else None
+    for p, d, keep in zip(p_leaves, d_leaves, chosen, strict=True)
   ]
-  perturbed = [p if e is None else p + e for p, e in zip(p_leaves, e_leaves)]
+  perturbed = [p if e is None else p + e for p, e in zip(p_leaves, e_leaves, strict=True)]
   return treedef.unflatten(perturbed), norm, e_leaves
 
 
@@ -146,12 +146,12 @@ def _norm(leaves: list) -> jax.Array:
 
 
 def sam_value_and_grad(
-    fun: Callable[..., Any],
-    *,
-    has_aux: bool = False,
-    axis_name: str | None = None,
-    perturbation: Perturbation = "global",
-    return_diagnostics: bool = False,
+  fun: Callable[..., Any],
+  *,
+  has_aux: bool = False,
+  axis_name: str | None = None,
+  perturbation: Perturbation = "global",
+  return_diagnostics: bool = False,
 ) -> Callable[..., Any]:
   """Clean loss and F-SAM gradients of ``fun``, for :func:`fsam_optax.fsam`.
 
@@ -201,13 +201,12 @@ def sam_value_and_grad(
     raise TypeError(f"sam_value_and_grad: `fun` must be callable, got {type(fun).__name__}.")
   if perturbation not in ("global", "per_device"):
     raise ValueError(
-        "sam_value_and_grad: `perturbation` must be 'global' or 'per_device', "
-        f"got {perturbation!r}."
+      f"sam_value_and_grad: `perturbation` must be 'global' or 'per_device', got {perturbation!r}."
     )
   if perturbation == "per_device" and axis_name is None:
     raise ValueError(
-        "sam_value_and_grad: perturbation='per_device' needs `axis_name`, the "
-        "pmap or shard_map axis that splits the batch."
+      "sam_value_and_grad: perturbation='per_device' needs `axis_name`, the "
+      "pmap or shard_map axis that splits the batch."
     )
   value_and_grad = jax.value_and_grad(fun, has_aux=has_aux)
   mean = functools.partial(jax.lax.pmean, axis_name=axis_name) if axis_name else (lambda x: x)
@@ -235,4 +234,3 @@ def sam_value_and_grad(
     return (*result, SAMDiagnostics(value, perturbed_value, norm, _norm(e_leaves)))
 
   return grad_fn
-
