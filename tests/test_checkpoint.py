@@ -15,6 +15,8 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -99,12 +101,20 @@ def resume_in_this_process(ckpt: str, variant: str, out: str) -> None:
   np.savez(out, *[np.asarray(x) for x in jax.tree.leaves(result)])
 
 
+@pytest.fixture
+def scratch_dir() -> Iterator[pathlib.Path]:
+  # Not pytest's tmp_path: concurrent pytest sessions on one machine prune
+  # each other's numbered base directories, checkpoints included.
+  with tempfile.TemporaryDirectory() as path:
+    yield pathlib.Path(path)
+
+
 @pytest.mark.parametrize("variant", ["chain", "inject"])
-def test_resume_in_fresh_process_is_bit_identical(variant, tmp_path):
+def test_resume_in_fresh_process_is_bit_identical(variant, scratch_dir):
   tx = make_optimizer(variant)
   params = init_params()
   params, opt_state = train(variant, params, tx.init(params), 0, SAVE_AT)
-  ckpt = tmp_path / "ckpt"
+  ckpt = scratch_dir / "ckpt"
   saved = {"params": params, "opt_state": opt_state}
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(ckpt, saved)
@@ -124,7 +134,7 @@ def test_resume_in_fresh_process_is_bit_identical(variant, tmp_path):
   assert int(fsam_state.count) == SAVE_AT
 
   expected = jax.tree.leaves(train(variant, params, opt_state, SAVE_AT, STEPS))
-  out = tmp_path / "resumed.npz"
+  out = scratch_dir / "resumed.npz"
   # A fresh interpreter with one CPU device: nothing carries over but the files.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   subprocess.run(
