@@ -1,0 +1,29 @@
+"""Every notebook runs top to bottom (small settings via FSAM_NOTEBOOK_SMOKE=1)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("flax")
+
+NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+COLAB = "https://colab.research.google.com/github/"
+
+
+@pytest.mark.parametrize("name", ["quickstart", "multi_device", "cifar_resnet"])
+def test_notebook_runs_and_has_a_colab_badge(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+  path = NOTEBOOKS / f"{name}.ipynb"
+  book = nbformat.read(path, as_version=4)
+  assert f"{COLAB}OWNER/fsam_optax/blob/main/notebooks/{name}.ipynb" in book.cells[0].source
+  # The kernel inherits this environment: the notebooks shrink their runs.
+  monkeypatch.setenv("FSAM_NOTEBOOK_SMOKE", "1")
+  client = nbclient.NotebookClient(
+      book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+  )
+  client.execute()  # raises CellExecutionError, with the cell and traceback, on any failure
+  errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+  assert not errors
