@@ -95,8 +95,11 @@ def _freeze_mask(mask: Mask | None) -> Callable[[Any], Any] | _FrozenMask | None
     return mask
   leaves, treedef = jax.tree.flatten(mask)
   for leaf in leaves:
-    if not isinstance(leaf, (bool, jnp.bool_)) and _concrete(leaf) is None:
-      raise ValueError("fsam: `mask` leaves must be concrete Python bools.")
+    if isinstance(leaf, jax.core.Tracer) or jnp.ndim(leaf) != 0:
+      raise ValueError(
+        "fsam: `mask` leaves must be concrete Python bools, one per parameter "
+        f"leaf (or per subtree), got {leaf!r}; mask whole arrays, not elements."
+      )
   return _FrozenMask(treedef, tuple(bool(leaf) for leaf in leaves))
 
 

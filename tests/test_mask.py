@@ -160,5 +160,10 @@ def test_traced_mask_leaves_are_rejected():
     fsam_optax.fsam(mask={"w": flag})
     return flag
 
-  with pytest.raises(ValueError, match=r"fsam: `mask` leaves must be concrete Python bools\."):
+  with pytest.raises(ValueError, match=r"fsam: `mask` leaves must be concrete Python bools"):
     jax.jit(build)(jnp.array(True))
+
+
+def test_elementwise_mask_array_is_rejected_with_what_to_do():
+  with pytest.raises(ValueError, match="one per parameter leaf.*mask whole arrays, not elements"):
+    fsam_optax.fsam(mask={"w": jnp.array([True, False])})
