@@ -51,8 +51,8 @@ import fsam_optax
 
 FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 URLS = {
-    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+  "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+  "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
 }
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
@@ -101,11 +101,11 @@ def _missing(dataset: str, where: pathlib.Path | None) -> DataNotFoundError:
   folder, url = FOLDERS[dataset], URLS[dataset]
   place = f"no {folder} at {where}" if where else "no --data-dir given"
   return DataNotFoundError(
-      f"{dataset}: {place}. Download and unpack the python version:\n"
-      f"  curl -LO {url} && tar xzf {url.rsplit('/', 1)[1]}\n"
-      f"then pass --data-dir ./{folder} (or the folder that holds it); or "
-      f"`pip install tensorflow-datasets tensorflow` and pass --tfds; or try "
-      f"the script with --smoke on generated data."
+    f"{dataset}: {place}. Download and unpack the python version:\n"
+    f"  curl -LO {url} && tar xzf {url.rsplit('/', 1)[1]}\n"
+    f"then pass --data-dir ./{folder} (or the folder that holds it); or "
+    f"`pip install tensorflow-datasets tensorflow` and pass --tfds; or try "
+    f"the script with --smoke on generated data."
   )
 
 
@@ -143,11 +143,11 @@ def load_pickles(data_dir: str | pathlib.Path | None, dataset: str) -> Dataset:
     test, key = _unpickle(folder / "test"), b"fine_labels"
     classes = len(_unpickle(folder / "meta")[b"fine_label_names"])
   return Dataset(
-      x_train=np.concatenate([_images(b) for b in train]),
-      y_train=np.concatenate([np.asarray(b[key], np.int32) for b in train]),
-      x_test=_images(test),
-      y_test=np.asarray(test[key], np.int32),
-      num_classes=classes,
+    x_train=np.concatenate([_images(b) for b in train]),
+    y_train=np.concatenate([np.asarray(b[key], np.int32) for b in train]),
+    x_test=_images(test),
+    y_test=np.asarray(test[key], np.int32),
+    num_classes=classes,
   )
 
 
@@ -157,15 +157,21 @@ def load_tfds(dataset: str) -> Dataset:
     import tensorflow_datasets as tfds
   except ImportError as err:
     raise ImportError("--tfds needs `pip install tensorflow-datasets tensorflow`.") from err
-  train, test = (tfds.as_numpy(tfds.load(dataset, split=s, batch_size=-1)) for s in ("train", "test"))
+  train, test = (
+    tfds.as_numpy(tfds.load(dataset, split=s, batch_size=-1)) for s in ("train", "test")
+  )
   return Dataset(
-      train["image"], train["label"].astype(np.int32),
-      test["image"], test["label"].astype(np.int32),
-      num_classes=10 if dataset == "cifar10" else 100,
+    train["image"],
+    train["label"].astype(np.int32),
+    test["image"],
+    test["label"].astype(np.int32),
+    num_classes=10 if dataset == "cifar10" else 100,
   )
 
 
-def write_fake_pickles(root: str | pathlib.Path, dataset: str, n_train: int, n_test: int, seed: int = 0) -> pathlib.Path:
+def write_fake_pickles(
+  root: str | pathlib.Path, dataset: str, n_train: int, n_test: int, seed: int = 0
+) -> pathlib.Path:
   """Writes random images in the exact CIFAR pickle layout; returns the folder."""
   rng = np.random.default_rng(seed)
   folder = pathlib.Path(root) / FOLDERS[dataset]
@@ -176,10 +182,19 @@ def write_fake_pickles(root: str | pathlib.Path, dataset: str, n_train: int, n_t
     labels = rng.integers(0, classes, n).tolist()
     data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
     if dataset == "cifar10":
-      return {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-              b"filenames": [f"{i}.png".encode() for i in range(n)]}
-    return {b"filenames": [f"{i}.png".encode() for i in range(n)], b"batch_label": name.encode(),
-            b"fine_labels": labels, b"coarse_labels": [y // 5 for y in labels], b"data": data}
+      return {
+        b"batch_label": name.encode(),
+        b"labels": labels,
+        b"data": data,
+        b"filenames": [f"{i}.png".encode() for i in range(n)],
+      }
+    return {
+      b"filenames": [f"{i}.png".encode() for i in range(n)],
+      b"batch_label": name.encode(),
+      b"fine_labels": labels,
+      b"coarse_labels": [y // 5 for y in labels],
+      b"data": data,
+    }
 
   def dump(obj: Any, name: str) -> None:
     with open(folder / name, "wb") as f:
@@ -191,7 +206,10 @@ def write_fake_pickles(root: str | pathlib.Path, dataset: str, n_train: int, n_t
     for i, n in enumerate(sizes, start=1):
       dump(batch(int(n), f"training batch {i} of 5"), f"data_batch_{i}")
     dump(batch(n_test, "testing batch 1 of 1"), "test_batch")
-    dump({b"label_names": names, b"num_cases_per_batch": int(sizes[0]), b"num_vis": 3072}, "batches.meta")
+    dump(
+      {b"label_names": names, b"num_cases_per_batch": int(sizes[0]), b"num_vis": 3072},
+      "batches.meta",
+    )
   else:
     dump(batch(n_train, "training"), "train")
     dump(batch(n_test, "testing"), "test")
@@ -203,7 +221,9 @@ class BasicBlock(nnx.Module):
   """Two 3x3 conv-BN layers with a residual (1x1 conv-BN when the shape changes)."""
 
   def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
-    conv = lambda i, o, k, s: nnx.Conv(i, o, (k, k), strides=s, padding=k // 2, use_bias=False, rngs=rngs)  # noqa: E731
+    conv = lambda i, o, k, s: nnx.Conv(
+      i, o, (k, k), strides=s, padding=k // 2, use_bias=False, rngs=rngs
+    )
     self.conv1, self.bn1 = conv(cin, cout, 3, stride), nnx.BatchNorm(cout, rngs=rngs)
     self.conv2, self.bn2 = conv(cout, cout, 3, 1), nnx.BatchNorm(cout, rngs=rngs)
     self.project = stride != 1 or cin != cout
@@ -250,7 +270,7 @@ def augment(key: jax.Array, images: jax.Array, cutout: int) -> jax.Array:
     image = jnp.where(jax.random.bernoulli(flip), image[:, ::-1], image)
     cy, cx = jax.random.randint(where, (2,), 0, 32)
     # A cutout x cutout square centred at (cy, cx), clipped at the border.
-    inside = lambda i, c: (i >= c - cutout // 2) & (i < c - cutout // 2 + cutout)  # noqa: E731
+    inside = lambda i, c: (i >= c - cutout // 2) & (i < c - cutout // 2 + cutout)
     hole = inside(jnp.arange(32)[:, None], cy) & inside(jnp.arange(32)[None, :], cx)
     hole = hole & jax.random.bernoulli(cut)
     return jnp.where(hole[..., None], 0.0, image)
@@ -265,8 +285,8 @@ def normalize(images: jax.Array) -> jax.Array:
 def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
   """SGD with momentum, coupled weight decay and per-step cosine decay, behind SAM or F-SAM."""
   base = optax.chain(
-      optax.add_decayed_weights(cfg.weight_decay),
-      optax.sgd(optax.cosine_decay_schedule(cfg.lr, total_steps), momentum=cfg.momentum),
+    optax.add_decayed_weights(cfg.weight_decay),
+    optax.sgd(optax.cosine_decay_schedule(cfg.lr, total_steps), momentum=cfg.momentum),
   )
   if cfg.method == "sgd":
     return base
@@ -285,8 +305,8 @@ class Trainer:
     devices = jax.local_devices()
     if cfg.batch_size % len(devices) or cfg.eval_batch_size % len(devices):
       raise ValueError(
-          f"--batch-size {cfg.batch_size} and --eval-batch-size {cfg.eval_batch_size} must be "
-          f"multiples of the {len(devices)} local devices."
+        f"--batch-size {cfg.batch_size} and --eval-batch-size {cfg.eval_batch_size} must be "
+        f"multiples of the {len(devices)} local devices."
       )
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
     self.batch_sharding = NamedSharding(mesh, P("data"))
@@ -306,20 +326,27 @@ class Trainer:
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, (nnx.state(model, nnx.BatchStat), jnp.mean(jnp.argmax(logits, -1) == labels))
 
-  def _train_step(self, state: dict[str, Any], images: jax.Array, labels: jax.Array, key: jax.Array):
+  def _train_step(
+    self, state: dict[str, Any], images: jax.Array, labels: jax.Array, key: jax.Array
+  ):
     images = augment(key, normalize(images), self.cfg.cutout)
     params, opt_state = state["params"], state["opt_state"]
     if self.cfg.method == "sgd":
-      grad_fn = lambda p, s, *args: jax.value_and_grad(self._loss, has_aux=True)(p, *args)  # noqa: E731
+      grad_fn = lambda p, s, *args: jax.value_and_grad(self._loss, has_aux=True)(p, *args)
     else:
       grad_fn = fsam_optax.sam_value_and_grad(self._loss, has_aux=True)
     # The aux (new BatchNorm statistics) comes from the clean pass.
     (loss, (stats, accuracy)), grads = grad_fn(params, opt_state, state["stats"], images, labels)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return {"params": params, "stats": stats, "opt_state": opt_state}, {"loss": loss, "accuracy": accuracy}
+    return {"params": params, "stats": stats, "opt_state": opt_state}, {
+      "loss": loss,
+      "accuracy": accuracy,
+    }
 
-  def _eval_step(self, state: dict[str, Any], images: jax.Array, labels: jax.Array, weight: jax.Array):
+  def _eval_step(
+    self, state: dict[str, Any], images: jax.Array, labels: jax.Array, weight: jax.Array
+  ):
     model = nnx.merge(self.graphdef, state["params"], state["stats"], copy=True)
     correct = jnp.argmax(model(normalize(images), train=False), -1) == labels
     return jnp.sum(correct * weight)
@@ -343,20 +370,30 @@ class Checkpoints:
   """Orbax checkpoints of the train state and the history, one per epoch."""
 
   def __init__(self, directory: pathlib.Path):
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=2, create=True, enable_async_checkpointing=False
+    )
     self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
 
   def save(self, epoch: int, state: dict[str, Any], history: list[dict[str, Any]]) -> None:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history))
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
+    )
     self.manager.save(epoch, args=args)
 
-  def restore(self, like: dict[str, Any]) -> tuple[int, dict[str, Any], list[dict[str, Any]]] | None:
+  def restore(
+    self, like: dict[str, Any]
+  ) -> tuple[int, dict[str, Any], list[dict[str, Any]]] | None:
     """The latest (epoch, state, history), placed like ``like``; None when there is none."""
     epoch = self.manager.latest_step()
     if epoch is None:
       return None
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore())
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like
+    )
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()
+    )
     restored = self.manager.restore(epoch, args=args)
     return epoch, restored["state"], list(restored["history"])
 
@@ -366,7 +403,9 @@ class Checkpoints:
 
 def load_data(cfg: Config) -> Dataset:
   if cfg.smoke:
-    folder = write_fake_pickles(pathlib.Path(cfg.workdir) / "smoke_data", cfg.dataset, n_train=64, n_test=40)
+    folder = write_fake_pickles(
+      pathlib.Path(cfg.workdir) / "smoke_data", cfg.dataset, n_train=64, n_test=40
+    )
     return load_pickles(folder, cfg.dataset)
   return load_tfds(cfg.dataset) if cfg.tfds else load_pickles(cfg.data_dir, cfg.dataset)
 
@@ -382,8 +421,10 @@ def train(cfg: Config) -> dict[str, Any]:
   if (found := checkpoints.restore(trainer.initial_state)) is not None:
     start, state, history = found
     print(f"resumed from {workdir / 'checkpoints'} after epoch {start}")
-  print(f"{cfg.method} on {cfg.dataset}: {len(data.y_train)} train / {len(data.y_test)} test images, "
-        f"{jax.local_device_count()} {jax.default_backend()} device(s), {steps_per_epoch} steps per epoch")
+  print(
+    f"{cfg.method} on {cfg.dataset}: {len(data.y_train)} train / {len(data.y_test)} test images, "
+    f"{jax.local_device_count()} {jax.default_backend()} device(s), {steps_per_epoch} steps/epoch"
+  )
   key = jax.random.key(cfg.seed)
   for epoch in range(start + 1, cfg.epochs + 1):
     began = time.perf_counter()
@@ -392,28 +433,33 @@ def train(cfg: Config) -> dict[str, Any]:
     for step in range(steps_per_epoch):
       idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
       step_key = jax.random.fold_in(key, (epoch - 1) * steps_per_epoch + step)
-      state, m = trainer.train_step(state, *trainer.shard(data.x_train[idx], data.y_train[idx]), step_key)
+      state, m = trainer.train_step(
+        state, *trainer.shard(data.x_train[idx], data.y_train[idx]), step_key
+      )
       metrics.append(m)
     metrics = jax.device_get(metrics)
     record = {
-        "epoch": epoch,
-        "train_loss": float(np.mean([m["loss"] for m in metrics])),
-        "train_acc": float(np.mean([m["accuracy"] for m in metrics])),
-        "test_acc": trainer.evaluate(state, data),
-        "seconds": time.perf_counter() - began,
+      "epoch": epoch,
+      "train_loss": float(np.mean([m["loss"] for m in metrics])),
+      "train_acc": float(np.mean([m["accuracy"] for m in metrics])),
+      "test_acc": trainer.evaluate(state, data),
+      "seconds": time.perf_counter() - began,
     }
     history.append(record)
     checkpoints.save(epoch, state, history)
-    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
+    print(
+      " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+      flush=True,
+    )
     with open(workdir / "log.jsonl", "a") as f:
       f.write(json.dumps(record) + "\n")
   checkpoints.close()
   results = {
-      "config": dataclasses.asdict(cfg),
-      "devices": [str(d) for d in jax.local_devices()],
-      "final_test_acc": history[-1]["test_acc"] if history else None,
-      "best_test_acc": max((h["test_acc"] for h in history), default=None),
-      "history": history,
+    "config": dataclasses.asdict(cfg),
+    "devices": [str(d) for d in jax.local_devices()],
+    "final_test_acc": history[-1]["test_acc"] if history else None,
+    "best_test_acc": max((h["test_acc"] for h in history), default=None),
+    "history": history,
   }
   (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   print(f"wrote {workdir / 'results.json'}")

@@ -107,10 +107,10 @@ def load_data(split_seed: int = 0) -> Data:
   x = (digits.images / 16.0).astype(np.float32)[..., None]
   y = digits.target.astype(np.int32)
   x_rest, x_test, y_rest, y_test = train_test_split(
-      x, y, test_size=0.2, stratify=y, random_state=split_seed
+    x, y, test_size=0.2, stratify=y, random_state=split_seed
   )
   x_train, x_val, y_train, y_val = train_test_split(
-      x_rest, y_rest, test_size=0.2, stratify=y_rest, random_state=split_seed
+    x_rest, y_rest, test_size=0.2, stratify=y_rest, random_state=split_seed
   )
   return Data(x_train, y_train, x_val, y_val, x_test, y_test)
 
@@ -159,11 +159,13 @@ class CNN(nnx.Module):
     return self.head(x.reshape(x.shape[0], -1))
 
 
-def make_optimizer(method: str, rho: jax.Array, cfg: Config, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+  method: str, rho: jax.Array, cfg: Config, total_steps: int
+) -> optax.GradientTransformation:
   """The shared base optimizer, with SAM or F-SAM in front of it."""
   base = optax.chain(
-      optax.add_decayed_weights(cfg.weight_decay),
-      optax.sgd(optax.cosine_decay_schedule(cfg.lr, total_steps), momentum=cfg.momentum),
+    optax.add_decayed_weights(cfg.weight_decay),
+    optax.sgd(optax.cosine_decay_schedule(cfg.lr, total_steps), momentum=cfg.momentum),
   )
   if method == "sgd":
     return base
@@ -232,13 +234,13 @@ class Trainer:
 def noisy_labels(data: Data, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """Train and validation labels with the noise of one seed (test stays clean)."""
   return tuple(
-      symmetric_noise(y, noise, np.random.default_rng([seed, round(noise * 100), part]))
-      for part, y in enumerate((data.y_train, data.y_val))
+    symmetric_noise(y, noise, np.random.default_rng([seed, round(noise * 100), part]))
+    for part, y in enumerate((data.y_train, data.y_val))
   )
 
 
 def train_grid(
-    method: str, noise: float, cfg: Config, data: Data, trainer: Trainer | None = None
+  method: str, noise: float, cfg: Config, data: Data, trainer: Trainer | None = None
 ) -> dict[str, np.ndarray]:
   """Trains every (rho, seed) pair of one method at one noise level.
 
@@ -257,11 +259,13 @@ def train_grid(
     state = trainer.init(key, jnp.float32(rho))
     curves = {name: [] for name in history}
     for epoch in range(cfg.epochs):
-      state, loss = trainer.epoch(state, jnp.float32(rho), jnp.asarray(y_train), jax.random.fold_in(key, epoch))
+      state, loss = trainer.epoch(
+        state, jnp.float32(rho), jnp.asarray(y_train), jax.random.fold_in(key, epoch)
+      )
       # Validation is scored against the noisy labels: all a user would have.
       val = trainer.accuracy(state, data.x_val, y_val)
       test = trainer.accuracy(state, data.x_test, data.y_test)
-      for name, value in zip(curves, (loss, val, test)):
+      for name, value in zip(curves, (loss, val, test), strict=True):
         curves[name].append(float(value))
       bar.set_postfix(rho=rho, seed=seed, loss=f"{float(loss):.3f}", test=f"{float(test):.3f}")
       bar.update()
@@ -269,9 +273,9 @@ def train_grid(
       history[name].append(curves[name])
   bar.close()
   return {
-      "rho": np.array([r for r, _ in runs]),
-      "seed": np.array([s for _, s in runs]),
-      **{name: np.array(values) for name, values in history.items()},
+    "rho": np.array([r for r, _ in runs]),
+    "seed": np.array([s for _, s in runs]),
+    **{name: np.array(values) for name, values in history.items()},
   }
 
 
@@ -285,8 +289,10 @@ def select_rho(runs: dict[str, np.ndarray]) -> float:
 def run_experiment(cfg: Config, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
   """Runs every method at every noise level; returns one row per (method, noise, rho)."""
   data = load_data()
-  log(f"digits: {len(data.y_train)} train / {len(data.y_val)} val / {len(data.y_test)} test; "
-      f"{jax.device_count()} {jax.default_backend()} device(s)")
+  log(
+    f"digits: {len(data.y_train)} train / {len(data.y_val)} val / {len(data.y_test)} test; "
+    f"{jax.device_count()} {jax.default_backend()} device(s)"
+  )
   rows = []
   for method in cfg.methods:
     trainer = Trainer(method, cfg, data)
@@ -295,7 +301,8 @@ def run_experiment(cfg: Config, log: Callable[[str], None] = print) -> list[dict
       chosen = select_rho(runs)
       for rho in np.unique(runs["rho"]):
         pick = runs["rho"] == rho
-        rows.append({
+        rows.append(
+          {
             "method": method,
             "noise": noise,
             "rho": float(rho),
@@ -303,10 +310,13 @@ def run_experiment(cfg: Config, log: Callable[[str], None] = print) -> list[dict
             "seeds": int(pick.sum()),
             "val_acc_mean": float(runs["val_acc"][pick, -1].mean()),
             "test_acc_mean": float(runs["test_acc"][pick, -1].mean()),
-            "test_acc_std": float(runs["test_acc"][pick, -1].std(ddof=1)) if pick.sum() > 1 else 0.0,
+            "test_acc_std": float(runs["test_acc"][pick, -1].std(ddof=1))
+            if pick.sum() > 1
+            else 0.0,
             "test_curve": runs["test_acc"][pick].mean(0).tolist(),
             "test_curve_std": runs["test_acc"][pick].std(0).tolist(),
-        })
+          }
+        )
   return rows
 
 
@@ -316,8 +326,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
   methods = list(dict.fromkeys(r["method"] for r in chosen))
   names = {"sgd": "SGD", "sam": "SAM", "fsam": "F-SAM"}
   lines = [
-      "| label noise | " + " | ".join(names.get(m, m) for m in methods) + " |",
-      "|---" * (len(methods) + 1) + "|",
+    "| label noise | " + " | ".join(names.get(m, m) for m in methods) + " |",
+    "|---" * (len(methods) + 1) + "|",
   ]
   for noise in dict.fromkeys(r["noise"] for r in chosen):
     cells = []
@@ -333,14 +343,23 @@ def write_outputs(rows: Sequence[dict[str, Any]], cfg: Config, seconds: float) -
   """Writes results.csv, results.md, curves.png and config.json; returns the folder."""
   out = pathlib.Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  fields = ["method", "noise", "rho", "chosen", "seeds", "val_acc_mean", "test_acc_mean", "test_acc_std"]
+  fields = [
+    "method",
+    "noise",
+    "rho",
+    "chosen",
+    "seeds",
+    "val_acc_mean",
+    "test_acc_mean",
+    "test_acc_std",
+  ]
   with open(out / "results.csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
   header = (
-      f"Test accuracy (%) on digits, final epoch, mean ± std over {cfg.seeds} seeds; "
-      f"rho chosen on validation from {list(cfg.rho_grid)}. Wall time {seconds:.0f} s.\n\n"
+    f"Test accuracy (%) on digits, final epoch, mean ± std over {cfg.seeds} seeds; "
+    f"rho chosen on validation from {list(cfg.rho_grid)}. Wall time {seconds:.0f} s.\n\n"
   )
   (out / "results.md").write_text(header + markdown_table(rows) + "\n")
   (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -358,7 +377,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
   chosen = [r for r in rows if r["chosen"]]
   noises = list(dict.fromkeys(r["noise"] for r in chosen))
   fig, axes = plt.subplots(1, len(noises), figsize=(4.5 * len(noises), 3.5), squeeze=False)
-  for ax, noise in zip(axes[0], noises):
+  for ax, noise in zip(axes[0], noises, strict=True):
     for r in (r for r in chosen if r["noise"] == noise):
       mean, std = np.asarray(r["test_curve"]), np.asarray(r["test_curve_std"])
       epochs = np.arange(1, len(mean) + 1)
@@ -399,7 +418,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   out = write_outputs(rows, cfg, seconds)
   print()
   print(markdown_table(rows))
-  print(f"\nFinished in {seconds:.0f} s. Wrote {out}/results.csv, results.md, curves.png, config.json")
+  print(
+    f"\nFinished in {seconds:.0f} s. Wrote {out}/results.csv, results.md, curves.png, config.json"
+  )
   return rows
 
 

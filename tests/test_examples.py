@@ -1,4 +1,4 @@
-"""The example scripts run end to end on tiny settings, and the CIFAR loader reads the real format."""
+"""The example scripts run on tiny settings; the CIFAR loader reads the real format."""
 
 from __future__ import annotations
 
@@ -32,13 +32,29 @@ cifar = _load("cifar")
 
 
 def test_digits_writes_table_csv_and_plot(tmp_path: pathlib.Path) -> None:
-  rows = digits.main([
-      "--quick", "--epochs", "1", "--seeds", "2", "--noise", "0.2", "--rho-grid", "0.05", "0.1",
-      "--out-dir", str(tmp_path),
-  ])
+  rows = digits.main(
+    [
+      "--quick",
+      "--epochs",
+      "1",
+      "--seeds",
+      "2",
+      "--noise",
+      "0.2",
+      "--rho-grid",
+      "0.05",
+      "0.1",
+      "--out-dir",
+      str(tmp_path),
+    ]
+  )
   # One row per (method, noise, rho): SGD has no rho, SAM and F-SAM two each.
   assert [(r["method"], r["rho"]) for r in rows] == [
-      ("sgd", 0.0), ("sam", 0.05), ("sam", 0.1), ("fsam", 0.05), ("fsam", 0.1)
+    ("sgd", 0.0),
+    ("sam", 0.05),
+    ("sam", 0.1),
+    ("fsam", 0.05),
+    ("fsam", 0.1),
   ]
   assert sum(r["chosen"] for r in rows) == 3
   assert all(0.0 <= r["test_acc_mean"] <= 1.0 for r in rows)
@@ -60,19 +76,30 @@ def test_digits_label_noise_is_symmetric_and_exact() -> None:
 
 def test_digits_rho_is_chosen_on_validation_not_test() -> None:
   runs = {
-      "rho": np.array([0.05, 0.05, 0.1, 0.1]),
-      "val_acc": np.array([[0.9], [0.8], [0.7], [0.7]]),
-      "test_acc": np.array([[0.1], [0.1], [0.9], [0.9]]),
+    "rho": np.array([0.05, 0.05, 0.1, 0.1]),
+    "val_acc": np.array([[0.9], [0.8], [0.7], [0.7]]),
+    "test_acc": np.array([[0.1], [0.1], [0.9], [0.9]]),
   }
   assert digits.select_rho(runs) == 0.05
 
 
 @pytest.mark.parametrize("dataset, classes", [("cifar10", 10), ("cifar100", 100)])
-def test_cifar_loader_reads_the_pickle_format(tmp_path: pathlib.Path, dataset: str, classes: int) -> None:
+def test_cifar_loader_reads_the_pickle_format(
+  tmp_path: pathlib.Path, dataset: str, classes: int
+) -> None:
   folder = cifar.write_fake_pickles(tmp_path, dataset, n_train=50, n_test=20)
   expected = (
-      {"data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta"}
-      if dataset == "cifar10" else {"train", "test", "meta"}
+    {
+      "data_batch_1",
+      "data_batch_2",
+      "data_batch_3",
+      "data_batch_4",
+      "data_batch_5",
+      "test_batch",
+      "batches.meta",
+    }
+    if dataset == "cifar10"
+    else {"train", "test", "meta"}
   )
   assert {p.name for p in folder.iterdir()} == expected
   # The parent folder works too, as with the unpacked tarball.
@@ -87,19 +114,25 @@ def test_cifar_loader_reads_the_pickle_format(tmp_path: pathlib.Path, dataset: s
 
 
 def test_cifar_missing_data_says_how_to_get_it(tmp_path: pathlib.Path) -> None:
-  with pytest.raises(cifar.DataNotFoundError, match=r"curl -LO https://www.cs.toronto.edu/~kriz/cifar-100"):
+  with pytest.raises(
+    cifar.DataNotFoundError, match=r"curl -LO https://www.cs.toronto.edu/~kriz/cifar-100"
+  ):
     cifar.load_pickles(tmp_path, "cifar100")
   with pytest.raises(cifar.DataNotFoundError, match="--data-dir"):
     cifar.load_pickles(None, "cifar10")
 
 
-def test_cifar_smoke_trains_checkpoints_and_resumes(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+def test_cifar_smoke_trains_checkpoints_and_resumes(
+  tmp_path: pathlib.Path, capsys: pytest.CaptureFixture
+) -> None:
   argv = ["--smoke", "--epochs", "1", "--workdir", str(tmp_path)]
   first = cifar.main(argv)
   assert first["config"]["method"] == "fsam" and len(first["devices"]) >= 1
   assert [h["epoch"] for h in first["history"]] == [1]
   assert np.isfinite(first["history"][0]["train_loss"])
-  assert json.loads((tmp_path / "results.json").read_text())["final_test_acc"] == first["final_test_acc"]
+  assert (
+    json.loads((tmp_path / "results.json").read_text())["final_test_acc"] == first["final_test_acc"]
+  )
   assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1
   # The same command again finds the checkpoint and has nothing left to train.
   second = cifar.main(argv)

@@ -22,8 +22,10 @@ def test_notebook_runs_and_has_a_colab_badge(name: str, monkeypatch: pytest.Monk
   # The kernel inherits this environment: the notebooks shrink their runs.
   monkeypatch.setenv("FSAM_NOTEBOOK_SMOKE", "1")
   client = nbclient.NotebookClient(
-      book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
   )
   client.execute()  # raises CellExecutionError, with the cell and traceback, on any failure
-  errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+  errors = [
+    o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
+  ]
   assert not errors
