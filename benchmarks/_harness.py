@@ -92,7 +92,7 @@ def cnn(channels: Sequence[int] = (16, 32, 32), batch_size: int = 64) -> Model:
   def apply(params: dict[str, Any], x: jax.Array) -> jax.Array:
     for layer, stride in zip(params["convs"], CNN_STRIDES, strict=True):
       x = jax.lax.conv_general_dilated(
-          x, layer["w"], (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x, layer["w"], (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
       )
       x = jax.nn.relu(x + layer["b"])
     x = jnp.mean(x, axis=(1, 2))
@@ -112,7 +112,7 @@ def make_loss(model: Model) -> Callable[[Any, Batch], jax.Array]:
 
 
 def synthetic_batch(
-    batch_size: int, input_shape: tuple[int, ...], num_classes: int = 10, seed: int = 0
+  batch_size: int, input_shape: tuple[int, ...], num_classes: int = 10, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
   """A fixed random batch (float32 inputs, int32 labels), as NumPy arrays."""
   rng = np.random.default_rng(seed)
@@ -200,10 +200,10 @@ def fsam_variant(loss_fn: Callable) -> Variant:
 
 
 VARIANTS: dict[str, Callable[[Callable], Variant]] = {
-    "F-SAM (fsam_optax)": fsam_variant,
-    "SAM (hand-written)": hand_sam_variant,
-    "optax.contrib.sam (opaque)": contrib_sam_variant,
-    "SGD (one pass)": sgd_variant,
+  "F-SAM (fsam_optax)": fsam_variant,
+  "SAM (hand-written)": hand_sam_variant,
+  "optax.contrib.sam (opaque)": contrib_sam_variant,
+  "SGD (one pass)": sgd_variant,
 }
 
 
@@ -228,7 +228,7 @@ class Runner:
 
 
 def interleaved(
-    runners: dict[str, Callable[[int], None]], rounds: int, steps_per_round: int
+  runners: dict[str, Callable[[int], None]], rounds: int, steps_per_round: int
 ) -> dict[str, list[float]]:
   """Seconds per step of each runner, over rounds that visit every runner once.
 
@@ -277,12 +277,12 @@ def _version(package: str) -> str:
 def header(title: str, packages: Sequence[str] = ("jax", "jaxlib", "optax", "fsam_optax")) -> str:
   versions = ", ".join(f"{p} {_version(p)}" for p in packages)
   lines = [
-      f"# {title}",
-      f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
-      f"machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-      f"python {platform.python_version()}; {versions}",
-      f"jax devices: {', '.join(str(d) for d in jax.devices())}",
-      f"load average (1/5/15 min) at start: {load_average()}",
+    f"# {title}",
+    f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+    f"machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+    f"python {platform.python_version()}; {versions}",
+    f"jax devices: {', '.join(str(d) for d in jax.devices())}",
+    f"load average (1/5/15 min) at start: {load_average()}",
   ]
   return "\n".join(lines)
 

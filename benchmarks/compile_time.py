@@ -55,18 +55,20 @@ def measure(model: h.Model, repeats: int) -> str:
   ratio = statistics.median(total[fsam]) / statistics.median(total[sam])
   xla_ratio = statistics.median(compile_[fsam]) / statistics.median(compile_[sam])
   verdict = "met" if ratio <= TARGET else "MISSED"
-  return "\n".join([
+  return "\n".join(
+    [
       f"## {model.name}: {h.param_count(params):,} parameters, batch {model.batch_size}",
       f"{repeats} fresh builds of each, alternating; ms",
       "",
       h.table(
-          rows,
-          ["variant", "trace+lower", "min-max", "compile", "min-max", "total", "min-max"],
+        rows,
+        ["variant", "trace+lower", "min-max", "compile", "min-max", "total", "min-max"],
       ),
       "",
       f"F-SAM / hand-written SAM, total: {ratio:.3f} (XLA compile alone: {xla_ratio:.3f}); "
       f"target <= {TARGET}: {verdict}",
-  ])
+    ]
+  )
 
 
 def main() -> None:

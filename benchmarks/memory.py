@@ -23,10 +23,10 @@ def live_bound(stats: object) -> int:
   leaves the temporaries out, so the bound is the figure compared.
   """
   return (
-      stats.argument_size_in_bytes
-      + stats.output_size_in_bytes
-      - stats.alias_size_in_bytes
-      + stats.temp_size_in_bytes
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    - stats.alias_size_in_bytes
+    + stats.temp_size_in_bytes
   )
 
 
@@ -48,37 +48,46 @@ def step_memory(model: h.Model) -> str:
   ref = stats["SAM (hand-written)"]
   mib = lambda b: f"{b / 2**20:.2f}"
   rows = [
-      [
-          name,
-          mib(s.argument_size_in_bytes),
-          mib(s.output_size_in_bytes),
-          mib(s.alias_size_in_bytes),
-          mib(s.temp_size_in_bytes),
-          mib(getattr(s, "peak_memory_in_bytes", 0)),
-          mib(live_bound(s)),
-          f"{(live_bound(s) - live_bound(ref)) / unit:+.2f}",
-          f"{(s.temp_size_in_bytes - ref.temp_size_in_bytes) / unit:+.2f}",
-      ]
-      for name, s in stats.items()
+    [
+      name,
+      mib(s.argument_size_in_bytes),
+      mib(s.output_size_in_bytes),
+      mib(s.alias_size_in_bytes),
+      mib(s.temp_size_in_bytes),
+      mib(getattr(s, "peak_memory_in_bytes", 0)),
+      mib(live_bound(s)),
+      f"{(live_bound(s) - live_bound(ref)) / unit:+.2f}",
+      f"{(s.temp_size_in_bytes - ref.temp_size_in_bytes) / unit:+.2f}",
+    ]
+    for name, s in stats.items()
   ]
   extra = live_bound(stats["F-SAM (fsam_optax)"]) - live_bound(ref)
   verdict = "met" if extra <= unit + SCALAR_SLACK_BYTES else "MISSED"
-  return "\n".join([
+  return "\n".join(
+    [
       f"## {model.name}: {h.param_count(params):,} parameters "
       f"(one parameter-size = {mib(unit)} MiB), batch {model.batch_size}",
       "MiB; the last two columns in parameter-sizes, relative to the hand-written SAM step",
       "",
       h.table(
-          rows,
-          [
-              "variant", "arguments", "outputs", "aliased", "temp", "XLA peak",
-              "live bound", "bound vs SAM", "temp vs SAM",
-          ],
+        rows,
+        [
+          "variant",
+          "arguments",
+          "outputs",
+          "aliased",
+          "temp",
+          "XLA peak",
+          "live bound",
+          "bound vs SAM",
+          "temp vs SAM",
+        ],
       ),
       "",
       f"F-SAM live bound - hand-written SAM live bound: {extra / unit:+.4f} parameter-sizes "
       f"({extra:,} bytes); target <= +1 (plus scalars): {verdict}",
-  ])
+    ]
+  )
 
 
 def state_memory(model: h.Model) -> str:
@@ -86,32 +95,36 @@ def state_memory(model: h.Model) -> str:
   unit = h.tree_bytes(params)
   base = h.base_optimizer()
   optimizers = {
-      "fsam_optax.fsam + sgd(momentum)": optax.chain(
-          fsam_optax.fsam(rho=h.RHO, sigma=h.SIGMA, lmbda=h.LMBDA), base
-      ),
-      "fsam_optax.sam + sgd(momentum)": optax.chain(fsam_optax.sam(rho=h.RHO), base),
-      "sgd(momentum) alone": base,
+    "fsam_optax.fsam + sgd(momentum)": optax.chain(
+      fsam_optax.fsam(rho=h.RHO, sigma=h.SIGMA, lmbda=h.LMBDA), base
+    ),
+    "fsam_optax.sam + sgd(momentum)": optax.chain(fsam_optax.sam(rho=h.RHO), base),
+    "sgd(momentum) alone": base,
   }
   base_bytes = h.tree_bytes(base.init(params))
   rows = []
   for name, tx in optimizers.items():
     state = tx.init(params)
     extra = h.tree_bytes(state) - base_bytes
-    rows.append([
+    rows.append(
+      [
         name,
         str(len(jax.tree.leaves(state))),
         f"{h.tree_bytes(state):,}",
         f"{extra:,}",
         f"{extra / unit:.6f}",
-    ])
-  return "\n".join([
+      ]
+    )
+  return "\n".join(
+    [
       f"## Optimizer state, {model.name} (parameters: {unit:,} bytes)",
       "",
       h.table(
-          rows,
-          ["optimizer", "arrays", "bytes", "bytes over sgd", "over sgd, parameter-sizes"],
+        rows,
+        ["optimizer", "arrays", "bytes", "bytes over sgd", "over sgd, parameter-sizes"],
       ),
-  ])
+    ]
+  )
 
 
 def main() -> None:

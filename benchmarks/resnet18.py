@@ -62,7 +62,7 @@ class ResNet18(nn.Module):
 def jax_steps(model: ResNet18) -> dict[str, tuple[Callable, optax.GradientTransformation]]:
   def loss_fn(params: Any, batch_stats: Any, x: jax.Array, y: jax.Array) -> tuple:
     logits, updated = model.apply(
-        {"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"]
+      {"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"]
     )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, updated["batch_stats"]
@@ -107,7 +107,7 @@ def torch_runners(batch: tuple, device: str, num_classes: int) -> dict[str, Call
       self.shortcut = tnn.Sequential()
       if stride != 1 or c_in != c_out:
         self.shortcut = tnn.Sequential(
-            tnn.Conv2d(c_in, c_out, 1, stride, bias=False), tnn.BatchNorm2d(c_out)
+          tnn.Conv2d(c_in, c_out, 1, stride, bias=False), tnn.BatchNorm2d(c_out)
         )
 
     def forward(self, x):
@@ -131,8 +131,13 @@ def torch_runners(batch: tuple, device: str, num_classes: int) -> dict[str, Call
   def fsam_runner() -> Callable[[int], None]:
     model = resnet18()
     opt = pytorch_optimizer.FriendlySAM(
-        model.parameters(), torch.optim.SGD, rho=h.RHO, sigma=h.SIGMA, lmbda=h.LMBDA,
-        lr=h.LEARNING_RATE, momentum=h.MOMENTUM,
+      model.parameters(),
+      torch.optim.SGD,
+      rho=h.RHO,
+      sigma=h.SIGMA,
+      lmbda=h.LMBDA,
+      lr=h.LEARNING_RATE,
+      momentum=h.MOMENTUM,
     )
 
     def closure():
@@ -190,8 +195,8 @@ def main() -> None:
     for name, (step, tx) in jax_steps(model).items():
       # Each variant donates its own copy of (params, batch statistics).
       params, stats = jax.tree.map(
-          lambda a: jax.device_put(a, device).copy(),
-          (variables["params"], variables["batch_stats"]),
+        lambda a: jax.device_put(a, device).copy(),
+        (variables["params"], variables["batch_stats"]),
       )
       runners[name] = h.Runner(h.jit_step(step), (params, stats), tx.init(params), batch)
   if args.torch:
@@ -205,11 +210,14 @@ def main() -> None:
     rows.append([name, f"{m:.2f}", spread, f"{1 / med[name]:.2f}"])
   print(h.table(rows, ["variant", "ms/step median", "min-max", "steps/s"]))
   print()
-  print(f"JAX F-SAM / JAX SGD step time: {med['JAX F-SAM'] / med['JAX SGD']:.3f} "
-        "(GPU target <= 2.05)")
+  print(
+    f"JAX F-SAM / JAX SGD step time: {med['JAX F-SAM'] / med['JAX SGD']:.3f} (GPU target <= 2.05)"
+  )
   if args.torch:
-    print(f"JAX F-SAM steps/s / PyTorch FriendlySAM steps/s: "
-          f"{med['PyTorch FriendlySAM'] / med['JAX F-SAM']:.2f} (GPU target >= 1.5)")
+    print(
+      f"JAX F-SAM steps/s / PyTorch FriendlySAM steps/s: "
+      f"{med['PyTorch FriendlySAM'] / med['JAX F-SAM']:.2f} (GPU target >= 1.5)"
+    )
   print(f"load average (1/5/15 min) at end: {h.load_average()}")
 
 

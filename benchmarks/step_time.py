@@ -13,10 +13,10 @@ import _harness as h
 import jax
 
 TARGETS = (
-    # (reference, largest allowed F-SAM / reference ratio of median step times)
-    ("SAM (hand-written)", 1.05),
-    ("SGD (one pass)", 2.15),
-    ("optax.contrib.sam (opaque)", 1.0),
+  # (reference, largest allowed F-SAM / reference ratio of median step times)
+  ("SAM (hand-written)", 1.05),
+  ("SGD (one pass)", 2.15),
+  ("optax.contrib.sam (opaque)", 1.0),
 )
 
 
@@ -38,19 +38,21 @@ def report(model: h.Model, times: dict[str, list[float]]) -> str:
   rows = []
   for name, samples in times.items():
     m, spread = h.summary(samples)
-    rows.append([
+    rows.append(
+      [
         name,
         f"{m:.2f}",
         spread,
         f"{med[name] / med['SAM (hand-written)']:.3f}",
         f"{med[name] / med['SGD (one pass)']:.3f}",
-    ])
+      ]
+    )
   lines = [
-      f"## {model.name}: {h.param_count(params):,} parameters, batch {model.batch_size}",
-      f"{len(times['SGD (one pass)'])} interleaved rounds; ms per step",
-      "",
-      h.table(rows, ["variant", "median", "min-max", "x hand SAM", "x SGD"]),
-      "",
+    f"## {model.name}: {h.param_count(params):,} parameters, batch {model.batch_size}",
+    f"{len(times['SGD (one pass)'])} interleaved rounds; ms per step",
+    "",
+    h.table(rows, ["variant", "median", "min-max", "x hand SAM", "x SGD"]),
+    "",
   ]
   fsam = times["F-SAM (fsam_optax)"]
   for ref, limit in TARGETS:
@@ -60,8 +62,8 @@ def report(model: h.Model, times: dict[str, list[float]]) -> str:
     paired = statistics.median(a / b for a, b in zip(fsam, times[ref], strict=True))
     verdict = "met" if ratio <= limit else "MISSED"
     lines.append(
-        f"F-SAM / {ref}: {ratio:.3f} (median of per-round ratios {paired:.3f}); "
-        f"target <= {limit}: {verdict}"
+      f"F-SAM / {ref}: {ratio:.3f} (median of per-round ratios {paired:.3f}); "
+      f"target <= {limit}: {verdict}"
     )
   return "\n".join(lines)
 
@@ -79,8 +81,10 @@ def main() -> None:
     models = [h.mlp(), h.cnn()]
 
   print(h.header("Step time: F-SAM vs hand-written SAM vs optax.contrib.sam vs SGD"))
-  print(f"base optimizer: sgd(lr={h.LEARNING_RATE}, momentum={h.MOMENTUM}); rho={h.RHO}, "
-        f"sigma={h.SIGMA}, lmbda={h.LMBDA}; params and state donated in every variant\n")
+  print(
+    f"base optimizer: sgd(lr={h.LEARNING_RATE}, momentum={h.MOMENTUM}); rho={h.RHO}, "
+    f"sigma={h.SIGMA}, lmbda={h.LMBDA}; params and state donated in every variant\n"
+  )
   for model in models:
     print(report(model, measure(model, args.rounds, args.steps_per_round)))
     print()

@@ -58,14 +58,14 @@ def torch_cnn(channels: tuple[int, ...]) -> nn.Module:
 
 def friendly_sam(model: nn.Module) -> pytorch_optimizer.FriendlySAM:
   return pytorch_optimizer.FriendlySAM(
-      model.parameters(),
-      torch.optim.SGD,
-      rho=h.RHO,
-      sigma=h.SIGMA,
-      lmbda=h.LMBDA,
-      perturb_eps=h.EPS,
-      lr=h.LEARNING_RATE,
-      momentum=h.MOMENTUM,
+    model.parameters(),
+    torch.optim.SGD,
+    rho=h.RHO,
+    sigma=h.SIGMA,
+    lmbda=h.LMBDA,
+    perturb_eps=h.EPS,
+    lr=h.LEARNING_RATE,
+    momentum=h.MOMENTUM,
   )
 
 
@@ -112,10 +112,10 @@ def measure(model: h.Model, module: nn.Module, rounds: int, steps_per_round: int
   batch = (jnp.asarray(x), jnp.asarray(y))
   x_torch = torch.from_numpy(x if x.ndim == 2 else x.transpose(0, 3, 1, 2).copy())
   runners = {
-      "JAX F-SAM (fsam_optax, jit)": h.Runner(
-          h.jit_step(variant.step), params, variant.tx.init(params), batch
-      ),
-      "PyTorch FriendlySAM (eager)": TorchRunner(module, x_torch, torch.from_numpy(y).long()),
+    "JAX F-SAM (fsam_optax, jit)": h.Runner(
+      h.jit_step(variant.step), params, variant.tx.init(params), batch
+    ),
+    "PyTorch FriendlySAM (eager)": TorchRunner(module, x_torch, torch.from_numpy(y).long()),
   }
   times = h.interleaved(runners, rounds, steps_per_round)
   rows = []
@@ -125,14 +125,16 @@ def measure(model: h.Model, module: nn.Module, rounds: int, steps_per_round: int
     rows.append([name, f"{med:.2f}", spread, f"{statistics.median(rate):.2f}"])
   jax_name, torch_name = list(times)
   speedup = statistics.median(times[torch_name]) / statistics.median(times[jax_name])
-  return "\n".join([
+  return "\n".join(
+    [
       f"## {model.name}: {h.param_count(params):,} parameters, batch {model.batch_size}",
       f"{rounds} interleaved rounds of {steps_per_round} steps",
       "",
       h.table(rows, ["implementation", "ms/step median", "min-max", "steps/s median"]),
       "",
       f"JAX F-SAM steps/s / PyTorch FriendlySAM steps/s: {speedup:.2f}",
-  ])
+    ]
+  )
 
 
 def main() -> None:
@@ -144,10 +146,14 @@ def main() -> None:
   torch.set_num_threads(os.cpu_count() or 1)
   packages = ("jax", "jaxlib", "optax", "fsam_optax", "torch", "pytorch_optimizer")
   print(h.header("PyTorch comparison: F-SAM steps per second", packages))
-  print(f"torch threads: {torch.get_num_threads()}; base optimizer SGD(lr={h.LEARNING_RATE}, "
-        f"momentum={h.MOMENTUM}); rho={h.RHO}, sigma={h.SIGMA}, lmbda={h.LMBDA}\n")
-  print(f"same algorithm check: max |JAX - PyTorch| over MLP weights after 3 steps from the "
-        f"same start: {agreement():.2e}\n")
+  print(
+    f"torch threads: {torch.get_num_threads()}; base optimizer SGD(lr={h.LEARNING_RATE}, "
+    f"momentum={h.MOMENTUM}); rho={h.RHO}, sigma={h.SIGMA}, lmbda={h.LMBDA}\n"
+  )
+  print(
+    f"same algorithm check: max |JAX - PyTorch| over MLP weights after 3 steps from the "
+    f"same start: {agreement():.2e}\n"
+  )
   cnn = h.cnn()
   for model, module in ((h.mlp(), None), (cnn, torch_cnn((16, 32, 32)))):
     if module is None:

@@ -7,6 +7,7 @@ is checked against.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -49,10 +50,7 @@ class FSAMReference:
     """Steps 3 and 4: e = rho d / (||d|| + eps), or the adaptive form."""
     scaled = {k: np.abs(theta[k]) * d[k] if self.adaptive else d[k] for k in d}
     n = np.sqrt(sum(np.sum(v**2) for v in scaled.values()))
-    return {
-        k: self.rho * (theta[k] ** 2 if self.adaptive else 1.0) * d[k] / (n + EPS)
-        for k in d
-    }
+    return {k: self.rho * (theta[k] ** 2 if self.adaptive else 1.0) * d[k] / (n + EPS) for k in d}
 
 
 @dataclasses.dataclass
@@ -76,7 +74,7 @@ def init_mlp(seed: int, sizes: tuple[int, ...] = (5, 7, 3)) -> dict:
   """A tanh MLP's weights, as float64 NumPy arrays."""
   rng = np.random.default_rng(seed)
   params = {}
-  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+  for i, (a, b) in enumerate(itertools.pairwise(sizes)):
     params[f"w{i}"] = rng.normal(size=(a, b)) / np.sqrt(a)
     params[f"b{i}"] = rng.normal(size=(b,)) * 0.1
   return params

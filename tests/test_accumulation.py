@@ -31,7 +31,7 @@ def test_multisteps_after_fsam_steps_every_k_micro_batches_with_mean_perturbed_g
     # MultiSteps accumulates in float32 unless told otherwise (and
     # canonicalises float64 to float32 outside the x64 context).
     base = optax.MultiSteps(
-        optax.sgd(LR, momentum=MOMENTUM), every_k_schedule=K, accumulator_dtype=jnp.float64
+      optax.sgd(LR, momentum=MOMENTUM), every_k_schedule=K, accumulator_dtype=jnp.float64
     )
     tx = optax.chain(fsam_optax.fsam(**FSAM), base.gradient_transformation())
     grad_fn = fsam_optax.sam_value_and_grad(mlp_loss)

@@ -17,16 +17,16 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.mark.parametrize(
-    ("script", "verdicts"),
-    [("step_time.py", 3), ("memory.py", 1), ("compile_time.py", 1)],
+  ("script", "verdicts"),
+  [("step_time.py", 3), ("memory.py", 1), ("compile_time.py", 1)],
 )
 def test_smoke_run_prints_a_verdict_per_target(script: str, verdicts: int) -> None:
   result = subprocess.run(
-      [sys.executable, str(BENCHMARKS / script), "--smoke"],
-      capture_output=True,
-      text=True,
-      timeout=300,
-      check=False,
+    [sys.executable, str(BENCHMARKS / script), "--smoke"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
   )
   assert result.returncode == 0, result.stderr
   assert result.stdout.count("target <=") == verdicts, result.stdout

@@ -74,7 +74,7 @@ def test_second_jitted_step_does_not_recompile():
 def test_inject_hyperparams_equals_plain(hparams):
   plain = optax.chain(fsam_optax.fsam(**hparams), optax.sgd(0.05, momentum=0.9))
   injected = optax.chain(
-      optax.inject_hyperparams(fsam_optax.fsam)(**hparams), optax.sgd(0.05, momentum=0.9)
+    optax.inject_hyperparams(fsam_optax.fsam)(**hparams), optax.sgd(0.05, momentum=0.9)
   )
   want, _ = run(plain, steps=8)
   got, state = run(injected, steps=8)
@@ -93,8 +93,8 @@ def test_inject_hyperparams_value_set_by_user_reaches_the_next_perturbation():
   _, grads, diag = grad_fn(params, opt_state)
   assert float(diag.perturbation_norm) == 0.0
   chex.assert_trees_all_equal(
-      jax.tree.map(lambda g: g.perturbed, grads, is_leaf=lambda x: isinstance(x, fsam_optax.SAMGrad)),
-      jax.grad(parabola)(params),
+    jax.tree.map(lambda g: g.perturbed, grads, is_leaf=lambda x: isinstance(x, fsam_optax.SAMGrad)),
+    jax.grad(parabola)(params),
   )
 
 
@@ -104,7 +104,7 @@ def test_bfloat16_params_give_bfloat16_updates_and_float32_norms(adaptive):
   params = init_params(jnp.bfloat16)
   opt_state = tx.init(params)
   _, grads, diag = fsam_optax.sam_value_and_grad(parabola, return_diagnostics=True)(
-      params, opt_state
+    params, opt_state
   )
   updates, opt_state = tx.update(grads, opt_state, params)
   assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.bfloat16)}
@@ -137,9 +137,9 @@ def test_state_structure_and_dtypes_are_stable_under_cond():
   def step(params, opt_state, flag):
     _, grads = grad_fn(params, opt_state)
     updates, opt_state = jax.lax.cond(
-        flag,
-        lambda: tx.update(grads, opt_state, params),
-        lambda: (jax.tree.map(jnp.zeros_like, params), opt_state),
+      flag,
+      lambda: tx.update(grads, opt_state, params),
+      lambda: (jax.tree.map(jnp.zeros_like, params), opt_state),
     )
     return optax.apply_updates(params, updates), opt_state
 
@@ -167,7 +167,7 @@ def test_converges_inside_scan():
   params = init_params()
   step = make_step(tx)
   (params, _), _ = jax.lax.scan(
-      lambda c, _: (step(*c)[:2], None), (params, tx.init(params)), length=500
+    lambda c, _: (step(*c)[:2], None), (params, tx.init(params)), length=500
   )
   chex.assert_trees_all_close(params, {"w": TARGET, "b": jnp.zeros(2)}, atol=0.01)
 
@@ -204,7 +204,7 @@ def test_diagnostics_sharpness_is_perturbed_minus_clean_loss():
   tx = fsam_chain()
   params = init_params()
   grad_fn = fsam_optax.sam_value_and_grad(parabola, return_diagnostics=True)
-  value, grads, diag = grad_fn(params, tx.init(params))
+  value, _, diag = grad_fn(params, tx.init(params))
   assert float(value) == float(diag.value) == float(parabola(params))
   assert float(diag.sharpness) == float(diag.perturbed_value - diag.value)
   assert float(diag.sharpness) > 0

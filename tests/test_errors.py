@@ -20,16 +20,16 @@ PARAMS = {"w": jnp.arange(3.0)}
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(rho=-0.1), "`rho` must be a radius >= 0, got -0.1"),
-        (dict(rho=math.nan), "`rho` must be a radius >= 0, got nan"),
-        (dict(sigma=-1.0), "`sigma` must be >= 0, got -1.0"),
-        (dict(lmbda=1.0), r"`lmbda` must be in \[0, 1\), got 1.0"),
-        (dict(lmbda=-0.5), r"`lmbda` must be in \[0, 1\), got -0.5"),
-        (dict(eps=0.0), "`eps` must be > 0, got 0.0"),
-        (dict(eps=jnp.asarray(-1.0)), "`eps` must be > 0, got -1.0"),
-    ],
+  "kwargs, message",
+  [
+    (dict(rho=-0.1), "`rho` must be a radius >= 0, got -0.1"),
+    (dict(rho=math.nan), "`rho` must be a radius >= 0, got nan"),
+    (dict(sigma=-1.0), "`sigma` must be >= 0, got -1.0"),
+    (dict(lmbda=1.0), r"`lmbda` must be in \[0, 1\), got 1.0"),
+    (dict(lmbda=-0.5), r"`lmbda` must be in \[0, 1\), got -0.5"),
+    (dict(eps=0.0), "`eps` must be > 0, got 0.0"),
+    (dict(eps=jnp.asarray(-1.0)), "`eps` must be > 0, got -1.0"),
+  ],
 )
 def test_out_of_range_hyperparameters_raise_at_construction(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -55,25 +55,27 @@ def test_traced_hyperparameters_are_accepted_unchecked():
 
 def test_helper_without_fsam_state_says_how_to_build_the_optimizer():
   tx = optax.sgd(0.1, momentum=0.9)
-  with pytest.raises(ValueError, match=r"opt_state holds no F-SAM state.*optax\.chain\(fsam_optax\.fsam"):
+  with pytest.raises(
+    ValueError, match=r"opt_state holds no F-SAM state.*optax\.chain\(fsam_optax\.fsam"
+  ):
     fsam_optax.sam_value_and_grad(loss)(PARAMS, tx.init(PARAMS))
 
 
 def test_plain_gradients_fed_to_fsam_say_to_use_the_helper():
   tx = optax.chain(fsam_optax.fsam(), optax.sgd(0.1))
-  with pytest.raises(ValueError, match="fsam received plain gradients.*sam_value_and_grad"):
+  with pytest.raises(ValueError, match=r"fsam received plain gradients.*sam_value_and_grad"):
     tx.update(jax.grad(loss)(PARAMS), tx.init(PARAMS), PARAMS)
 
 
 def test_fsam_after_another_transformation_says_to_move_it_first():
   tx = optax.chain(optax.clip_by_global_norm(1.0), fsam_optax.fsam(), optax.sgd(0.1))
-  with pytest.raises(ValueError, match="fsam must be the first transformation.*position 1"):
+  with pytest.raises(ValueError, match=r"fsam must be the first transformation.*position 1"):
     fsam_optax.sam_value_and_grad(loss)(PARAMS, tx.init(PARAMS))
 
 
 def test_fsam_not_first_in_named_chain_is_caught():
   tx = optax.named_chain(("clip", optax.clip(1.0)), ("fsam", fsam_optax.fsam()))
-  with pytest.raises(ValueError, match="fsam must be the first transformation.*entry 'fsam'"):
+  with pytest.raises(ValueError, match=r"fsam must be the first transformation.*entry 'fsam'"):
     fsam_optax.sam_value_and_grad(loss)(PARAMS, tx.init(PARAMS))
 
 
@@ -105,11 +107,11 @@ def test_params_that_do_not_match_the_state_are_refused():
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, message",
-    [
-        (dict(perturbation="local"), ValueError, "`perturbation` must be 'global' or 'per_device'"),
-        (dict(perturbation="per_device"), ValueError, "needs `axis_name`"),
-    ],
+  "kwargs, error, message",
+  [
+    (dict(perturbation="local"), ValueError, "`perturbation` must be 'global' or 'per_device'"),
+    (dict(perturbation="per_device"), ValueError, "needs `axis_name`"),
+  ],
 )
 def test_helper_arguments_are_checked(kwargs, error, message):
   with pytest.raises(error, match=message):

@@ -35,7 +35,7 @@ class TrainState(train_state.TrainState):
 
 def loss_fn(params, batch_stats, x, y):
   out, updates = Net().apply(
-      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
   )
   return jnp.mean((out - y) ** 2), updates["batch_stats"]
 
@@ -51,14 +51,14 @@ def train_step(state: TrainState, x, y) -> TrainState:
 
 def create_state() -> TrainState:
   variables = jax.jit(Net().init, static_argnames="train")(
-      jax.random.key(0), jnp.zeros((1, 5)), train=False
+    jax.random.key(0), jnp.zeros((1, 5)), train=False
   )
   state = TrainState.create(
-      apply_fn=Net().apply,
-      params=variables["params"],
-      # BatchNorm creates float32 statistics; the first step returns float64.
-      batch_stats=jax.tree.map(lambda a: a.astype(jnp.float64), variables["batch_stats"]),
-      tx=optax.chain(fsam_optax.fsam(**FSAM), optax.sgd(LR, momentum=MOMENTUM)),
+    apply_fn=Net().apply,
+    params=variables["params"],
+    # BatchNorm creates float32 statistics; the first step returns float64.
+    batch_stats=jax.tree.map(lambda a: a.astype(jnp.float64), variables["batch_stats"]),
+    tx=optax.chain(fsam_optax.fsam(**FSAM), optax.sgd(LR, momentum=MOMENTUM)),
   )
   # A concrete int32 step (not Python's 0), so that step 2 does not recompile.
   return state.replace(step=jnp.zeros([], jnp.int32))
@@ -112,7 +112,7 @@ def test_batch_stats_come_from_the_clean_pass_only():
       e, _ = perturbation_by_hand(opt, state, x, y)
       clean = new_stats(state.params, state.batch_stats, x, y)
       perturbed_params = traverse_util.unflatten_dict(
-          {k: v + e[k] for k, v in flat(state.params).items()}, sep="/"
+        {k: v + e[k] for k, v in flat(state.params).items()}, sep="/"
       )
       perturbed = new_stats(perturbed_params, state.batch_stats, x, y)
       state = train_step(state, x, y)

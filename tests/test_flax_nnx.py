@@ -126,7 +126,7 @@ def test_nnx_batch_stats_come_from_the_clean_pass_only():
       e = opt.perturbation({k: np.asarray(v) for k, v in theta.items()}, opt.direction(g))
       clean = running_stats(traverse_util.unflatten_dict(theta), old, x)
       perturbed = running_stats(
-          traverse_util.unflatten_dict({k: theta[k] + e[k] for k in theta}), old, x
+        traverse_util.unflatten_dict({k: theta[k] + e[k] for k in theta}), old, x
       )
       train_step(model, optimizer, x, y)
       got = (model.bn.mean.get_value(), model.bn.var.get_value())

@@ -165,5 +165,5 @@ def test_traced_mask_leaves_are_rejected():
 
 
 def test_elementwise_mask_array_is_rejected_with_what_to_do():
-  with pytest.raises(ValueError, match="one per parameter leaf.*mask whole arrays, not elements"):
+  with pytest.raises(ValueError, match=r"one per parameter leaf.*mask whole arrays, not elements"):
     fsam_optax.fsam(mask={"w": jnp.array([True, False])})

@@ -106,12 +106,14 @@ def run_pmap(perturbation: str) -> list[dict]:
 @functools.cache
 def run_shard_map(perturbation: str) -> list[dict]:
   mesh = jax.make_mesh((N_DEV,), ("batch",))
-  step = jax.jit(jax.shard_map(
+  step = jax.jit(
+    jax.shard_map(
       make_step(make_tx(), axis_name="batch", perturbation=perturbation),
       mesh=mesh,
       in_specs=(P(), P(), P("batch"), P("batch")),
       out_specs=(P(), P(), P()),
-  ))
+    )
+  )
   params, opt_state = init()
   path = []
   for x, y in data():
@@ -161,7 +163,7 @@ def test_sharded_jit_equals_single_device_and_compiles_once():
     # Replicated, spelt as jit spells its outputs' sharding (P(None, None) for
     # a matrix, not P()), so that step 2's inputs match step 1's exactly.
     params, opt_state = jax.tree.map(
-        lambda a: jax.device_put(a, NamedSharding(mesh, P(*(None,) * a.ndim))), init()
+      lambda a: jax.device_put(a, NamedSharding(mesh, P(*(None,) * a.ndim))), init()
     )
     for (x, y), w in zip(data(), want, strict=True):
       x, y = jax.device_put((x, y), NamedSharding(mesh, P("batch")))

@@ -94,33 +94,33 @@ def weights_only(params):
 
 # name: (base optimizer after fsam, its update rule by hand)
 CASES = {
-    "sgd-momentum": (
-        lambda: optax.sgd(LR, momentum=0.9),
-        lambda: ref.SGDReference(LR, momentum=0.9, weight_decay=0.0),
+  "sgd-momentum": (
+    lambda: optax.sgd(LR, momentum=0.9),
+    lambda: ref.SGDReference(LR, momentum=0.9, weight_decay=0.0),
+  ),
+  "adamw": (
+    lambda: optax.adamw(1e-2, weight_decay=1e-2),
+    lambda: AdamWByHand(1e-2, wd=1e-2),
+  ),
+  "lion": (
+    lambda: optax.lion(1e-3, weight_decay=1e-2),
+    lambda: LionByHand(1e-3, wd=1e-2),
+  ),
+  # max_norm is below the gradients' norm so that clipping acts (checked below).
+  "clip_by_global_norm": (
+    lambda: optax.chain(optax.clip_by_global_norm(0.2), optax.sgd(0.5)),
+    lambda: ClipThenSGDByHand(0.5, max_norm=0.2),
+  ),
+  "inject_hyperparams": (
+    lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=LR, momentum=0.9),
+    lambda: ref.SGDReference(LR, momentum=0.9, weight_decay=0.0),
+  ),
+  "masked-weight-decay": (
+    lambda: optax.chain(
+      optax.add_decayed_weights(0.05, mask=weights_only), optax.sgd(LR, momentum=0.9)
     ),
-    "adamw": (
-        lambda: optax.adamw(1e-2, weight_decay=1e-2),
-        lambda: AdamWByHand(1e-2, wd=1e-2),
-    ),
-    "lion": (
-        lambda: optax.lion(1e-3, weight_decay=1e-2),
-        lambda: LionByHand(1e-3, wd=1e-2),
-    ),
-    # max_norm is below the gradients' norm so that clipping acts (checked below).
-    "clip_by_global_norm": (
-        lambda: optax.chain(optax.clip_by_global_norm(0.2), optax.sgd(0.5)),
-        lambda: ClipThenSGDByHand(0.5, max_norm=0.2),
-    ),
-    "inject_hyperparams": (
-        lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=LR, momentum=0.9),
-        lambda: ref.SGDReference(LR, momentum=0.9, weight_decay=0.0),
-    ),
-    "masked-weight-decay": (
-        lambda: optax.chain(
-            optax.add_decayed_weights(0.05, mask=weights_only), optax.sgd(LR, momentum=0.9)
-        ),
-        lambda: MaskedDecaySGDByHand(LR, wd=0.05),
-    ),
+    lambda: MaskedDecaySGDByHand(LR, wd=0.05),
+  ),
 }
 
 
@@ -162,9 +162,7 @@ def test_base_optimizer_receives_fsam_gradient_and_trains(name):
 
 
 def test_injected_learning_rate_change_takes_effect_and_ema_still_advances():
-  tx = optax.chain(
-      fsam_optax.fsam(**FSAM), optax.inject_hyperparams(optax.sgd)(learning_rate=LR)
-  )
+  tx = optax.chain(fsam_optax.fsam(**FSAM), optax.inject_hyperparams(optax.sgd)(learning_rate=LR))
   x, y = (jnp.asarray(a, jnp.float32) for a in ref.batches(seed=7, steps=1)[0])
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), ref.init_mlp(0))
   opt_state = tx.init(params)

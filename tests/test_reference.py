@@ -63,13 +63,13 @@ def base_optimizer():
 
 
 CASES = [
-    dict(rho=0.2, sigma=1.0, lmbda=0.6),
-    dict(rho=0.2, sigma=1.0, lmbda=0.95),
-    dict(rho=0.1, sigma=0.5, lmbda=0.9),
-    dict(rho=0.3, sigma=2.0, lmbda=0.0),
-    dict(rho=0.05, sigma=0.0, lmbda=0.9),  # SAM
-    dict(rho=0.2, sigma=1.0, lmbda=0.6, adaptive=True),
-    dict(rho=0.5, sigma=0.0, lmbda=0.9, adaptive=True),  # ASAM
+  dict(rho=0.2, sigma=1.0, lmbda=0.6),
+  dict(rho=0.2, sigma=1.0, lmbda=0.95),
+  dict(rho=0.1, sigma=0.5, lmbda=0.9),
+  dict(rho=0.3, sigma=2.0, lmbda=0.0),
+  dict(rho=0.05, sigma=0.0, lmbda=0.9),  # SAM
+  dict(rho=0.2, sigma=1.0, lmbda=0.6, adaptive=True),
+  dict(rho=0.5, sigma=0.0, lmbda=0.9, adaptive=True),  # ASAM
 ]
 
 
@@ -113,8 +113,8 @@ def test_rho_schedule_is_evaluated_at_the_step_being_perturbed():
 # Each rule of step 2 gets a variant that breaks only that rule; the library
 # must match the official code and be measurably far from every variant.
 VARIANTS = {
-    "ema fed the corrected direction d": dict(ema_feed="d"),
-    "paper form: m_0 = 0, new m in d": dict(form="paper"),
+  "ema fed the corrected direction d": dict(ema_feed="d"),
+  "paper form: m_0 = 0, new m in d": dict(form="paper"),
 }
 
 
