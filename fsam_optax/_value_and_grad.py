@@ -157,12 +157,12 @@ def sam_value_and_grad(
 
   The returned function takes ``(params, opt_state, *args, **kwargs)``. It
   finds the F-SAM state in ``opt_state`` (under ``optax.chain``,
-  ``named_chain``, ``inject_hyperparams``, ``apply_if_finite`` or an
-  ``nnx.Optimizer``), takes the gradient ``g`` of ``fun`` at ``params``, builds
-  the perturbation ``e`` from ``g`` and the state, and takes the gradient
-  ``g'`` at ``params + e``. It returns ``(value, grads)``, or
-  ``((value, aux), grads)`` with ``has_aux``, where ``value`` and ``aux`` come
-  from the clean pass and ``grads`` has the structure of ``params`` with a
+  ``named_chain``, ``inject_hyperparams`` or in an ``nnx.Optimizer``),
+  takes the gradient ``g`` of ``fun`` at ``params``, builds the perturbation
+  ``e`` from ``g`` and the state, and takes the gradient ``g'`` at
+  ``params + e``. It returns ``(value, grads)``, or ``((value, aux), grads)``
+  with ``has_aux``, where ``value`` and ``aux`` come from the clean pass and
+  ``grads`` has the structure of ``params`` with a
   :class:`SAMGrad` ``(perturbed=g', clean=g)`` at each leaf: pass it unchanged
   to ``tx.update`` (or ``TrainState.apply_gradients``, ``nnx.Optimizer.update``).
 
@@ -217,8 +217,12 @@ def sam_value_and_grad(
     if axis_name is not None:
       params = _vary(params, axis_name)
     out, local_grads = value_and_grad(params, *args, **kwargs)
-    grads = mean(local_grads)
-    direction = local_grads if perturbation == "per_device" else grads
+    # The averaged clean gradient perturbs in global mode and feeds the moving
+    # average; per-device SAM needs neither, so it skips that all-reduce.
+    grads = None
+    if perturbation == "global" or state.ema is not None:
+      grads = mean(local_grads)
+    direction = grads if perturbation == "global" else local_grads
     perturbed_params, norm, e_leaves = perturb(params, direction, state, found.hyperparams)
     out_p, perturbed_grads = value_and_grad(perturbed_params, *args, **kwargs)
     perturbed_grads = mean(perturbed_grads)

@@ -29,8 +29,9 @@ FSAM = dict(rho=0.2, sigma=1.0, lmbda=0.6)
 TOL = 1e-12  # float64; only the order of the cross-device sums differs
 
 
-def make_tx() -> optax.GradientTransformation:
-  return optax.chain(fsam_optax.fsam(**FSAM), optax.sgd(LR))
+def make_tx(sam: bool = False) -> optax.GradientTransformation:
+  first = fsam_optax.sam(FSAM["rho"]) if sam else fsam_optax.fsam(**FSAM)
+  return optax.chain(first, optax.sgd(LR))
 
 
 def make_step(tx, **grad_kwargs):
@@ -50,9 +51,9 @@ def data() -> list:
   return ref.batches(seed=8, steps=STEPS, batch=2 * N_DEV)
 
 
-def init() -> tuple[dict, optax.OptState]:
+def init(sam: bool = False) -> tuple[dict, optax.OptState]:
   params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
-  return params, make_tx().init(params)
+  return params, make_tx(sam).init(params)
 
 
 @functools.cache  # several tests compare with the same runs; all run in float64
@@ -67,9 +68,10 @@ def single_device() -> list[dict]:
 
 
 @functools.cache
-def per_shard_by_hand() -> list[dict]:
+def per_shard_by_hand(sam: bool = False) -> list[dict]:
   """m-sharpness in NumPy: each shard perturbs along its own d; g' is their mean."""
-  opt, theta, path = ref.FSAMReference(**FSAM), ref.init_mlp(0), []
+  opt = ref.FSAMReference(**{**FSAM, "sigma": 0.0} if sam else FSAM)
+  theta, path = ref.init_mlp(0), []
   for x, y in data():
     shards = list(zip(np.split(x, N_DEV), np.split(y, N_DEV), strict=True))
     local = [ref.mlp_loss_and_grad(theta, xs, ys)[1] for xs, ys in shards]
@@ -89,9 +91,9 @@ def replicate(tree):
 
 
 @functools.cache
-def run_pmap(perturbation: str) -> list[dict]:
-  step = jax.pmap(make_step(make_tx(), axis_name="batch", perturbation=perturbation), "batch")
-  params, opt_state = map(replicate, init())
+def run_pmap(perturbation: str, sam: bool = False) -> list[dict]:
+  step = jax.pmap(make_step(make_tx(sam), axis_name="batch", perturbation=perturbation), "batch")
+  params, opt_state = map(replicate, init(sam))
   path = []
   for x, y in data():
     x, y = (a.reshape(N_DEV, -1, a.shape[-1]) for a in (x, y))
@@ -104,17 +106,17 @@ def run_pmap(perturbation: str) -> list[dict]:
 
 
 @functools.cache
-def run_shard_map(perturbation: str) -> list[dict]:
+def run_shard_map(perturbation: str, sam: bool = False) -> list[dict]:
   mesh = jax.make_mesh((N_DEV,), ("batch",))
   step = jax.jit(
     jax.shard_map(
-      make_step(make_tx(), axis_name="batch", perturbation=perturbation),
+      make_step(make_tx(sam), axis_name="batch", perturbation=perturbation),
       mesh=mesh,
       in_specs=(P(), P(), P("batch"), P("batch")),
       out_specs=(P(), P(), P()),
     )
   )
-  params, opt_state = init()
+  params, opt_state = init(sam)
   path = []
   for x, y in data():
     x, y = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
@@ -136,12 +138,13 @@ def test_global_perturbation_equals_single_device_on_global_batch(run):
     assert max_abs_diff(g, w) < TOL
 
 
+@pytest.mark.parametrize("sam", [False, True], ids=["fsam", "sam"])
 @pytest.mark.parametrize("run", [run_pmap, run_shard_map], ids=["pmap", "shard_map"])
-def test_per_device_perturbation_equals_per_shard_computation(run):
+def test_per_device_perturbation_equals_per_shard_computation(run, sam):
   with jax.enable_x64(True):
-    got = run("per_device")
-    global_path = run("global")
-  for g, w in zip(got, per_shard_by_hand(), strict=True):
+    got = run("per_device", sam)
+    global_path = run("global", sam)
+  for g, w in zip(got, per_shard_by_hand(sam), strict=True):
     assert max_abs_diff(g, w) < TOL
   # m-sharpness is a different algorithm, not a rounding of the global one.
   assert max_abs_diff(got[-1], global_path[-1]) > 1e-4
