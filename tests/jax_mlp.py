@@ -6,9 +6,12 @@ test that compares the library with it compares two independent computations.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+import fsam_optax
 from tests import reference as ref
 
 
@@ -21,6 +24,28 @@ def mlp_loss(params: dict, x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
     if i < n_layers - 1:
       h = jnp.tanh(h)
   return jnp.mean((h - y) ** 2)
+
+
+def run_library(tx: optax.GradientTransformation, data: list, seed: int = 0, **grad_kwargs):
+  """Trains ``reference.init_mlp(seed)`` with ``tx`` on ``data``, one jitted step a batch.
+
+  Returns the params after every step and the final optimizer state.
+  """
+  params = jax.tree.map(jnp.asarray, ref.init_mlp(seed))
+  opt_state = tx.init(params)
+  grad_fn = fsam_optax.sam_value_and_grad(mlp_loss, **grad_kwargs)
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    _, grads = grad_fn(params, opt_state, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  path = []
+  for x, y in data:
+    params, opt_state = step(params, opt_state, x, y)
+    path.append(params)
+  return path, opt_state
 
 
 def perturbed_grad(opt: ref.FSAMReference, theta: dict, x: np.ndarray, y: np.ndarray) -> dict:

@@ -15,7 +15,7 @@ import pytest
 
 import fsam_optax
 from tests import reference as ref
-from tests.jax_mlp import max_abs_diff, mlp_loss, perturbed_grad
+from tests.jax_mlp import max_abs_diff, mlp_loss, perturbed_grad, run_library
 
 STEPS = 8
 LR = 0.05
@@ -125,22 +125,7 @@ CASES = {
 
 
 def train_library(base: optax.GradientTransformation, data: list) -> tuple[list, optax.OptState]:
-  tx = optax.chain(fsam_optax.fsam(**FSAM), base)
-  params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
-  opt_state = tx.init(params)
-  grad_fn = fsam_optax.sam_value_and_grad(mlp_loss)
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    _, grads = grad_fn(params, opt_state, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  path = []
-  for x, y in data:
-    params, opt_state = step(params, opt_state, x, y)
-    path.append(params)
-  return path, opt_state
+  return run_library(optax.chain(fsam_optax.fsam(**FSAM), base), data)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -10,37 +10,10 @@ import pytest
 
 import fsam_optax
 from tests import reference as ref
+from tests.jax_mlp import run_library
 
 STEPS = 32
 LR, MOMENTUM, WD = 0.05, 0.9, 1e-3
-
-
-def mlp_loss(params, x, y):
-  n_layers = len(params) // 2
-  h = x
-  for i in range(n_layers):
-    h = h @ params[f"w{i}"] + params[f"b{i}"][None, :]
-    if i < n_layers - 1:
-      h = jnp.tanh(h)
-  return jnp.mean((h - y) ** 2)
-
-
-def run_library(tx, data, seed=0, **grad_kwargs):
-  params = jax.tree.map(jnp.asarray, ref.init_mlp(seed))
-  opt_state = tx.init(params)
-  grad_fn = fsam_optax.sam_value_and_grad(mlp_loss, **grad_kwargs)
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    _, grads = grad_fn(params, opt_state, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  path = []
-  for x, y in data:
-    params, opt_state = step(params, opt_state, x, y)
-    path.append(params)
-  return path, opt_state
 
 
 def run_reference(data, seed=0, **fsam_kwargs):
