@@ -138,3 +138,32 @@ def test_cifar_smoke_trains_checkpoints_and_resumes(
   second = cifar.main(argv)
   assert "resumed from" in capsys.readouterr().out
   assert second["history"] == first["history"]
+
+
+def test_cifar_tfds_path_converts_what_tfds_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+  # A stand-in with tensorflow_datasets' documented shape of answer for
+  # load(..., batch_size=-1) + as_numpy: a dict of whole-split arrays.
+  rng = np.random.default_rng(0)
+  calls = []
+
+  def load(name: str, split: str, batch_size: int) -> dict[str, np.ndarray]:
+    calls.append((name, split, batch_size))
+    n = 12 if split == "train" else 5
+    return {
+      "image": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+      "label": rng.integers(0, 100, n).astype(np.int64),
+    }
+
+  fake = ModuleType("tensorflow_datasets")
+  fake.load, fake.as_numpy = load, lambda tree: tree
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  data = cifar.load_tfds("cifar100")
+  assert calls == [("cifar100", "train", -1), ("cifar100", "test", -1)]
+  assert data.x_train.shape == (12, 32, 32, 3) and data.x_test.shape == (5, 32, 32, 3)
+  assert data.y_train.dtype == np.int32 and data.num_classes == 100
+
+
+def test_cifar_tfds_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now fails
+  with pytest.raises(ImportError, match="pip install tensorflow-datasets"):
+    cifar.load_tfds("cifar10")
