@@ -90,10 +90,10 @@ def jax_steps(model: ResNet18) -> dict[str, tuple[Callable, optax.GradientTransf
 
 def torch_runners(batch: tuple, device: str, num_classes: int) -> dict[str, Callable[[int], None]]:
   """PyTorch FriendlySAM and SGD on the same ResNet-18, in eager mode."""
-  import pytorch_optimizer
   import torch
   import torch.nn.functional as F
   from torch import nn as tnn
+  from torch_compare import friendly_sam  # the same settings in both torch benchmarks
 
   dev = torch.device("cuda" if device == "gpu" else "cpu")
 
@@ -130,15 +130,7 @@ def torch_runners(batch: tuple, device: str, num_classes: int) -> dict[str, Call
 
   def fsam_runner() -> Callable[[int], None]:
     model = resnet18()
-    opt = pytorch_optimizer.FriendlySAM(
-      model.parameters(),
-      torch.optim.SGD,
-      rho=h.RHO,
-      sigma=h.SIGMA,
-      lmbda=h.LMBDA,
-      lr=h.LEARNING_RATE,
-      momentum=h.MOMENTUM,
-    )
+    opt = friendly_sam(model)
 
     def closure():
       opt.zero_grad()
