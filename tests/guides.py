@@ -43,5 +43,5 @@ def run_guide(path: pathlib.Path, timeout: int = 600) -> nbformat.NotebookNode:
   for cell in book.cells:
     if "raises-exception" in cell.metadata["tags"]:
       errors = [o for o in cell.outputs if o.output_type == "error"]
-      assert errors, f"{path.name}: a cell tagged raises-exception ran without error:\n{cell.source}"
+      assert errors, f"{path.name}: a raises-exception cell ran without error:\n{cell.source}"
   return book

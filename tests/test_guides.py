@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("nbclient")
 
-from tests.guides import code_cells, run_guide  # noqa: E402
+from tests.guides import code_cells, run_guide
 
 GUIDES = sorted((pathlib.Path(__file__).resolve().parents[1] / "docs" / "guides").glob("*.md"))
 
