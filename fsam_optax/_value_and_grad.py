@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from fsam_optax._accumulate import accumulated
 from fsam_optax._fsam import FSAMState, SAMGrad, broadcast_mask
 from fsam_optax._lookup import find_fsam_state
+from fsam_optax._sharding import (
+  Axes,
+  axis_names,
+  check_layout,
+  leaf_axes,
+  sum_over_shards,
+  vary,
+)
 
 Perturbation = Literal["global", "per_device"]
 
@@ -67,10 +76,25 @@ def _acc_dtype(leaves: list[jax.Array]) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *(x.dtype for x in leaves))
 
 
-def perturb(params: Any, grads: Any, state: FSAMState, live: Any) -> tuple[Any, jax.Array, list]:
+def _add(squares: list[Any]) -> jax.Array:
+  # The squared norm of unsharded params: the sum of the leaves' squared sums.
+  kept = [s for s in squares if s is not None]
+  return sum(kept[1:], kept[0]) if kept else jnp.zeros([])
+
+
+def perturb(
+  params: Any,
+  grads: Any,
+  state: FSAMState,
+  live: Any,
+  total: Callable[[list[Any]], jax.Array] = _add,
+) -> tuple[Any, jax.Array, list]:
   """Returns ``theta + e``, the direction norm ``n`` and the leaves of ``e``.
 
   Masked-out leaves get no perturbation, and ``None`` in place of theirs.
+  ``total`` maps the per-leaf squared sums (``None`` for masked-out leaves)
+  to the squared norm of the whole tree; on sharded params it adds them over
+  the devices that hold the shards.
   """
   p_leaves, treedef = jax.tree.flatten(params)
   # Python-number leaves (a temperature, say) have no dtype until made arrays.
@@ -100,11 +124,10 @@ def perturb(params: Any, grads: Any, state: FSAMState, live: Any) -> tuple[Any, 
     return jnp.abs(p).astype(acc) ** power * d if adaptive else d
 
   sq = [
-    jnp.sum(jnp.square(weighted(p, d, 1)))
+    jnp.sum(jnp.square(weighted(p, d, 1))) if keep else None
     for p, d, keep in zip(p_leaves, d_leaves, chosen, strict=True)
-    if keep
   ]
-  norm = jnp.sqrt(sum(sq, jnp.zeros([], acc)))
+  norm = jnp.sqrt(total(sq).astype(acc))
   scale = rho.astype(acc) / (norm + eps.astype(acc))
   e_leaves = [
     (scale * weighted(p, d, 2)).astype(p.dtype) if keep else None
@@ -114,44 +137,40 @@ def perturb(params: Any, grads: Any, state: FSAMState, live: Any) -> tuple[Any, 
   return treedef.unflatten(perturbed), norm, e_leaves
 
 
-def _vary(tree: Any, axis_name: Any) -> Any:
-  """Marks ``tree`` as varying over ``axis_name`` (a no-op outside shard_map).
-
-  Under ``shard_map``'s type checking (``check_vma=True``, its default),
-  autodiff sums the gradient of a replicated input over the axis itself, so a
-  device would never see its local gradient and the pmean after it would not
-  undo the sum. Differentiating at varying params gives the local gradient
-  under ``pmap`` and ``shard_map`` alike.
-  """
-  axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-
-  def one(x: Any) -> Any:
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)  # newer JAX; older JAX names the set `vma`
-    varying = mat.varying if mat is not None else getattr(aval, "vma", frozenset())
-    missing = tuple(a for a in axes if a not in varying)
-    if not missing:
-      return x
-    if hasattr(jax.lax, "pcast"):
-      return jax.lax.pcast(x, missing, to="varying")
-    return jax.lax.pvary(x, missing)
-
-  return jax.tree.map(one, tree)
+def _norm(leaves: list, total: Callable[[list[Any]], jax.Array]) -> jax.Array:
+  acc = _acc_dtype([x for x in leaves if x is not None])
+  squares = [None if x is None else jnp.sum(jnp.square(x.astype(acc))) for x in leaves]
+  return jnp.sqrt(total(squares).astype(acc))
 
 
-def _norm(leaves: list) -> jax.Array:
-  leaves = [x for x in leaves if x is not None]
-  acc = _acc_dtype(leaves)
-  return jnp.sqrt(sum((jnp.sum(jnp.square(x.astype(acc))) for x in leaves), jnp.zeros([], acc)))
+def _average(tree: Any, axes: Axes) -> Any:
+  return jax.lax.pmean(tree, axes) if axes else tree
+
+
+def _average_aux(aux: Any, axes: Axes) -> Any:
+  def one(path: Any, x: Any) -> jax.Array:
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      raise ValueError(
+        "sam_value_and_grad: average_aux=True averages every aux leaf over `axis_name`, "
+        f"but the aux leaf at {jax.tree_util.keystr(path)} is {jnp.result_type(x)}, "
+        "not floating point; return it as a float or leave average_aux off and reduce "
+        "it yourself."
+      )
+    return jax.lax.pmean(x, axes)
+
+  return jax.tree_util.tree_map_with_path(one, aux)
 
 
 def sam_value_and_grad(
   fun: Callable[..., Any],
   *,
   has_aux: bool = False,
-  axis_name: str | None = None,
+  axis_name: str | Sequence[str] | None = None,
   perturbation: Perturbation = "global",
   return_diagnostics: bool = False,
+  param_specs: Any = None,
+  average_aux: bool = False,
+  micro_batches: int | None = None,
 ) -> Callable[..., Any]:
   """Clean loss and F-SAM gradients of ``fun``, for :func:`fsam_optax.fsam`.
 
@@ -166,22 +185,51 @@ def sam_value_and_grad(
   :class:`SAMGrad` ``(perturbed=g', clean=g)`` at each leaf: pass it unchanged
   to ``tx.update`` (or ``TrainState.apply_gradients``, ``nnx.Optimizer.update``).
 
+  On one device, and under ``jax.jit`` with sharded arrays (``NamedSharding``,
+  FSDP included), nothing needs to be said about the layout: the program
+  sees whole arrays. Inside ``jax.shard_map`` or ``jax.pmap`` the function
+  sees shards and must be told which mesh axes split the batch
+  (``axis_name``) and which split parameters (``param_specs``); every manual
+  axis in scope must be one of them, or it raises.
+
   Args:
     fun: the loss, ``fun(params, *args, **kwargs)``; a scalar, or
       ``(scalar, aux)`` with ``has_aux=True``.
     has_aux: whether ``fun`` returns auxiliary data. Only the clean pass's
-      aux is returned (so batch statistics come from it).
-    axis_name: the mapped axis (``pmap`` or ``shard_map``) over which the
-      batch is split. Gradients and the value are averaged over it, so every
-      device gets the result of the global batch.
+      aux is returned (so batch statistics come from it). It is per device
+      (statistics of the device's shard of the batch) unless ``average_aux``.
+    axis_name: the data axes: the mapped axis (``pmap`` or ``shard_map``), or
+      a tuple of mesh axes, over which the batch is split. Gradients and the
+      value are averaged over them, so every device gets the result of the
+      global batch.
     perturbation: ``"global"`` perturbs with the gradient averaged over
       ``axis_name`` (the single-device algorithm on the global batch);
-      ``"per_device"`` perturbs each device with its local gradient
+      ``"per_device"`` perturbs each data replica with its local gradient
       ("m-sharpness") and averages only the perturbed gradients (the moving
       average is still fed the averaged clean gradient, so the state stays
-      identical on every device).
+      identical on every device). With ``param_specs`` a replica is the group
+      of devices that share a batch shard, and its norm is over the full tree.
     return_diagnostics: also return a :class:`SAMDiagnostics` as a third
       output. Under ``jit`` what is not used is compiled away.
+    param_specs: inside ``shard_map`` with parameters split over mesh axes
+      (model or tensor parallelism), the ``PartitionSpec`` of each parameter
+      as in ``shard_map``'s ``in_specs``: a tree with the structure of the
+      params (or a prefix of it; ``P()`` for replicated leaves). Each leaf's
+      squared sum is then added over exactly the axes it is split on, so the
+      norm is that of the whole, unsharded tree. Needs ``check_vma=True``
+      (shard_map's default). Splitting a parameter over a data axis (FSDP)
+      is refused here; use ``jax.jit`` with ``NamedSharding`` for that.
+    average_aux: average the clean pass's aux over ``axis_name`` (needs
+      ``has_aux`` and ``axis_name``), for example to synchronise batch-norm
+      statistics across data replicas. Every aux leaf must be floating point.
+    micro_batches: split every argument after ``opt_state`` along its first
+      axis into this many equal micro-batches and go through them with a
+      ``lax.scan`` in each pass: the clean gradient is their mean, one
+      perturbation is made from it, and the perturbed gradient is the mean
+      over the same micro-batches. For a loss that is a mean over examples
+      this equals the whole batch in one call, with the memory of one
+      micro-batch. The value is the mean; an aux gets a leading axis of
+      length ``micro_batches``. Close over arguments that are not batched.
 
   Returns:
     A function ``(params, opt_state, *args, **kwargs) -> (value, grads)``.
@@ -196,6 +244,27 @@ def sam_value_and_grad(
     >>> value, grads, diag = jax.jit(grad_fn)(params, opt_state)
     >>> print(round(float(diag.perturbation_norm), 4))
     0.5
+
+    Micro-batches give the gradient of the whole batch:
+
+    >>> x = jnp.arange(8.0)
+    >>> mse = lambda p, x: jnp.mean((p[0] * x - p[1]) ** 2)
+    >>> whole = fsam_optax.sam_value_and_grad(mse)(params, opt_state, x)
+    >>> split = fsam_optax.sam_value_and_grad(mse, micro_batches=4)(params, opt_state, x)
+    >>> bool(jnp.allclose(whole[1].perturbed, split[1].perturbed))
+    True
+
+    A model split over a mesh axis inside ``shard_map`` (one device here):
+
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("model",))
+    >>> params = jax.device_put(params, jax.NamedSharding(mesh, P("model")))
+    >>> grad_fn = fsam_optax.sam_value_and_grad(
+    ...     loss, param_specs=P("model"), return_diagnostics=True)
+    >>> step = jax.shard_map(lambda p, s: grad_fn(p, s)[2].direction_norm,
+    ...     mesh=mesh, in_specs=(P("model"), P()), out_specs=P())
+    >>> print(round(float(step(params, opt_state)), 4))
+    4.4721
   """
   if not callable(fun):
     raise TypeError(f"sam_value_and_grad: `fun` must be callable, got {type(fun).__name__}.")
@@ -203,19 +272,37 @@ def sam_value_and_grad(
     raise ValueError(
       f"sam_value_and_grad: `perturbation` must be 'global' or 'per_device', got {perturbation!r}."
     )
-  if perturbation == "per_device" and axis_name is None:
+  data_axes = axis_names(axis_name)
+  if perturbation == "per_device" and not data_axes:
     raise ValueError(
       "sam_value_and_grad: perturbation='per_device' needs `axis_name`, the "
       "pmap or shard_map axis that splits the batch."
     )
+  if average_aux and not (has_aux and data_axes):
+    raise ValueError(
+      "sam_value_and_grad: average_aux=True averages the aux over `axis_name`; it "
+      "needs has_aux=True and the data axes in `axis_name`."
+    )
+  if micro_batches is not None and (
+    isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1
+  ):
+    raise ValueError(
+      "sam_value_and_grad: `micro_batches` must be a positive int (or None), "
+      f"got {micro_batches!r}."
+    )
   value_and_grad = jax.value_and_grad(fun, has_aux=has_aux)
-  mean = functools.partial(jax.lax.pmean, axis_name=axis_name) if axis_name else (lambda x: x)
+  if micro_batches is not None:
+    value_and_grad = accumulated(value_and_grad, micro_batches, has_aux)
+  mean = functools.partial(_average, axes=data_axes)
 
   def grad_fn(params: Any, opt_state: Any, *args: Any, **kwargs: Any) -> Any:
     found = find_fsam_state(opt_state)
     state = found.state
-    if axis_name is not None:
-      params = _vary(params, axis_name)
+    axes_per_leaf = None if param_specs is None else leaf_axes(param_specs, params)
+    check_layout(params, axes_per_leaf, data_axes)
+    total = _add if axes_per_leaf is None else sum_over_shards(axes_per_leaf)
+    if data_axes:
+      params = vary(params, data_axes)
     out, local_grads = value_and_grad(params, *args, **kwargs)
     # The averaged clean gradient perturbs in global mode and feeds the moving
     # average; per-device SAM needs neither, so it skips that all-reduce.
@@ -223,7 +310,7 @@ def sam_value_and_grad(
     if perturbation == "global" or state.ema is not None:
       grads = mean(local_grads)
     direction = grads if perturbation == "global" else local_grads
-    perturbed_params, norm, e_leaves = perturb(params, direction, state, found.hyperparams)
+    perturbed_params, norm, e_leaves = perturb(params, direction, state, found.hyperparams, total)
     out_p, perturbed_grads = value_and_grad(perturbed_params, *args, **kwargs)
     perturbed_grads = mean(perturbed_grads)
     if state.ema is None:
@@ -231,10 +318,12 @@ def sam_value_and_grad(
     else:
       sam_grads = jax.tree.map(SAMGrad, perturbed_grads, grads)
     value = mean(out[0] if has_aux else out)
-    result = ((value, out[1]) if has_aux else value), sam_grads
+    if has_aux:
+      aux = _average_aux(out[1], data_axes) if average_aux else out[1]
+    result = ((value, aux) if has_aux else value), sam_grads
     if not return_diagnostics:
       return result
     perturbed_value = mean(out_p[0] if has_aux else out_p)
-    return (*result, SAMDiagnostics(value, perturbed_value, norm, _norm(e_leaves)))
+    return (*result, SAMDiagnostics(value, perturbed_value, norm, _norm(e_leaves, total)))
 
   return grad_fn

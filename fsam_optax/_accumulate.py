@@ -1,0 +1,79 @@
+"""A loss's value and gradient on a large batch, one micro-batch at a time.
+
+SAM on a batch too large for memory needs the clean gradient of the whole
+batch before it can perturb, and the perturbed gradient of the same batch
+after: each pass is a ``lax.scan`` over micro-batches that adds up the
+gradients, so only one micro-batch's activations are alive at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fsam_optax._sharding import vary, varying_axes
+
+
+def split(micro_batches: int, args: Any) -> Any:
+  """Every array in ``args`` reshaped to ``(micro_batches, batch // micro_batches, ...)``."""
+
+  def one(path: Any, x: Any) -> jax.Array:
+    shape = jnp.shape(x)
+    if not shape or shape[0] % micro_batches:
+      where = jax.tree_util.keystr(path)
+      raise ValueError(
+        f"sam_value_and_grad: micro_batches={micro_batches} splits every argument after "
+        f"opt_state along its first axis, but the argument at {where} has shape {shape}, "
+        f"whose first axis is not a multiple of {micro_batches}. Close over (or "
+        "functools.partial in) arguments that are not batched."
+      )
+    return jnp.reshape(x, (micro_batches, shape[0] // micro_batches, *shape[1:]))
+
+  return jax.tree_util.tree_map_with_path(one, args)
+
+
+def _zeros_like(struct: jax.ShapeDtypeStruct) -> jax.Array:
+  # Sums are kept in at least float32, so bfloat16 gradients lose nothing to
+  # the addition. A scan carry must keep its type, including the mesh axes it
+  # varies over inside shard_map, which the loss's outputs have and zeros lack.
+  zeros = jnp.zeros(struct.shape, jnp.result_type(struct.dtype, jnp.float32))
+  return vary(zeros, tuple(sorted(varying_axes(struct) or ())))
+
+
+def accumulated(
+  value_and_grad: Callable[..., Any], micro_batches: int, has_aux: bool
+) -> Callable[..., Any]:
+  """``value_and_grad`` on the mean loss over ``micro_batches`` equal slices of the batch.
+
+  For a loss that is a mean over examples this is the gradient of the whole
+  batch. The value and gradient are the means over micro-batches; an aux is
+  stacked along a new leading axis of length ``micro_batches``.
+  """
+
+  def run(params: Any, *args: Any, **kwargs: Any) -> Any:
+    batches = split(micro_batches, (args, kwargs))
+
+    def one(batch: Any) -> Any:
+      out, grads = value_and_grad(params, *batch[0], **batch[1])
+      return (out if has_aux else (out, None)), grads
+
+    first = jax.tree.map(lambda x: x[0], batches)
+    (value_s, _), grads_s = jax.eval_shape(one, first)
+
+    def step(carry: Any, batch: Any) -> Any:
+      (value, aux), grads = one(batch)
+      total_value, total_grads = carry
+      add = lambda total, x: total + x.astype(total.dtype)
+      return (add(total_value, value), jax.tree.map(add, total_grads, grads)), aux
+
+    init = (_zeros_like(value_s), jax.tree.map(_zeros_like, grads_s))
+    (value, grads), aux = jax.lax.scan(step, init, batches)
+    mean = lambda total, like: (total / micro_batches).astype(like.dtype)
+    value = mean(value, value_s)
+    grads = jax.tree.map(mean, grads, grads_s)
+    return ((value, aux) if has_aux else value), grads
+
+  return run

@@ -1,0 +1,231 @@
+"""Where each parameter lives on the mesh, and the norm of the whole tree from its shards.
+
+Inside ``shard_map`` a device holds a shard of every split parameter, so a sum
+of squares over its own leaves is the squared norm of its shards only. The
+whole tree's squared norm adds each leaf's local squared sum over exactly the
+mesh axes that leaf is split on: replicated leaves are already whole, and
+summing them too would count them once per device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+Axes = tuple[str, ...]
+
+
+def axis_names(axis_name: str | Sequence[str] | None) -> Axes:
+  """``axis_name`` as a tuple of mesh axis names (empty for ``None``)."""
+  if axis_name is None:
+    return ()
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  if not names or not all(isinstance(a, str) for a in names):
+    raise ValueError(
+      f"sam_value_and_grad: `axis_name` must be an axis name or a tuple of them, got {axis_name!r}."
+    )
+  return names
+
+
+def varying_axes(x: Any) -> frozenset[str] | None:
+  """The manual mesh axes over which ``x``'s value differs between devices.
+
+  Read from JAX's type of ``x`` (``jax.typeof``): empty outside ``shard_map``
+  and ``pmap``, and empty everywhere under ``shard_map(check_vma=False)``.
+  ``None`` when this JAX exposes no such set (then nothing can be checked).
+  """
+  aval = jax.typeof(x)
+  # JAX >= 0.8 keeps the set in a `ManualAxisType` under `.mat`; earlier
+  # releases had it directly as `.vma`. tests/test_layouts.py fails if both go.
+  mat = getattr(aval, "mat", None)
+  if mat is not None and hasattr(mat, "varying"):
+    return frozenset(mat.varying)
+  vma = getattr(aval, "vma", None)
+  return None if vma is None else frozenset(vma)
+
+
+def vary(tree: Any, axes: Axes) -> Any:
+  """Marks every leaf of ``tree`` as varying over ``axes`` (a no-op where it already is).
+
+  Under ``shard_map``'s type checking (``check_vma=True``, its default),
+  autodiff sums the gradient of a replicated input over the axis itself, so a
+  device would never see its local gradient and the pmean after it would not
+  undo the sum. Differentiating at varying params gives the local gradient
+  under ``pmap`` and ``shard_map`` alike.
+  """
+
+  def one(x: Any) -> Any:
+    varying = varying_axes(x) or frozenset()
+    missing = tuple(a for a in axes if a not in varying)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(one, tree)
+
+
+def _is_spec(x: Any) -> bool:
+  return x is None or isinstance(x, PartitionSpec)
+
+
+def _spec_axes(spec: PartitionSpec | None) -> Axes:
+  if spec is None:
+    return ()
+  axes: list[str] = []
+  for entry in spec:
+    if entry is None:
+      continue
+    axes += [entry] if isinstance(entry, str) else list(entry)
+  return tuple(axes)
+
+
+def leaf_axes(param_specs: Any, params: Any) -> list[Axes]:
+  """The mesh axes each leaf of ``params`` is split on, from a PartitionSpec tree.
+
+  ``param_specs`` is what ``shard_map``'s ``in_specs`` holds for the params:
+  a tree of ``PartitionSpec`` (``None`` for replicated) with the structure of
+  ``params`` or a prefix of it.
+  """
+  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  try:
+    specs = treedef.flatten_up_to(jax.tree.broadcast(param_specs, params, is_leaf=_is_spec))
+  except (ValueError, TypeError) as err:
+    raise ValueError(
+      "sam_value_and_grad: `param_specs` must be a tree of PartitionSpec with the "
+      f"structure of the params (or a prefix of it), as in shard_map's in_specs: {err}"
+    ) from None
+  out = []
+  for (path, leaf), spec in zip(paths, specs, strict=True):
+    name = jax.tree_util.keystr(path) or "params"
+    if not _is_spec(spec):
+      raise ValueError(
+        f"sam_value_and_grad: `param_specs` gives {spec!r} for the parameter {name}; "
+        "use a jax.sharding.PartitionSpec (P() for a replicated leaf)."
+      )
+    if spec is not None and len(spec) > jnp.ndim(leaf):
+      raise ValueError(
+        f"sam_value_and_grad: `param_specs` gives {spec} for the parameter {name} of "
+        f"shape {jnp.shape(leaf)}: more entries than the leaf has dimensions."
+      )
+    axes = _spec_axes(spec)
+    if len(set(axes)) != len(axes):
+      raise ValueError(f"sam_value_and_grad: `param_specs` names an axis twice in {spec} ({name}).")
+    out.append(axes)
+  return out
+
+
+def _bound(axis: str) -> bool:
+  try:
+    jax.lax.axis_size(axis)
+  except NameError:
+    return False
+  return True
+
+
+def _manual_axes() -> frozenset[str]:
+  # The abstract mesh of the innermost shard_map/pmap; no manual axes outside.
+  return frozenset(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
+
+
+def _types_checked(axes: Axes) -> bool:
+  """Whether shard_map tracks varying axes here (``check_vma=True``).
+
+  With ``check_vma=False`` casting to varying is a no-op, so the cast value's
+  type still says it is the same on every device.
+  """
+  marked = jax.lax.pcast(jnp.zeros([]), axes, to="varying")
+  return varying_axes(marked) == frozenset(axes)
+
+
+def check_layout(params: Any, axes_per_leaf: list[Axes] | None, data_axes: Axes) -> None:
+  """Raises a ValueError naming the argument and the leaf where the layout is inconsistent.
+
+  Checks what JAX's types can say reliably: every named axis is a manual axis
+  in scope; no manual axis in scope is left unaccounted for (it would average
+  or normalise over too little); a split leaf's value does vary over its axes
+  and a leaf varies over no axis its spec omits.
+  """
+  manual = _manual_axes()
+  for a in data_axes:
+    if not _bound(a):
+      raise ValueError(
+        f"sam_value_and_grad: `axis_name` names {a!r}, which is not a mapped axis here "
+        f"(manual axes in scope: {sorted(manual)}). Call the gradient function inside "
+        "jax.shard_map or jax.pmap over that axis; under jit with NamedSharding leave "
+        "`axis_name` out, jit averages the global batch itself."
+      )
+  leaf_sets = axes_per_leaf or []
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0] if leaf_sets else []
+  paths = [jax.tree_util.keystr(p) or "params" for p, _ in leaves]
+  for path, axes in zip(paths, leaf_sets, strict=True):
+    for a in axes:
+      if not _bound(a):
+        raise ValueError(
+          f"sam_value_and_grad: `param_specs` splits the parameter {path} over {a!r}, "
+          f"which is not a mapped axis here (manual axes in scope: {sorted(manual)}). "
+          "Use the axis names of the shard_map mesh; under jit with NamedSharding leave "
+          "`param_specs` out, jit computes the global norm itself."
+        )
+      if a in data_axes:
+        raise ValueError(
+          f"sam_value_and_grad: `param_specs` splits the parameter {path} over {a!r}, "
+          "which is also a data axis in `axis_name` (FSDP inside shard_map). This is not "
+          "supported: shard the params over the data axis with jax.jit and NamedSharding "
+          "instead (no `axis_name`, no `param_specs`); jit all-gathers them itself."
+        )
+  split = frozenset(a for axes in leaf_sets for a in axes)
+  unaccounted = manual - split - frozenset(data_axes)
+  if unaccounted:
+    raise ValueError(
+      f"sam_value_and_grad: the manual mesh axes {sorted(unaccounted)} are in scope but "
+      "neither `axis_name` (the axes that split the batch) nor `param_specs` (the axes "
+      "that split parameters) names them, so gradients would not be averaged, or the "
+      "norm not summed, over them. Add each to `axis_name` if the batch is split (or "
+      "replicated) over it, or pass `param_specs`, the PartitionSpec tree of the params."
+    )
+  if not split:
+    return
+  if not _types_checked(tuple(sorted(split))):
+    raise ValueError(
+      "sam_value_and_grad: `param_specs` splits parameters over "
+      f"{sorted(split)}, but shard_map runs with check_vma=False. Without it, autodiff "
+      "sums the gradient of a psum over the axis and the gradients of split "
+      "parameters are wrong; use check_vma=True (shard_map's default)."
+    )
+  for path, axes, (_, leaf) in zip(paths, leaf_sets, leaves, strict=True):
+    varying = varying_axes(leaf)
+    if varying is None:
+      continue
+    if extra := (varying & manual) - frozenset(axes) - frozenset(data_axes):
+      raise ValueError(
+        f"sam_value_and_grad: the parameter {path} differs between devices along "
+        f"{sorted(extra)}, but `param_specs` gives it {PartitionSpec(*axes) if axes else 'P()'}"
+        ": add those axes to its PartitionSpec (as in shard_map's in_specs)."
+      )
+    if missing := frozenset(axes) - varying:
+      raise ValueError(
+        f"sam_value_and_grad: `param_specs` splits the parameter {path} over "
+        f"{sorted(missing)}, but its value is the same on every device along them "
+        "(replicated): give it the PartitionSpec it has in shard_map's in_specs."
+      )
+
+
+def sum_over_shards(axes_per_leaf: list[Axes]) -> Callable[[list[Any]], jax.Array]:
+  """A function from per-leaf squared sums (``None`` for left-out leaves) to the global one.
+
+  Leaves split on the same axes are added first, so there is one psum per
+  distinct set of axes, not one per leaf.
+  """
+
+  def total(squares: list[Any]) -> jax.Array:
+    kept = [s for s in squares if s is not None]
+    zero = jnp.zeros([], jnp.result_type(*kept)) if kept else jnp.zeros([])
+    groups: dict[Axes, jax.Array] = {}
+    for s, axes in zip(squares, axes_per_leaf, strict=True):
+      if s is not None:
+        groups[axes] = groups.get(axes, zero) + s
+    return sum((jax.lax.psum(g, axes) if axes else g for axes, g in groups.items()), zero)
+
+  return total
