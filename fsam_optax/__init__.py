@@ -1,6 +1,7 @@
 """Friendly Sharpness-Aware Minimization (F-SAM) for Optax."""
 
 from fsam_optax._fsam import FSAMState, PerturbationConfig, SAMGrad, fsam, sam
+from fsam_optax._sharding import opt_state_shardings
 from fsam_optax._value_and_grad import SAMDiagnostics, sam_value_and_grad
 
 __version__ = "0.1.0"
@@ -11,6 +12,7 @@ __all__ = [
   "SAMDiagnostics",
   "SAMGrad",
   "fsam",
+  "opt_state_shardings",
   "sam",
   "sam_value_and_grad",
 ]
