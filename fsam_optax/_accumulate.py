@@ -23,10 +23,12 @@ def split(micro_batches: int, args: Any) -> Any:
   def one(path: Any, x: Any) -> jax.Array:
     shape = jnp.shape(x)
     if not shape or shape[0] % micro_batches:
-      where = jax.tree_util.keystr(path)
+      # `path` starts in the (args, kwargs) pair.
+      kind = "positional argument" if path[0].idx == 0 else "keyword argument"
+      where = f"{kind} {jax.tree_util.keystr(path[1:])}"
       raise ValueError(
         f"sam_value_and_grad: micro_batches={micro_batches} splits every argument after "
-        f"opt_state along its first axis, but the argument at {where} has shape {shape}, "
+        f"opt_state along its first axis, but the {where} has shape {shape}, "
         f"whose first axis is not a multiple of {micro_batches}. Close over (or "
         "functools.partial in) arguments that are not batched."
       )
