@@ -124,5 +124,7 @@ def test_micro_batches_must_divide_the_batch():
   tx = optax.chain(fsam_optax.fsam(), optax.sgd(0.1))
   params = init()
   grad_fn = fsam_optax.sam_value_and_grad(mlp_loss, micro_batches=3)
-  with pytest.raises(ValueError, match=r"positional argument \[0\] has shape \(8, 5\).*not a multiple of 3"):
+  with pytest.raises(
+    ValueError, match=r"positional argument \[0\] has shape \(8, 5\).*not a multiple of 3"
+  ):
     grad_fn(params, tx.init(params), jnp.ones((8, 5)), jnp.ones((8, 3)))
