@@ -1,26 +1,21 @@
 """One of two processes training data-parallel F-SAM; run by tests/test_multi_process.py.
 
 Usage: python -m tests.multi_process_worker COORDINATOR_ADDRESS PROCESS_ID OUT_FILE.npz
+The parent sets the environment: 2 CPU devices (XLA_FLAGS) and float64 (JAX_ENABLE_X64).
+Importing this module (as pytest's doctest collection does) changes nothing.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-
 import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-jax.config.update("jax_enable_x64", True)
-jax.config.update("jax_numpy_rank_promotion", "raise")
-
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from tests.jax_mlp import mlp_loss  # noqa: E402
-from tests.test_layouts import data, init, make_step, make_tx  # noqa: E402
+from tests.jax_mlp import mlp_loss
+from tests.test_layouts import data, init, make_step, make_tx
 
 
 def main(address: str, process_id: int, out: str) -> None:
