@@ -9,6 +9,7 @@ summing them too would count them once per device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -140,7 +141,9 @@ def _types_checked(axes: Axes) -> bool:
   return varying_axes(marked) == frozenset(axes)
 
 
-def check_layout(params: Any, axes_per_leaf: list[Axes] | None, data_axes: Axes) -> None:
+def check_layout(
+  params: Any, axes_per_leaf: list[Axes] | None, data_axes: Axes, per_device: bool
+) -> None:
   """Raises a ValueError naming the argument and the leaf where the layout is inconsistent.
 
   Checks what JAX's types can say reliably: every named axis is a manual axis
@@ -169,12 +172,13 @@ def check_layout(params: Any, axes_per_leaf: list[Axes] | None, data_axes: Axes)
           "Use the axis names of the shard_map mesh; under jit with NamedSharding leave "
           "`param_specs` out, jit computes the global norm itself."
         )
-      if a in data_axes:
+      if a in data_axes and per_device:
         raise ValueError(
-          f"sam_value_and_grad: `param_specs` splits the parameter {path} over {a!r}, "
-          "which is also a data axis in `axis_name` (FSDP inside shard_map). This is not "
-          "supported: shard the params over the data axis with jax.jit and NamedSharding "
-          "instead (no `axis_name`, no `param_specs`); jit all-gathers them itself."
+          f"sam_value_and_grad: perturbation='per_device' cannot be honoured: "
+          f"`param_specs` splits the parameter {path} over the data axis {a!r} (FSDP), "
+          "so its gradient already adds up every replica's batch and no replica has a "
+          "gradient of its own. Use perturbation='global', or keep the parameters "
+          "replicated over the data axes."
         )
   split = frozenset(a for axes in leaf_sets for a in axes)
   unaccounted = manual - split - frozenset(data_axes)
@@ -211,6 +215,30 @@ def check_layout(params: Any, axes_per_leaf: list[Axes] | None, data_axes: Axes)
         f"{sorted(missing)}, but its value is the same on every device along them "
         "(replicated): give it the PartitionSpec it has in shard_map's in_specs."
       )
+
+
+def average_over_data(tree: Any, data_axes: Axes, axes_per_leaf: list[Axes] | None) -> Any:
+  """The mean over the data axes of per-device gradients with the structure of the params.
+
+  A leaf split over a data axis (FSDP inside ``shard_map``: the loss gathers
+  it with ``jax.lax.all_gather``) comes out of autodiff already summed over
+  that axis, since the transpose of the gather adds every device's
+  contribution into the shard. It is divided by the axis size rather than
+  averaged again; the other data axes are averaged over as usual.
+  """
+  if not data_axes:
+    return tree
+  if axes_per_leaf is None or not any(set(a) & set(data_axes) for a in axes_per_leaf):
+    return jax.lax.pmean(tree, data_axes)
+  leaves, treedef = jax.tree.flatten(tree)
+  out = []
+  for g, axes in zip(leaves, axes_per_leaf, strict=True):
+    summed = [a for a in data_axes if a in axes]
+    rest = tuple(a for a in data_axes if a not in axes)
+    if summed:
+      g = g / math.prod(jax.lax.axis_size(a) for a in summed)
+    out.append(jax.lax.pmean(g, rest) if rest else g)
+  return treedef.unflatten(out)
 
 
 def sum_over_shards(axes_per_leaf: list[Axes]) -> Callable[[list[Any]], jax.Array]:

@@ -14,6 +14,7 @@ from fsam_optax._fsam import FSAMState, SAMGrad, broadcast_mask
 from fsam_optax._lookup import find_fsam_state
 from fsam_optax._sharding import (
   Axes,
+  average_over_data,
   axis_names,
   check_layout,
   leaf_axes,
@@ -217,8 +218,10 @@ def sam_value_and_grad(
       params (or a prefix of it; ``P()`` for replicated leaves). Each leaf's
       squared sum is then added over exactly the axes it is split on, so the
       norm is that of the whole, unsharded tree. Needs ``check_vma=True``
-      (shard_map's default). Splitting a parameter over a data axis (FSDP)
-      is refused here; use ``jax.jit`` with ``NamedSharding`` for that.
+      (shard_map's default). A parameter may also be split over a data
+      axis (FSDP) if the loss gathers it with ``jax.lax.all_gather``, whose
+      gradient sums over the axis; ``perturbation="per_device"`` is then
+      refused. Under ``jax.jit`` FSDP needs no ``param_specs``.
     average_aux: average the clean pass's aux over ``axis_name`` (needs
       ``has_aux`` and ``axis_name``), for example to synchronise batch-norm
       statistics across data replicas. Every aux leaf must be floating point.
@@ -299,7 +302,7 @@ def sam_value_and_grad(
     found = find_fsam_state(opt_state)
     state = found.state
     axes_per_leaf = None if param_specs is None else leaf_axes(param_specs, params)
-    check_layout(params, axes_per_leaf, data_axes)
+    check_layout(params, axes_per_leaf, data_axes, per_device=perturbation == "per_device")
     total = _add if axes_per_leaf is None else sum_over_shards(axes_per_leaf)
     if data_axes:
       params = vary(params, data_axes)
@@ -308,11 +311,11 @@ def sam_value_and_grad(
     # average; per-device SAM needs neither, so it skips that all-reduce.
     grads = None
     if perturbation == "global" or state.ema is not None:
-      grads = mean(local_grads)
+      grads = average_over_data(local_grads, data_axes, axes_per_leaf)
     direction = grads if perturbation == "global" else local_grads
     perturbed_params, norm, e_leaves = perturb(params, direction, state, found.hyperparams, total)
     out_p, perturbed_grads = value_and_grad(perturbed_params, *args, **kwargs)
-    perturbed_grads = mean(perturbed_grads)
+    perturbed_grads = average_over_data(perturbed_grads, data_axes, axes_per_leaf)
     if state.ema is None:
       sam_grads = jax.tree.map(lambda gp: SAMGrad(gp, None), perturbed_grads)
     else:

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fsam_optax
-from tests.test_layouts import FSDP_SPECS, MODEL_SPECS, init, megatron_loss, mlp_loss
+from tests.test_layouts import MODEL_SPECS, init, megatron_loss, mlp_loss
 
 MESH = jax.make_mesh((2, 4), ("data", "model"))
 
@@ -81,10 +81,12 @@ def test_check_vma_false_is_refused_with_split_params():
     )
 
 
-def test_fsdp_inside_shard_map_is_refused_with_the_jit_alternative():
-  mesh_1d = {k: P(*(None if a == "model" else a for a in s)) for k, s in FSDP_SPECS.items()}
-  with pytest.raises(ValueError, match=r"FSDP inside shard_map.*jax\.jit and NamedSharding"):
-    grads_on_mesh(mlp_loss, mesh_1d, axis_name=("data", "model"), param_specs=mesh_1d)
+def test_per_device_perturbation_with_fsdp_is_refused():
+  specs = {**MODEL_SPECS, "b0": P(("data", "model"))}
+  with pytest.raises(ValueError, match=r"'per_device' cannot be honoured.*\['b0'\] over the data"):
+    grads_on_mesh(
+      megatron_loss, specs, axis_name="data", param_specs=specs, perturbation="per_device"
+    )
 
 
 def test_param_specs_outside_shard_map_point_to_jit():

@@ -263,6 +263,39 @@ def test_jit_fsdp_equals_one_device(axis_type):
   assert run.opt_state[1][0].trace["b0"].sharding.spec == P("data")
 
 
+def gathering_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+  # FSDP by hand inside shard_map: gather each leaf split over "data" before use.
+  def gather(w, spec):
+    return jax.lax.all_gather(w, "data", axis=tuple(spec).index("data"), tiled=True) if spec else w
+
+  return mlp_loss(jax.tree.map(gather, params, FSDP_SPECS), x, y)
+
+
+def test_fsdp_inside_shard_map_equals_one_device():
+  mesh = mesh_of((8,), ("data",), EXPLICIT)
+  tx = make_tx()
+  with jax.enable_x64(True):
+    params = init()
+    state_specs = fsam_optax.opt_state_shardings(tx, params, FSDP_SPECS)
+    step = make_step(gathering_loss, tx, axis_name="data", param_specs=FSDP_SPECS)
+    step = jax.jit(
+      jax.shard_map(
+        step,
+        mesh=mesh,
+        in_specs=(FSDP_SPECS, state_specs, P("data"), P("data")),
+        out_specs=(FSDP_SPECS, state_specs, P(), P()),
+      )
+    )
+    run = train(
+      step,
+      place_tree(mesh, params, FSDP_SPECS),
+      place_tree(mesh, tx.init(params), state_specs),
+      lambda b: place_tree(mesh, b, P("data")),
+    )
+    assert_same_run(run, single_device())
+  assert run.opt_state[0].ema["b0"].sharding.spec == P("data")
+
+
 def test_orbax_restores_the_model_split_state_straight_onto_the_mesh():
   mesh = mesh_of((4,), ("model",), EXPLICIT)
   tx = make_tx()
