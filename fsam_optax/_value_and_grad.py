@@ -257,9 +257,22 @@ def sam_value_and_grad(
     >>> bool(jnp.allclose(whole[1].perturbed, split[1].perturbed))
     True
 
-    A model split over a mesh axis inside ``shard_map`` (one device here):
+    Data-parallel inside ``shard_map`` (one device here), with the aux (a
+    batch statistic) averaged over the data axis:
 
     >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> with_stats = lambda p, x: (mse(p, x), jnp.mean(x))
+    >>> grad_fn = fsam_optax.sam_value_and_grad(
+    ...     with_stats, has_aux=True, axis_name="data", average_aux=True)
+    >>> stats = jax.shard_map(lambda p, s, x: grad_fn(p, s, x)[0][1],
+    ...     mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P())
+    >>> x_split = jax.device_put(x, jax.NamedSharding(mesh, P("data")))
+    >>> print(float(stats(params, opt_state, x_split)))
+    3.5
+
+    A model split over a mesh axis inside ``shard_map`` (one device here):
+
     >>> mesh = jax.make_mesh((1,), ("model",))
     >>> params = jax.device_put(params, jax.NamedSharding(mesh, P("model")))
     >>> grad_fn = fsam_optax.sam_value_and_grad(

@@ -61,8 +61,9 @@ def make_step(loss, tx, **grad_kwargs):
   def step(params, opt_state, x, y):
     value, grads, diag = grad_fn(params, opt_state, x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
-    # Shaped (1,), so that shard_map can also return one norm per data replica.
-    norm = jnp.reshape(diag.direction_norm, (1,))
+    # Both norms of the diagnostics, shaped (2,) so that shard_map can also
+    # return them once per data replica.
+    norm = jnp.stack([diag.direction_norm, diag.perturbation_norm])
     return optax.apply_updates(params, updates), opt_state, value, norm
 
   return step
@@ -179,11 +180,12 @@ def per_replica_by_hand(replicas: int) -> Run:
       e = opt.perturbation(theta, d)
       g_perturbed.append(ref.mlp_loss_and_grad({k: theta[k] + e[k] for k in theta}, xs, ys)[1])
       norms.append(np.sqrt(sum(np.sum(v**2) for v in d.values())))
+      norms.append(np.sqrt(sum(np.sum(v**2) for v in e.values())))
     opt.direction({k: np.mean([g[k] for _, g in clean], axis=0) for k in theta})
     theta = sgd.step(theta, {k: np.mean([g[k] for g in g_perturbed], axis=0) for k in theta})
     losses.append(np.mean([value for value, _ in clean]))
   state = (opt.m, (sgd.trace,))
-  return Run(theta, state, np.array(losses), np.reshape(norms, (-1, replicas)))
+  return Run(theta, state, np.array(losses), np.reshape(norms, (-1, 2 * replicas)))
 
 
 def test_model_parallel_mesh_equals_one_device():
