@@ -133,6 +133,7 @@ def run_shard_map(
   axis_type: AxisType = EXPLICIT,
   perturbation: str = "global",
   adaptive: bool = False,
+  micro_batches: int | None = None,
 ) -> Run:
   """shard_map over a mesh with a "model" axis (params split) and/or a "data" axis (batch split)."""
   mesh = mesh_of(shape, names, axis_type)
@@ -143,7 +144,7 @@ def run_shard_map(
   state_specs = fsam_optax.opt_state_shardings(tx, params, specs)
   data_axis = "data" if "data" in names else None
   batch_spec = P(data_axis)
-  grad_kwargs = dict(axis_name=data_axis, perturbation=perturbation)
+  grad_kwargs = dict(axis_name=data_axis, perturbation=perturbation, micro_batches=micro_batches)
   if model_parallel:
     grad_kwargs["param_specs"] = MODEL_SPECS
   step = make_step(megatron_loss if model_parallel else mlp_loss, tx, **grad_kwargs)

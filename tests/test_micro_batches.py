@@ -24,6 +24,7 @@ from tests.test_layouts import (
   make_tx,
   mesh_of,
   place_tree,
+  run_shard_map,
   single_device,
   train,
 )
@@ -49,6 +50,12 @@ def test_micro_batches_inside_shard_map_equal_the_global_batch():
   with jax.enable_x64(True):
     params = init()
     run = train(step, params, tx.init(params), lambda b: place_tree(mesh, b, P("data")))
+    assert_same_run(run, single_device())
+
+
+def test_micro_batches_on_a_data_by_model_mesh_equal_the_global_batch():
+  with jax.enable_x64(True):
+    run = run_shard_map((2, 4), ("data", "model"), micro_batches=2)
     assert_same_run(run, single_device())
 
 
