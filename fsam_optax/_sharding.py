@@ -126,8 +126,9 @@ def _bound(axis: str) -> bool:
   return True
 
 
-def _manual_axes() -> frozenset[str]:
-  # The abstract mesh of the innermost shard_map/pmap; no manual axes outside.
+def manual_axes() -> frozenset[str]:
+  """The mesh axes that shard_map or pmap have made manual here (none outside them)."""
+  # tests/test_layouts.py fails if JAX renames `manual_axes`.
   return frozenset(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
 
 
@@ -151,7 +152,7 @@ def check_layout(
   or normalise over too little); a split leaf's value does vary over its axes
   and a leaf varies over no axis its spec omits.
   """
-  manual = _manual_axes()
+  manual = manual_axes()
   for a in data_axes:
     if not _bound(a):
       raise ValueError(
@@ -206,8 +207,8 @@ def check_layout(
     if extra := (varying & manual) - frozenset(axes) - frozenset(data_axes):
       raise ValueError(
         f"sam_value_and_grad: the parameter {path} differs between devices along "
-        f"{sorted(extra)}, but `param_specs` gives it {PartitionSpec(*axes) if axes else 'P()'}"
-        ": add those axes to its PartitionSpec (as in shard_map's in_specs)."
+        f"{sorted(extra)}, but `param_specs` splits it over {sorted(axes)}: add those "
+        "axes to its PartitionSpec (as in shard_map's in_specs)."
       )
     if missing := frozenset(axes) - varying:
       raise ValueError(

@@ -23,7 +23,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fsam_optax
-from fsam_optax._sharding import varying_axes
+from fsam_optax._sharding import manual_axes, varying_axes
 from tests import reference as ref
 from tests.jax_mlp import mlp_loss
 
@@ -392,9 +392,18 @@ def test_varying_axes_reads_jax_types():
 
   def body(split, replicated):
     seen["split"], seen["replicated"] = varying_axes(split), varying_axes(replicated)
+    seen["manual"] = manual_axes()
     return replicated
 
   x = place_tree(mesh, jnp.zeros((8, 4)), P(None, "model"))
   jax.shard_map(body, mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P())(x, jnp.zeros(3))
-  assert seen == {"split": frozenset({"model"}), "replicated": frozenset()}
+  assert seen == {
+    "split": frozenset({"model"}),
+    "replicated": frozenset(),
+    "manual": frozenset({"data", "model"}),
+  }
   assert varying_axes(jnp.zeros(3)) == frozenset()
+  assert manual_axes() == frozenset()
+  pmap_manual = jax.pmap(lambda x: (seen.update(pmap=manual_axes()), x)[1], "i")
+  pmap_manual(jnp.zeros((2, 1)))
+  assert seen["pmap"] == frozenset({"i"})
