@@ -179,6 +179,7 @@ def _row(method: str, noise: float, seed: int, final: float, early: float, hp=No
     "hparams": hp or {},
     "final_test_acc": final,
     "early_stop_test_acc": early,
+    "test_acc": [final - 0.05, early + 0.02, final],
   }
 
 
@@ -195,6 +196,8 @@ def test_report_pairs_seeds_and_handles_an_extra_method(monkeypatch) -> None:
   assert "| 40% | F-SAM - SAM | +0.67 [" in text and "+1.00, +2.00, -1.00 |" in text
   assert "| 40% | F-SAM/2 - F-SAM | +7.00 [+nan, +nan] | +7.00 |" in text
   assert "| 40% | F-SAM/2 - SAM | +9.00 [+nan, +nan] | +9.00 |" in text
+  # SGD's best epoch is 2 points above its early-stopping epoch: 73 + 2 = 75, 72 final.
+  assert "| 40% | 75.00 | 72.00 | 3.00 |" in text
 
 
 def test_t_quantiles_match_scipy() -> None:
