@@ -722,6 +722,16 @@ def write_report(out: pathlib.Path) -> str:
 # Command line.
 
 
+def _cpu_model() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
   """Library versions, git commit and machine, for config.json."""
   import flax
@@ -746,8 +756,9 @@ def environment() -> dict[str, Any]:
     "fsam_optax": getattr(fsam_optax, "__version__", ""),
     "git_commit": commit,
     "machine": platform.platform(),
-    "processor": platform.processor() or platform.machine(),
+    "cpu": _cpu_model(),
     "cpu_count": os.cpu_count(),
+    "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     "devices": [str(d) for d in jax.devices()],
   }
 
