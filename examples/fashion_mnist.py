@@ -824,6 +824,8 @@ def main(argv: Sequence[str] | None = None) -> str:
   for noise in args.noise:
     if not 0 <= noise < 1 - 1 / NUM_CLASSES + 1e-9:
       raise ValueError(f"--noise must be in [0, 0.9], got {noise}")
+  if not 1 <= args.seeds <= max(T_975) + 1:
+    raise ValueError(f"--seeds must be in [1, {max(T_975) + 1}] (the t table), got {args.seeds}")
   data_dir = args.data_dir
   if data_dir is None:
     data_dir = smoke_data(out / "smoke_data") if args.smoke else DEFAULT_DATA_DIR

@@ -170,6 +170,27 @@ def test_tuning_widens_the_grid_at_its_edges() -> None:
   assert all(hp["sigma"] == 1.0 for m, hp in study.calls if m == "fsam")
 
 
+def test_a_method_can_start_from_another_methods_choice(monkeypatch) -> None:
+  # A variant with a fixed setting of its own and F-SAM's tuned values: no runs of its own.
+  variant = fm.Method("F-SAM variant", front=lambda hp: None, fixed={"k": 2}, start_from="fsam")
+  monkeypatch.setitem(fm.METHODS, "variant", variant)
+  study = _ScoredStudy(lambda method, hp: -abs(hp["rho"] - 0.1) - hp.get("lmbda", 0))
+  chosen = study.choose("variant", 0.4)
+  assert chosen == {"rho": 0.1, "sigma": 1.0, "lmbda": 0.0, "k": 2}
+  assert {m for m, _ in study.calls} == {"sam", "fsam"}
+
+
+def test_bad_flags_are_refused(tmp_path: pathlib.Path) -> None:
+  _write_set(tmp_path, gz=False)
+  argv = ["--smoke", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")]
+  with pytest.raises(ValueError, match=r"--noise must be in \[0, 0.9\], got 0.95"):
+    fm.main([*argv, "--noise", "0.95"])
+  with pytest.raises(ValueError, match=r"--seeds must be in \[1, 10\]"):
+    fm.main([*argv, "--seeds", "11"])
+  with pytest.raises(ValueError, match=r"--subset must be in \[10, 400\], got 500"):
+    fm.main([*argv, "--subset", "500"])
+
+
 def _row(method: str, noise: float, seed: int, final: float, early: float, hp=None) -> dict:
   return {
     "stage": "report",
