@@ -855,7 +855,9 @@ def main(argv: Sequence[str] | None = None) -> str:
   total = planned_epochs(args.methods, args.noise, args.seeds, settings.epochs)
   with tqdm(total=total, unit="epoch", desc="study") as bar:
     study = Study(settings, data, out, bar)
-    bar.update(sum(len(r["test_acc"]) for r in study.done.values()))
+    # Finished runs of this plan count as done (from an earlier session).
+    wanted = lambda r: r["noise"] in args.noise and r["method"] in args.methods
+    bar.update(sum(len(r["test_acc"]) for r in study.done.values() if wanted(r)))
     for noise in args.noise:
       for method in args.methods:
         study.report_runs(method, noise, seeds)
