@@ -293,3 +293,23 @@ def test_docstring_examples() -> None:
 
   result = doctest.testmod(fm)
   assert result.attempted >= 2 and result.failed == 0
+
+
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results" / "fashion_mnist"
+
+
+@pytest.mark.skipif(not (RESULTS / "runs.csv").exists(), reason="no committed study results")
+def test_committed_tables_come_from_the_committed_runs(tmp_path: pathlib.Path) -> None:
+  for name in ("runs.csv", "config.json"):
+    (tmp_path / name).write_bytes((RESULTS / name).read_bytes())
+  fm.write_report(tmp_path)
+  assert (tmp_path / "results.md").read_text() == (RESULTS / "results.md").read_text()
+  rows = fm.read_runs(RESULTS / "runs.csv")
+  # The regime the study is about: at 40% noise SGD ends >= 3 points below its best epoch.
+  sgd = [r for r in rows if (r["method"], r["noise"], r["stage"]) == ("sgd", 0.4, "report")]
+  assert len(sgd) == 3
+  assert np.mean([max(r["test_acc"]) - r["final_test_acc"] for r in sgd]) >= 0.03
+  # Seeds 1-3 report, seed 0 tunes; every run has all its epochs.
+  assert {r["seed"] for r in rows if r["stage"] == "report"} == {1, 2, 3}
+  assert {r["seed"] for r in rows if r["stage"] == "tune"} == {fm.TUNING_SEED}
+  assert all(len(r["test_acc"]) == 50 for r in rows)
