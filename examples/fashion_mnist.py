@@ -16,8 +16,9 @@ reported):
   A seed fixes the noise, the initialisation and the minibatch order, so runs
   with the same seed are paired across methods.
 * Tuning, on seed 0 at each noise level: SAM's ``rho`` over a grid, then
-  F-SAM's ``lmbda`` (``sigma`` 1) at SAM's chosen ``rho``; the value with the
-  best final-epoch noisy-validation accuracy wins. A winner at the edge of its
+  F-SAM's ``lmbda`` (``sigma`` 1) at SAM's chosen ``rho``, then F-SAM's
+  ``rho`` around SAM's at that ``lmbda``; the value with the best final-epoch
+  noisy-validation accuracy wins. A winner at the edge of its
   grid adds the next value of its ladder in that direction and the choice is
   made again.
 * Reporting, on seeds 1, 2, 3 (unused in tuning): final-epoch test accuracy
@@ -408,8 +409,10 @@ class Trainer:
   ) -> dict[str, Any]:
     """Trains one run; returns its per-epoch curves and wall times."""
     y_train, y_val = noisy_labels(self.data, noise, seed)
-    d = self.data
-    x_train, y_train = jnp.asarray(d.x_train), jnp.asarray(y_train)
+    x_train, y_train = jnp.asarray(self.data.x_train), jnp.asarray(y_train)
+    # On the device once, not at every epoch's evaluation.
+    x_val, y_val = jnp.asarray(self.data.x_val), jnp.asarray(y_val)
+    x_test, y_test = jnp.asarray(self.data.x_test), jnp.asarray(self.data.y_test)
     traced = {k: jnp.float32(v) for k, v in hp.items() if k not in self.method.fixed}
     key = jax.random.key(seed)
     state = self.init(key, traced)
@@ -423,8 +426,8 @@ class Trainer:
       )
       middle = time.perf_counter()
       # Validation is scored against the noisy labels, all a user would have.
-      val = float(self.accuracy(state[0], d.x_val, y_val))
-      test = float(self.accuracy(state[0], d.x_test, d.y_test))
+      val = float(self.accuracy(state[0], x_val, y_val))
+      test = float(self.accuracy(state[0], x_test, y_test))
       for name, value in zip(
         curves,
         (float(loss), float(train_acc), val, test, middle - start, time.perf_counter() - middle),
