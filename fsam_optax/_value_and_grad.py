@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from fsam_optax._fsam import FSAMState, SAMGrad, broadcast_mask
 from fsam_optax._lookup import find_fsam_state
+from fsam_optax._schedule import is_sam_step
 
 Perturbation = Literal["global", "per_device"]
 
@@ -20,10 +21,12 @@ class SAMDiagnostics(NamedTuple):
 
   Attributes:
     value: loss at the weights ``theta`` (the clean pass).
-    perturbed_value: loss at ``theta + e`` (the second pass).
+    perturbed_value: loss at ``theta + e`` (the second pass); on a step
+      that a schedule (``every``, ``probability``) skips, the clean loss.
     direction_norm: global norm ``n`` of the direction ``d`` (of ``|theta| d``
-      in adaptive mode), before scaling to the radius.
-    perturbation_norm: global norm of the perturbation ``e``.
+      in adaptive mode), before scaling to the radius; 0 on a skipped step.
+    perturbation_norm: global norm of the perturbation ``e``; 0 on a skipped
+      step.
   """
 
   value: jax.Array
@@ -237,28 +240,49 @@ def sam_value_and_grad(
   def grad_fn(params: Any, opt_state: Any, *args: Any, **kwargs: Any) -> Any:
     found = find_fsam_state(opt_state)
     state = found.state
+    config = state.config
     if axis_name is not None:
       params = _vary(params, axis_name)
     out, local_grads = value_and_grad(params, *args, **kwargs)
+    take = is_sam_step(config.every, config.probability, config.seed, _scalar(state.count))
     # The averaged clean gradient perturbs in global mode and feeds the moving
-    # average; per-device SAM needs neither, so it skips that all-reduce.
+    # average; per-device SAM needs neither, so it skips that all-reduce
+    # (unless skipped steps must hand it to the base optimizer).
     grads = None
-    if perturbation == "global" or state.ema is not None:
+    if perturbation == "global" or state.ema is not None or take is not None:
       grads = mean(local_grads)
     direction = grads if perturbation == "global" else local_grads
-    perturbed_params, norm, e_leaves = perturb(params, direction, state, found.hyperparams)
-    out_p, perturbed_grads = value_and_grad(perturbed_params, *args, **kwargs)
-    perturbed_grads = mean(perturbed_grads)
+
+    def sam_pass() -> tuple:
+      perturbed_params, norm, e_leaves = perturb(params, direction, state, found.hyperparams)
+      out_p, perturbed_grads = value_and_grad(perturbed_params, *args, **kwargs)
+      diag = (norm, _norm(e_leaves).astype(norm.dtype)) if return_diagnostics else ()
+      return mean(perturbed_grads), out_p[0] if has_aux else out_p, diag
+
+    def one_pass() -> tuple:
+      # Steps the schedule skips: the clean gradient in place of g', and
+      # zero norms (no perturbation was made).
+      zero = jnp.zeros([], _acc_dtype([jnp.asarray(p) for p in jax.tree.leaves(params)]))
+      if axis_name is not None and (config.adaptive or perturbation == "per_device"):
+        zero = _vary(zero, axis_name)  # as varying as the norms of sam_pass
+      diag = (zero, zero) if return_diagnostics else ()
+      return grads, out[0] if has_aux else out, diag
+
+    if take is None:
+      perturbed_grads, local_value_p, diag = sam_pass()
+    else:
+      # A skipped step runs one pass: lax.cond executes one branch (under
+      # vmap of a batched count it becomes a select and runs both).
+      perturbed_grads, local_value_p, diag = jax.lax.cond(take, sam_pass, one_pass)
     if state.ema is None:
       sam_grads = jax.tree.map(lambda gp: SAMGrad(gp, None), perturbed_grads)
     else:
-      clean = _ordered_after(grads, out_p[0] if has_aux else out_p)
+      clean = _ordered_after(grads, local_value_p)
       sam_grads = jax.tree.map(SAMGrad, perturbed_grads, clean)
     value = mean(out[0] if has_aux else out)
     result = ((value, out[1]) if has_aux else value), sam_grads
     if not return_diagnostics:
       return result
-    perturbed_value = mean(out_p[0] if has_aux else out_p)
-    return (*result, SAMDiagnostics(value, perturbed_value, norm, _norm(e_leaves)))
+    return (*result, SAMDiagnostics(value, mean(local_value_p), *diag))
 
   return grad_fn
