@@ -150,18 +150,22 @@ def _vary(tree: Any, axis_name: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
-def _ordered_after(tree: Any, value: jax.Array) -> Any:
-  """``tree`` unchanged, but data-dependent on ``value`` as XLA sees it.
+def _ordered_after(tree: Any, after: Any) -> Any:
+  """``tree`` unchanged, but data-dependent on ``after`` as XLA sees it.
 
   ``fsam`` updates the moving average in place (when the state is donated)
   from the clean gradient. The perturbation reads the old average too, and
   without a data path from it to the update XLA cannot order the two
   before scheduling, so it copies the whole average first. Tying the clean
-  gradient to the perturbed loss (computed after the perturbation) orders
-  them: ``never`` is always false (no value is both finite and NaN), so the
-  select returns ``tree`` bit for bit, fused into the update at no cost.
+  gradient to one element of the perturbed gradient (computed after the
+  perturbation) orders them: ``never`` is always false (no value is both
+  finite and NaN), so the select returns ``tree`` bit for bit, fused into
+  the update at no cost.
   """
-  never = jnp.isfinite(value) & jnp.isnan(value)
+  anchors = [x.reshape(-1)[0] for x in jax.tree.leaves(after) if x.size]
+  if not anchors:
+    return tree
+  never = jnp.isfinite(anchors[0]) & jnp.isnan(anchors[0])
   return jax.tree.map(lambda x: jnp.where(never, jnp.zeros_like(x), x), tree)
 
 
@@ -277,7 +281,7 @@ def sam_value_and_grad(
     if state.ema is None:
       sam_grads = jax.tree.map(lambda gp: SAMGrad(gp, None), perturbed_grads)
     else:
-      clean = _ordered_after(grads, local_value_p)
+      clean = _ordered_after(grads, perturbed_grads)
       sam_grads = jax.tree.map(SAMGrad, perturbed_grads, clean)
     value = mean(out[0] if has_aux else out)
     result = ((value, out[1]) if has_aux else value), sam_grads
