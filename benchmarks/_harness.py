@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import pathlib
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -21,6 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+# Measure the checkout this file belongs to, not another installed copy.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import fsam_optax
 
@@ -187,8 +192,10 @@ def contrib_sam_variant(loss_fn: Callable) -> Variant:
   return Variant(step, tx)
 
 
-def fsam_variant(loss_fn: Callable) -> Variant:
-  tx = optax.chain(fsam_optax.fsam(rho=RHO, sigma=SIGMA, lmbda=LMBDA, eps=EPS), base_optimizer())
+def fsam_variant(loss_fn: Callable, **schedule: Any) -> Variant:
+  """This package's F-SAM; ``schedule`` (``every``, ``probability``, ``seed``) opts in."""
+  fsam = fsam_optax.fsam(rho=RHO, sigma=SIGMA, lmbda=LMBDA, eps=EPS, **schedule)
+  tx = optax.chain(fsam, base_optimizer())
   grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
 
   def step(params, opt_state, batch):
@@ -204,6 +211,13 @@ VARIANTS: dict[str, Callable[[Callable], Variant]] = {
   "SAM (hand-written)": hand_sam_variant,
   "optax.contrib.sam (opaque)": contrib_sam_variant,
   "SGD (one pass)": sgd_variant,
+}
+
+
+# The opt-in cheaper schedules, measured beside the every-step variants.
+SCHEDULED: dict[str, Callable[[Callable], Variant]] = {
+  "F-SAM every 2nd step": lambda loss_fn: fsam_variant(loss_fn, every=2),
+  "F-SAM probability 0.5": lambda loss_fn: fsam_variant(loss_fn, probability=0.5, seed=0),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -150,17 +151,30 @@ def _vary(tree: Any, axis_name: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+def _multi_output_fusion() -> bool:
+  """Whether XLA may compute several arrays in one kernel (a multi-output fusion).
+
+  XLA:GPU and XLA:TPU do; XLA:CPU only with the backend option
+  ``--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``.
+  """
+  if jax.default_backend() != "cpu":
+    return True
+  return "xla_cpu_use_multi_output_fusion" in os.environ.get("XLA_FLAGS", "")
+
+
 def _ordered_after(tree: Any, after: Any) -> Any:
   """``tree`` unchanged, but data-dependent on ``after`` as XLA sees it.
 
   ``fsam`` updates the moving average in place (when the state is donated)
-  from the clean gradient. The perturbation reads the old average too, and
-  without a data path from it to the update XLA cannot order the two
-  before scheduling, so it copies the whole average first. Tying the clean
-  gradient to one element of the perturbed gradient (computed after the
-  perturbation) orders them: ``never`` is always false (no value is both
-  finite and NaN), so the select returns ``tree`` bit for bit, fused into
-  the update at no cost.
+  from the clean gradient. The perturbation reads the old average too. With
+  multi-output fusion XLA computes ``theta + e`` and the new average in one
+  kernel, and nothing is to be done. Without it, XLA cannot order the two
+  readers before scheduling, so it copies the whole average first (as it
+  must when a schedule puts the perturbation inside a ``lax.cond``). Tying
+  the clean gradient to one element of the perturbed gradient (computed
+  after the perturbation) orders them: ``never`` is always false (no value
+  is both finite and NaN), so the select returns ``tree`` bit for bit, fused
+  into the update at no cost.
   """
   anchors = [x.reshape(-1)[0] for x in jax.tree.leaves(after) if x.size]
   if not anchors:
@@ -281,7 +295,9 @@ def sam_value_and_grad(
     if state.ema is None:
       sam_grads = jax.tree.map(lambda gp: SAMGrad(gp, None), perturbed_grads)
     else:
-      clean = _ordered_after(grads, perturbed_grads)
+      clean = grads
+      if take is not None or not _multi_output_fusion():
+        clean = _ordered_after(grads, perturbed_grads)
       sam_grads = jax.tree.map(SAMGrad, perturbed_grads, clean)
     value = mean(out[0] if has_aux else out)
     result = ((value, out[1]) if has_aux else value), sam_grads
