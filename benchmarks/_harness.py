@@ -221,9 +221,10 @@ SCHEDULED: dict[str, Callable[[Callable], Variant]] = {
 }
 
 
-def jit_step(step: Step) -> Step:
-  # Every variant donates params and optimizer state, as a training loop would.
-  return jax.jit(step, donate_argnums=(0, 1))
+def jit_step(step: Step, donate: bool = True) -> Step:
+  # By default every variant donates params and optimizer state, as a
+  # training loop would.
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 # --------------------------------------------------------------------- timing
@@ -242,8 +243,8 @@ class Runner:
 
 
 def interleaved(
-  runners: dict[str, Callable[[int], None]], rounds: int, steps_per_round: int
-) -> dict[str, list[float]]:
+  runners: dict[Any, Callable[[int], None]], rounds: int, steps_per_round: int
+) -> dict[Any, list[float]]:
   """Seconds per step of each runner, over rounds that visit every runner once.
 
   The order rotates each round, so that a burst of load from other jobs on

@@ -18,7 +18,7 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 @pytest.mark.parametrize(
   ("script", "verdicts"),
-  [("step_time.py", 3), ("memory.py", 1), ("compile_time.py", 1)],
+  [("step_time.py", 4), ("memory.py", 1), ("compile_time.py", 1), ("traffic.py", 2)],
 )
 def test_smoke_run_prints_a_verdict_per_target(script: str, verdicts: int) -> None:
   result = subprocess.run(
