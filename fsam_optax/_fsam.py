@@ -155,9 +155,9 @@ def fsam(
   adaptive: bool = False,
   eps: float | jax.Array = 1e-12,
   mask: Mask | None = None,
-  every: int = 1,
-  probability: float = 1.0,
-  seed: int = 0,
+  every: int | None = None,
+  probability: float | None = None,
+  seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly Sharpness-Aware Minimization (F-SAM).
 
@@ -196,7 +196,9 @@ def fsam(
     probability: take the F-SAM step with this probability, in ``(0, 1]``,
       drawn from ``seed`` and the step count (the same on every device).
       Give ``every`` or ``probability``, not both.
-    seed: seed of the ``probability`` draws.
+    seed: seed of the ``probability`` draws (default 0). ``every``,
+      ``probability`` and ``seed`` are static: under
+      ``optax.inject_hyperparams`` name them in ``static_args``.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -297,9 +299,9 @@ def sam(
   adaptive: bool = False,
   eps: float | jax.Array = 1e-12,
   mask: Mask | None = None,
-  every: int = 1,
-  probability: float = 1.0,
-  seed: int = 0,
+  every: int | None = None,
+  probability: float | None = None,
+  seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sharpness-Aware Minimization: :func:`fsam` with ``sigma = 0``.
 

@@ -14,28 +14,48 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+_STATIC = (
+  "it is static (it decides what is compiled); under optax.inject_hyperparams "
+  "pass static_args=('every', 'probability', 'seed')"
+)
 
-def check_schedule(every: int, probability: float, seed: int) -> tuple[int, float, int]:
-  """``(every, probability, seed)`` as plain Python numbers, or a ValueError."""
-  if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+
+def check_schedule(
+  every: int | None, probability: float | None, seed: int | None
+) -> tuple[int, float, int]:
+  """``(every, probability, seed)`` as plain Python numbers, or a ValueError.
+
+  ``None`` (the default of each) means every step, and seed 0.
+  """
+  for name, value in (("every", every), ("probability", probability), ("seed", seed)):
+    if value is not None and not isinstance(value, numbers.Real):
+      raise ValueError(
+        f"fsam: `{name}` must be a Python number, got {type(value).__name__}: {_STATIC}."
+      )
+  if every is not None and (
+    isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1
+  ):
     raise ValueError(f"fsam: `every` must be an integer >= 1 (1: every step), got {every!r}.")
-  if isinstance(probability, bool) or not isinstance(probability, numbers.Real):
-    raise ValueError(
-      f"fsam: `probability` must be a Python number in (0, 1], got {type(probability).__name__}."
-    )
-  if not 0 < probability <= 1:
+  if probability is not None and (isinstance(probability, bool) or not 0 < probability <= 1):
     raise ValueError(
       f"fsam: `probability` must be in (0, 1] (1: every step), got {probability!r}; "
       "for no SAM step at all, use the base optimizer alone."
     )
-  if every > 1 and probability < 1:
+  if every is not None and probability is not None:
     raise ValueError(
       "fsam: give `every` or `probability`, not both "
       f"(got every={every}, probability={probability})."
     )
-  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
-    raise ValueError(f"fsam: `seed` must be an integer in [0, 2**32), got {seed!r}.")
-  return int(every), float(probability), int(seed)
+  if seed is not None:
+    if probability is None:
+      raise ValueError("fsam: `seed` seeds the `probability` draws; give `probability` too.")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+      raise ValueError(f"fsam: `seed` must be an integer in [0, 2**32), got {seed!r}.")
+  return (
+    1 if every is None else int(every),
+    1.0 if probability is None else float(probability),
+    0 if seed is None else int(seed),
+  )
 
 
 def is_sam_step(every: int, probability: float, seed: int, count: jax.Array) -> jax.Array | None:

@@ -230,7 +230,9 @@ def test_random_choice_is_the_same_on_every_device_under_shard_map():
     (dict(every=True), r"`every` must be an integer >= 1"),
     (dict(probability=0.0), r"`probability` must be in \(0, 1\]"),
     (dict(probability=1.5), r"`probability` must be in \(0, 1\]"),
-    (dict(probability=jnp.float32(0.5)), r"`probability` must be a Python number"),
+    (dict(probability=jnp.float32(0.5)), r"`probability` must be a Python number.*static_args"),
+    (dict(every=jnp.int32(2)), r"`every` must be a Python number.*static_args"),
+    (dict(every=2, seed=1), r"`seed` seeds the `probability` draws"),
     (dict(every=2, probability=0.5), r"give `every` or `probability`, not both"),
     (dict(probability=0.5, seed=-1), r"`seed` must be an integer in \[0, 2\*\*32\)"),
   ],
@@ -250,3 +252,18 @@ def test_schedule_is_static_config_and_the_state_holds_no_key():
   for leaf in jax.tree.leaves(state):
     assert not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
   assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(fsam_optax.fsam().init(params)))
+
+
+def test_under_inject_hyperparams_the_schedule_is_a_static_arg():
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match=r"static_args=\('every', 'probability', 'seed'\)"):
+    optax.inject_hyperparams(fsam_optax.fsam)(rho=0.1, every=2).init(params)
+  inject = optax.inject_hyperparams(fsam_optax.fsam, static_args=("every", "probability", "seed"))
+  data = ref.batches(seed=10, steps=4)
+  tx = optax.chain(inject(rho=0.2, sigma=1.0, lmbda=0.6, every=2), optax.sgd(LR))
+  path, state = run_library(tx, data)
+  want, _ = run_library(optax.chain(fsam_optax.fsam(**FSAM, every=2), optax.sgd(LR)), data)
+  for a, b in zip(path, want, strict=True):
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-6)
+  assert state[0].inner_state.config.every == 2
