@@ -267,3 +267,56 @@ def test_under_inject_hyperparams_the_schedule_is_a_static_arg():
     for k in a:
       np.testing.assert_allclose(a[k], b[k], rtol=1e-6)
   assert state[0].inner_state.config.every == 2
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_shard_map_with_aux_and_diagnostics_equals_one_device(adaptive):
+  # The skipped branch's outputs must type-check against the SAM branch's
+  # under shard_map (replicated or varying norms), with aux passed through.
+  kwargs = {**FSAM, "adaptive": adaptive, "every": 2}
+
+  def loss_aux(params, x, y):
+    return mlp_loss(params, x, y), jnp.sum(x)
+
+  def make(axis_name=None):
+    tx = optax.chain(fsam_optax.fsam(**kwargs), optax.sgd(LR))
+    grad_fn = fsam_optax.sam_value_and_grad(
+      loss_aux, has_aux=True, axis_name=axis_name, return_diagnostics=True
+    )
+
+    def step(params, opt_state, x, y):
+      (_, aux), grads, diag = grad_fn(params, opt_state, x, y)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (
+        optax.apply_updates(params, updates),
+        opt_state,
+        diag.perturbation_norm[None],
+        aux[None],
+      )
+
+    return tx, step
+
+  mesh = jax.make_mesh((N_DEV,), ("batch",))
+  with jax.enable_x64(True):
+    tx, step = make("batch")
+    sharded = jax.jit(
+      jax.shard_map(
+        step,
+        mesh=mesh,
+        in_specs=(P(), P(), P("batch"), P("batch")),
+        out_specs=(P(), P(), P("batch") if adaptive else P(), P("batch")),
+      )
+    )
+    _, single = make()
+    single = jax.jit(single)
+    params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
+    a_params, a_state = params, tx.init(params)
+    b_params, b_state = params, tx.init(params)
+    for t, (x, y) in enumerate(ref.batches(seed=12, steps=4, batch=2 * N_DEV)):
+      xs, ys = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
+      a_params, a_state, a_norm, _ = sharded(a_params, a_state, xs, ys)
+      b_params, b_state, b_norm, _ = single(b_params, b_state, x, y)
+      assert (np.asarray(a_norm) > 0).all() == (t % 2 == 0)
+      assert (np.asarray(b_norm) > 0).all() == (t % 2 == 0)
+      for k in b_params:
+        np.testing.assert_allclose(a_params[k], b_params[k], rtol=1e-12, atol=1e-14)
