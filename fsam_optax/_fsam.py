@@ -193,6 +193,8 @@ def fsam(
     every: take the F-SAM step on steps ``0, every, 2 every, ...`` only; the
       other steps cost one forward-backward pass and hand the clean gradient
       to the base optimizer (the moving average is fed it on every step).
+      Under ``vmap`` of the optimizer state the choice becomes a select that
+      runs both branches, and nothing is saved.
     probability: take the F-SAM step with this probability, in ``(0, 1]``,
       drawn from ``seed`` and the step count (the same on every device).
       Give ``every`` or ``probability``, not both.
