@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import pathlib
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -21,6 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+# Measure the checkout this file belongs to, not another installed copy.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import fsam_optax
 
@@ -187,8 +192,10 @@ def contrib_sam_variant(loss_fn: Callable) -> Variant:
   return Variant(step, tx)
 
 
-def fsam_variant(loss_fn: Callable) -> Variant:
-  tx = optax.chain(fsam_optax.fsam(rho=RHO, sigma=SIGMA, lmbda=LMBDA, eps=EPS), base_optimizer())
+def fsam_variant(loss_fn: Callable, **schedule: Any) -> Variant:
+  """This package's F-SAM; ``schedule`` (``every``, ``probability``, ``seed``) opts in."""
+  fsam = fsam_optax.fsam(rho=RHO, sigma=SIGMA, lmbda=LMBDA, eps=EPS, **schedule)
+  tx = optax.chain(fsam, base_optimizer())
   grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
 
   def step(params, opt_state, batch):
@@ -207,9 +214,17 @@ VARIANTS: dict[str, Callable[[Callable], Variant]] = {
 }
 
 
-def jit_step(step: Step) -> Step:
-  # Every variant donates params and optimizer state, as a training loop would.
-  return jax.jit(step, donate_argnums=(0, 1))
+# The opt-in cheaper schedules, measured beside the every-step variants.
+SCHEDULED: dict[str, Callable[[Callable], Variant]] = {
+  "F-SAM every 2nd step": lambda loss_fn: fsam_variant(loss_fn, every=2),
+  "F-SAM probability 0.5": lambda loss_fn: fsam_variant(loss_fn, probability=0.5, seed=0),
+}
+
+
+def jit_step(step: Step, donate: bool = True) -> Step:
+  # By default every variant donates params and optimizer state, as a
+  # training loop would.
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 # --------------------------------------------------------------------- timing
@@ -228,8 +243,8 @@ class Runner:
 
 
 def interleaved(
-  runners: dict[str, Callable[[int], None]], rounds: int, steps_per_round: int
-) -> dict[str, list[float]]:
+  runners: dict[Any, Callable[[int], None]], rounds: int, steps_per_round: int
+) -> dict[Any, list[float]]:
   """Seconds per step of each runner, over rounds that visit every runner once.
 
   The order rotates each round, so that a burst of load from other jobs on

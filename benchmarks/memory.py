@@ -1,7 +1,8 @@
 """Memory of a jitted F-SAM step and of its optimizer state, against SAM and SGD.
 
 Run: ``python benchmarks/memory.py`` (seconds; it compiles, it does not train).
-The step figures are XLA's compiled memory analysis of each donated step;
+The step figures are XLA's compiled memory analysis of each donated step
+(the opt-in cheaper schedules of F-SAM included);
 the state figures count the bytes of the optimizer state's arrays.
 """
 
@@ -41,7 +42,7 @@ def step_memory(model: h.Model) -> str:
   loss_fn = h.make_loss(model)
   unit = h.tree_bytes(params)
   stats = {}
-  for name, make in h.VARIANTS.items():
+  for name, make in {**h.VARIANTS, **h.SCHEDULED}.items():
     variant = make(loss_fn)
     compiled = h.jit_step(variant.step).lower(params, variant.tx.init(params), batch).compile()
     stats[name] = compiled.memory_analysis()

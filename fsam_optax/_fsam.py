@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fsam_optax._schedule import check_schedule
+
 Mask = Any  # A pytree of bools (a prefix of the params), or a callable giving one.
 
 
@@ -39,6 +41,10 @@ class PerturbationConfig:
 
   adaptive: bool
   mask: Callable[[Any], Any] | _FrozenMask | None
+  # Which steps take the SAM step (see fsam_optax._schedule); 1, 1.0: all.
+  every: int = 1
+  probability: float = 1.0
+  seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +70,7 @@ class FSAMState(NamedTuple):
     sigma: weight of the moving average removed from the gradient.
     eps: added to the direction's norm before dividing by it.
     ema: moving average ``m`` of clean gradients, or ``None`` for plain SAM.
-    config: static settings (adaptive mode, mask).
+    config: static settings (adaptive mode, mask, which steps take the SAM step).
   """
 
   count: jax.Array
@@ -149,6 +155,9 @@ def fsam(
   adaptive: bool = False,
   eps: float | jax.Array = 1e-12,
   mask: Mask | None = None,
+  every: int | None = None,
+  probability: float | None = None,
+  seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly Sharpness-Aware Minimization (F-SAM).
 
@@ -181,6 +190,17 @@ def fsam(
     eps: added to the norm before dividing, ``> 0``.
     mask: pytree of bools (or a callable of the params returning one); leaves
       that are ``False`` are not perturbed and are left out of the norm.
+    every: take the F-SAM step on steps ``0, every, 2 every, ...`` only; the
+      other steps cost one forward-backward pass and hand the clean gradient
+      to the base optimizer (the moving average is fed it on every step).
+      Under ``vmap`` of the optimizer state the choice becomes a select that
+      runs both branches, and nothing is saved.
+    probability: take the F-SAM step with this probability, in ``(0, 1]``,
+      drawn from ``seed`` and the step count (the same on every device).
+      Give ``every`` or ``probability``, not both.
+    seed: seed of the ``probability`` draws (default 0). ``every``,
+      ``probability`` and ``seed`` are static: under
+      ``optax.inject_hyperparams`` name them in ``static_args``.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -207,7 +227,14 @@ def fsam(
   _check("sigma", sigma, lambda v: v >= 0, ">= 0")
   _check("lmbda", lmbda, lambda v: 0 <= v < 1, "in [0, 1)")
   _check("eps", eps, lambda v: v > 0, "> 0")
-  config = PerturbationConfig(adaptive=bool(adaptive), mask=_freeze_mask(mask))
+  every, probability, seed = check_schedule(every, probability, seed)
+  config = PerturbationConfig(
+    adaptive=bool(adaptive),
+    mask=_freeze_mask(mask),
+    every=every,
+    probability=probability,
+    seed=seed,
+  )
   # Only a concrete Python zero drops the buffer: a traced sigma (for example
   # under inject_hyperparams) keeps it, so init and update agree on structure.
   keep_ema = not (isinstance(sigma, numbers.Real) and sigma == 0)
@@ -274,6 +301,9 @@ def sam(
   adaptive: bool = False,
   eps: float | jax.Array = 1e-12,
   mask: Mask | None = None,
+  every: int | None = None,
+  probability: float | None = None,
+  seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sharpness-Aware Minimization: :func:`fsam` with ``sigma = 0``.
 
@@ -285,6 +315,9 @@ def sam(
     eps: added to the norm before dividing, ``> 0``.
     mask: pytree of bools (or a callable of the params returning one); leaves
       that are ``False`` are not perturbed.
+    every: take the SAM step every ``every`` steps only (see :func:`fsam`).
+    probability: take the SAM step with this probability (see :func:`fsam`).
+    seed: seed of the ``probability`` draws.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -299,4 +332,13 @@ def sam(
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
   """
-  return fsam(rho, sigma=0.0, adaptive=adaptive, eps=eps, mask=mask)
+  return fsam(
+    rho,
+    sigma=0.0,
+    adaptive=adaptive,
+    eps=eps,
+    mask=mask,
+    every=every,
+    probability=probability,
+    seed=seed,
+  )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from fsam_optax._accumulate import accumulated
 from fsam_optax._fsam import FSAMState, SAMGrad, broadcast_mask
 from fsam_optax._lookup import find_fsam_state
+from fsam_optax._schedule import is_sam_step
 from fsam_optax._sharding import (
   Axes,
   average_over_data,
@@ -30,10 +32,12 @@ class SAMDiagnostics(NamedTuple):
 
   Attributes:
     value: loss at the weights ``theta`` (the clean pass).
-    perturbed_value: loss at ``theta + e`` (the second pass).
+    perturbed_value: loss at ``theta + e`` (the second pass); on a step
+      that a schedule (``every``, ``probability``) skips, the clean loss.
     direction_norm: global norm ``n`` of the direction ``d`` (of ``|theta| d``
-      in adaptive mode), before scaling to the radius.
-    perturbation_norm: global norm of the perturbation ``e``.
+      in adaptive mode), before scaling to the radius; 0 on a skipped step.
+    perturbation_norm: global norm of the perturbation ``e``; 0 on a skipped
+      step.
   """
 
   value: jax.Array
@@ -100,7 +104,9 @@ def perturb(
   p_leaves, treedef = jax.tree.flatten(params)
   # Python-number leaves (a temperature, say) have no dtype until made arrays.
   p_leaves = [jnp.asarray(p) for p in p_leaves]
-  d_leaves = jax.tree.leaves(grads)
+  g_leaves = jax.tree.leaves(grads)
+  # d for the norm, and d for the step: the same values, see below.
+  d_leaves = e_dirs = g_leaves
   if state.ema is not None:
     ema = jax.tree.leaves(state.ema)
     if len(ema) != len(p_leaves):
@@ -110,7 +116,13 @@ def perturb(
         "the same params you pass here."
       )
     sigma = _hyperparam("sigma", state, live)
-    d_leaves = [(g - sigma * m).astype(g.dtype) for g, m in zip(d_leaves, ema, strict=True)]
+    # d = g - sigma m is read twice, by the norm and by theta + e. Spelled
+    # once, XLA would compute it once and write it to memory for both
+    # readers; spelled g + (-sigma) m the second time (bit for bit the same
+    # value in IEEE arithmetic) it is fused into each reader and never
+    # stored: one write and two reads of a parameter-size buffer fewer.
+    d_leaves = [(g - sigma * m).astype(g.dtype) for g, m in zip(g_leaves, ema, strict=True)]
+    e_dirs = [(g + (-sigma) * m).astype(g.dtype) for g, m in zip(g_leaves, ema, strict=True)]
   rho = _hyperparam("rho", state, live)
   eps = _hyperparam("eps", state, live)
   adaptive = state.config.adaptive
@@ -132,7 +144,7 @@ def perturb(
   scale = rho.astype(acc) / (norm + eps.astype(acc))
   e_leaves = [
     (scale * weighted(p, d, 2)).astype(p.dtype) if keep else None
-    for p, d, keep in zip(p_leaves, d_leaves, chosen, strict=True)
+    for p, d, keep in zip(p_leaves, e_dirs, chosen, strict=True)
   ]
   perturbed = [p if e is None else p + e for p, e in zip(p_leaves, e_leaves, strict=True)]
   return treedef.unflatten(perturbed), norm, e_leaves
@@ -160,6 +172,46 @@ def _average_aux(aux: Any, axes: Axes) -> Any:
     return jax.lax.pmean(x, axes)
 
   return jax.tree_util.tree_map_with_path(one, aux)
+
+
+def _multi_output_fusion() -> bool:
+  """Whether XLA may compute several arrays in one kernel (a multi-output fusion).
+
+  XLA:GPU and XLA:TPU do; XLA:CPU only with the backend option
+  ``--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``.
+  """
+  if jax.default_backend() != "cpu":
+    return True
+  return "xla_cpu_use_multi_output_fusion" in os.environ.get("XLA_FLAGS", "")
+
+
+def _ordered_after(tree: Any, after: Any) -> Any:
+  """``tree`` unchanged, but data-dependent on ``after`` as XLA sees it.
+
+  ``fsam`` updates the moving average in place (when the state is donated)
+  from the clean gradient. The perturbation reads the old average too. With
+  multi-output fusion XLA computes ``theta + e`` and the new average in one
+  kernel, and nothing is to be done. Without it, XLA cannot order the two
+  readers before scheduling, so it copies the whole average first (as it
+  must when a schedule puts the perturbation inside a ``lax.cond``). Tying
+  each leaf of the clean gradient to one element of the same leaf of the
+  perturbed gradient (computed after the perturbation) orders them, and keeps
+  the leaf's sharding type under ``shard_map``: ``never`` is always false (no
+  value is both finite and NaN), so the select returns ``tree`` bit for bit,
+  fused into the update at no cost.
+  """
+
+  def tie(x: jax.Array, anchor: jax.Array) -> jax.Array:
+    # Explicitly sharded arrays (Explicit mesh axes) refuse the element slice;
+    # they keep XLA's copy, which costs traffic, never correctness.
+    spec = getattr(getattr(jax.typeof(anchor), "sharding", None), "spec", ())
+    if not anchor.size or any(axis is not None for axis in spec):
+      return x
+    first = anchor.reshape(-1)[0]
+    never = jnp.isfinite(first) & jnp.isnan(first)
+    return jnp.where(never, jnp.zeros_like(x), x)
+
+  return jax.tree.map(tie, tree, after)
 
 
 def sam_value_and_grad(
@@ -314,32 +366,57 @@ def sam_value_and_grad(
   def grad_fn(params: Any, opt_state: Any, *args: Any, **kwargs: Any) -> Any:
     found = find_fsam_state(opt_state)
     state = found.state
+    config = state.config
     axes_per_leaf = None if param_specs is None else leaf_axes(param_specs, params)
     check_layout(params, axes_per_leaf, data_axes, per_device=perturbation == "per_device")
     total = _add if axes_per_leaf is None else sum_over_shards(axes_per_leaf)
     if data_axes:
       params = vary(params, data_axes)
     out, local_grads = value_and_grad(params, *args, **kwargs)
+    take = is_sam_step(config.every, config.probability, config.seed, _scalar(state.count))
     # The averaged clean gradient perturbs in global mode and feeds the moving
-    # average; per-device SAM needs neither, so it skips that all-reduce.
+    # average; per-device SAM needs neither, so it skips that all-reduce
+    # (unless skipped steps must hand it to the base optimizer).
     grads = None
-    if perturbation == "global" or state.ema is not None:
+    if perturbation == "global" or state.ema is not None or take is not None:
       grads = average_over_data(local_grads, data_axes, axes_per_leaf)
     direction = grads if perturbation == "global" else local_grads
-    perturbed_params, norm, e_leaves = perturb(params, direction, state, found.hyperparams, total)
-    out_p, perturbed_grads = value_and_grad(perturbed_params, *args, **kwargs)
-    perturbed_grads = average_over_data(perturbed_grads, data_axes, axes_per_leaf)
+
+    def sam_pass() -> tuple:
+      perturbed_params, norm, e_leaves = perturb(params, direction, state, found.hyperparams, total)
+      out_p, perturbed_grads = value_and_grad(perturbed_params, *args, **kwargs)
+      diag = (norm, _norm(e_leaves, total).astype(norm.dtype)) if return_diagnostics else ()
+      perturbed_grads = average_over_data(perturbed_grads, data_axes, axes_per_leaf)
+      return perturbed_grads, out_p[0] if has_aux else out_p, diag
+
+    def one_pass() -> tuple:
+      # Steps the schedule skips: the clean gradient in place of g', and
+      # zero norms (no perturbation was made).
+      zero = jnp.zeros([], _acc_dtype([jnp.asarray(p) for p in jax.tree.leaves(params)]))
+      if data_axes and (config.adaptive or perturbation == "per_device"):
+        zero = vary(zero, data_axes)  # as varying as the norms of sam_pass
+      diag = (zero, zero) if return_diagnostics else ()
+      return grads, out[0] if has_aux else out, diag
+
+    if take is None:
+      perturbed_grads, local_value_p, diag = sam_pass()
+    else:
+      # A skipped step runs one pass: lax.cond executes one branch (under
+      # vmap of a batched count it becomes a select and runs both).
+      perturbed_grads, local_value_p, diag = jax.lax.cond(take, sam_pass, one_pass)
     if state.ema is None:
       sam_grads = jax.tree.map(lambda gp: SAMGrad(gp, None), perturbed_grads)
     else:
-      sam_grads = jax.tree.map(SAMGrad, perturbed_grads, grads)
+      clean = grads
+      if take is not None or not _multi_output_fusion():
+        clean = _ordered_after(grads, perturbed_grads)
+      sam_grads = jax.tree.map(SAMGrad, perturbed_grads, clean)
     value = mean(out[0] if has_aux else out)
     if has_aux:
       aux = _average_aux(out[1], data_axes) if average_aux else out[1]
     result = ((value, aux) if has_aux else value), sam_grads
     if not return_diagnostics:
       return result
-    perturbed_value = mean(out_p[0] if has_aux else out_p)
-    return (*result, SAMDiagnostics(value, perturbed_value, norm, _norm(e_leaves, total)))
+    return (*result, SAMDiagnostics(value, mean(local_value_p), *diag))
 
   return grad_fn

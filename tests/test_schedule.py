@@ -1,0 +1,322 @@
+"""Cheaper schedules: the (F-)SAM step every k-th step, or with probability p.
+
+Specification: a scheduled step is the every-step F-SAM step; a skipped step
+runs one forward-backward pass, hands the clean gradient to the base optimizer
+and still feeds it to the moving average; the step count advances on every
+step; the choice depends only on the seed and the count.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import fsam_optax
+from fsam_optax._schedule import is_sam_step
+from tests import reference as ref
+from tests.jax_mlp import mlp_loss, run_library
+
+STEPS = 12
+LR, MOMENTUM = 0.05, 0.9
+FSAM = dict(rho=0.2, sigma=1.0, lmbda=0.6)
+N_DEV = 8
+
+
+def reference_path(data: list, take: list[bool], **fsam_kwargs) -> list[dict]:
+  """shared F-SAM steps where ``take`` says so, else one pass; the EMA sees every g."""
+  opt = ref.FSAMReference(**fsam_kwargs)
+  base = ref.SGDReference(LR, MOMENTUM, 0.0)
+  theta, path = ref.init_mlp(0), []
+  for (x, y), sam_step in zip(data, take, strict=True):
+    _, g = ref.mlp_loss_and_grad(theta, x, y)
+    d = opt.direction(g)  # advances the moving average on every step
+    if sam_step:
+      e = opt.perturbation(theta, d)
+      g = ref.mlp_loss_and_grad({k: theta[k] + e[k] for k in theta}, x, y)[1]
+    theta = base.step(theta, g)
+    path.append(theta)
+  return path
+
+
+def drawn(p: float, seed: int, steps: int) -> list[bool]:
+  """The documented draw: uniform(fold_in(key(seed), count)) < p, in float32."""
+  return [
+    bool(jax.random.uniform(jax.random.fold_in(jax.random.key(seed), t), dtype=jnp.float32) < p)
+    for t in range(steps)
+  ]
+
+
+def max_rel_error(path, ref_path) -> float:
+  return max(
+    float(np.linalg.norm(np.asarray(got[k]) - w) / np.linalg.norm(w))
+    for got, want in zip(path, ref_path, strict=True)
+    for k, w in want.items()
+  )
+
+
+CASES = [
+  (dict(every=2), [t % 2 == 0 for t in range(STEPS)]),
+  (dict(every=3), [t % 3 == 0 for t in range(STEPS)]),
+  (dict(probability=0.5, seed=7), drawn(0.5, 7, STEPS)),
+]
+
+
+@pytest.mark.parametrize("sigma", [1.0, 0.0], ids=["fsam", "sam"])
+@pytest.mark.parametrize(("schedule", "take"), CASES, ids=["every2", "every3", "p0.5"])
+def test_schedule_equals_numpy_reference_in_float64(schedule, take, sigma):
+  assert any(take) and not all(take)  # the case exercises both branches
+  kwargs = {**FSAM, "sigma": sigma}
+  with jax.enable_x64(True):
+    data = ref.batches(seed=1, steps=STEPS)
+    tx = optax.chain(fsam_optax.fsam(**kwargs, **schedule), optax.sgd(LR, momentum=MOMENTUM))
+    path, state = run_library(tx, data)
+    assert path[-1]["w0"].dtype == jnp.float64
+    assert max_rel_error(path, reference_path(data, take, **kwargs)) < 1e-10
+    assert int(state[0].count) == STEPS
+
+
+@pytest.mark.parametrize("schedule", [dict(every=1), dict(probability=1.0, seed=3)])
+def test_every_one_and_probability_one_equal_every_step_exactly(schedule):
+  data = ref.batches(seed=2, steps=6)
+  make = lambda **kw: optax.chain(fsam_optax.fsam(**FSAM, **kw), optax.sgd(LR, momentum=MOMENTUM))
+  path, state = run_library(make(**schedule), data)
+  every_step, every_state = run_library(make(), data)
+  for got, want in zip(path, every_step, strict=True):
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(every_state), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_step_count_and_schedules_advance_on_skipped_steps():
+  rho = optax.linear_schedule(0.1, 0.3, transition_steps=10)
+  tx = optax.chain(fsam_optax.fsam(rho, sigma=1.0, lmbda=0.6, every=4), optax.sgd(LR))
+  data = ref.batches(seed=3, steps=7)
+  _, state = run_library(tx, data)
+  assert int(state[0].count) == 7
+  np.testing.assert_allclose(float(state[0].rho), float(rho(7)), rtol=1e-6)
+
+
+def test_probability_choice_is_deterministic_and_has_the_asked_rate():
+  counts = jnp.arange(4000, dtype=jnp.int32)
+  pick = jax.vmap(lambda c: is_sam_step(1, 0.3, 11, c))
+  np.testing.assert_array_equal(pick(counts), pick(counts))
+  rate = float(jnp.mean(pick(counts)))
+  assert abs(rate - 0.3) < 4 * np.sqrt(0.3 * 0.7 / 4000)
+  other_seed = jax.vmap(lambda c: is_sam_step(1, 0.3, 12, c))(counts)
+  assert not np.array_equal(pick(counts), other_seed)
+
+
+def test_two_runs_with_the_same_seed_are_identical():
+  data = ref.batches(seed=4, steps=8)
+  make = lambda: optax.chain(fsam_optax.fsam(**FSAM, probability=0.4, seed=5), optax.sgd(LR))
+  a, _ = run_library(make(), data)
+  b, _ = run_library(make(), data)
+  for x, y in zip(a, b, strict=True):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_a_skipped_step_evaluates_the_loss_once():
+  calls = []
+
+  def loss(params, x, y):
+    jax.debug.callback(lambda: calls.append(1))
+    return mlp_loss(params, x, y)
+
+  tx = optax.chain(fsam_optax.fsam(**FSAM, every=3), optax.sgd(LR))
+  params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
+  opt_state = tx.init(params)
+  grad_fn = fsam_optax.sam_value_and_grad(loss)
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    _, grads = grad_fn(params, opt_state, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  per_step = []
+  for x, y in ref.batches(seed=5, steps=6):
+    before = len(calls)
+    params, opt_state = step(params, opt_state, x, y)
+    jax.effects_barrier()
+    per_step.append(len(calls) - before)
+  assert per_step == [2, 1, 1, 2, 1, 1]
+
+
+def test_without_a_schedule_the_step_holds_no_conditional():
+  params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
+  x, y = ref.batches(seed=6, steps=1)[0]
+
+  def jaxpr(**schedule):
+    opt_state = optax.chain(fsam_optax.fsam(**FSAM, **schedule)).init(params)
+    grad_fn = fsam_optax.sam_value_and_grad(mlp_loss)
+    return str(jax.make_jaxpr(grad_fn)(params, opt_state, x, y))
+
+  assert "cond[" not in jaxpr()
+  assert "cond[" in jaxpr(every=2)
+
+
+def per_device_choices(mapped_step, params, opt_state, place) -> list[np.ndarray]:
+  """Each step's perturbation norm on every device (0 where it skipped)."""
+  out = []
+  for x, y in ref.batches(seed=9, steps=10, batch=2 * N_DEV):
+    params, opt_state, norms = mapped_step(params, opt_state, *place(x, y))
+    out.append(np.asarray(norms).reshape(-1))
+  return out
+
+
+def make_mapped_step(tx):
+  # per-device perturbation: each device's norm is its own, not an average.
+  grad_fn = fsam_optax.sam_value_and_grad(
+    mlp_loss, axis_name="batch", perturbation="per_device", return_diagnostics=True
+  )
+
+  def step(params, opt_state, x, y):
+    _, grads, diag = grad_fn(params, opt_state, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, diag.perturbation_norm[None]
+
+  return step
+
+
+def check_same_choice_everywhere(choices: list[np.ndarray], rho: float) -> None:
+  taken = []
+  for norms in choices:
+    assert norms.shape == (N_DEV,)
+    on = np.isclose(norms, rho, rtol=1e-5)
+    assert on.all() or (norms == 0).all(), norms
+    taken.append(bool(on.all()))
+  assert taken == drawn(0.5, 21, len(choices))
+
+
+def test_random_choice_is_the_same_on_every_device_under_pmap():
+  tx = optax.chain(fsam_optax.fsam(**FSAM, probability=0.5, seed=21), optax.sgd(LR))
+  params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
+  rep = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (N_DEV, *jnp.shape(a))), t)
+  step = jax.pmap(make_mapped_step(tx), "batch")
+  place = lambda x, y: tuple(a.reshape(N_DEV, -1, a.shape[-1]) for a in (x, y))
+  choices = per_device_choices(step, rep(params), rep(tx.init(params)), place)
+  check_same_choice_everywhere(choices, FSAM["rho"])
+
+
+def test_random_choice_is_the_same_on_every_device_under_shard_map():
+  tx = optax.chain(fsam_optax.fsam(**FSAM, probability=0.5, seed=21), optax.sgd(LR))
+  params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
+  mesh = jax.make_mesh((N_DEV,), ("batch",))
+  step = jax.jit(
+    jax.shard_map(
+      make_mapped_step(tx),
+      mesh=mesh,
+      in_specs=(P(), P(), P("batch"), P("batch")),
+      out_specs=(P(), P(), P("batch")),
+    )
+  )
+  place = lambda x, y: jax.device_put((x, y), NamedSharding(mesh, P("batch")))
+  choices = per_device_choices(step, params, tx.init(params), place)
+  check_same_choice_everywhere(choices, FSAM["rho"])
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    (dict(every=0), r"`every` must be an integer >= 1"),
+    (dict(every=2.5), r"`every` must be an integer >= 1"),
+    (dict(every=True), r"`every` must be an integer >= 1"),
+    (dict(probability=0.0), r"`probability` must be in \(0, 1\]"),
+    (dict(probability=1.5), r"`probability` must be in \(0, 1\]"),
+    (dict(probability=jnp.float32(0.5)), r"`probability` must be a Python number.*static_args"),
+    (dict(every=jnp.int32(2)), r"`every` must be a Python number.*static_args"),
+    (dict(every=2, seed=1), r"`seed` seeds the `probability` draws"),
+    (dict(every=2, probability=0.5), r"give `every` or `probability`, not both"),
+    (dict(probability=0.5, seed=-1), r"`seed` must be an integer in \[0, 2\*\*32\)"),
+  ],
+)
+@pytest.mark.parametrize("factory", [fsam_optax.fsam, fsam_optax.sam])
+def test_bad_schedule_arguments_are_refused(factory, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    factory(0.1, **kwargs)
+
+
+def test_schedule_is_static_config_and_the_state_holds_no_key():
+  params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+  state = fsam_optax.fsam(probability=0.5, seed=9).init(params)
+  config = state.config
+  assert (config.every, config.probability, config.seed) == (1, 0.5, 9)
+  hash(config)  # a static, hashable pytree node: jit caches on it
+  for leaf in jax.tree.leaves(state):
+    assert not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+  assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(fsam_optax.fsam().init(params)))
+
+
+def test_under_inject_hyperparams_the_schedule_is_a_static_arg():
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match=r"static_args=\('every', 'probability', 'seed'\)"):
+    optax.inject_hyperparams(fsam_optax.fsam)(rho=0.1, every=2).init(params)
+  inject = optax.inject_hyperparams(fsam_optax.fsam, static_args=("every", "probability", "seed"))
+  data = ref.batches(seed=10, steps=4)
+  tx = optax.chain(inject(rho=0.2, sigma=1.0, lmbda=0.6, every=2), optax.sgd(LR))
+  path, state = run_library(tx, data)
+  want, _ = run_library(optax.chain(fsam_optax.fsam(**FSAM, every=2), optax.sgd(LR)), data)
+  for a, b in zip(path, want, strict=True):
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-6)
+  assert state[0].inner_state.config.every == 2
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_shard_map_with_aux_and_diagnostics_equals_one_device(adaptive):
+  # The skipped branch's outputs must type-check against the SAM branch's
+  # under shard_map (replicated or varying norms), with aux passed through.
+  kwargs = {**FSAM, "adaptive": adaptive, "every": 2}
+
+  def loss_aux(params, x, y):
+    return mlp_loss(params, x, y), jnp.sum(x)
+
+  def make(axis_name=None):
+    tx = optax.chain(fsam_optax.fsam(**kwargs), optax.sgd(LR))
+    grad_fn = fsam_optax.sam_value_and_grad(
+      loss_aux, has_aux=True, axis_name=axis_name, return_diagnostics=True
+    )
+
+    def step(params, opt_state, x, y):
+      (_, aux), grads, diag = grad_fn(params, opt_state, x, y)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (
+        optax.apply_updates(params, updates),
+        opt_state,
+        diag.perturbation_norm[None],
+        aux[None],
+      )
+
+    return tx, step
+
+  mesh = jax.make_mesh((N_DEV,), ("batch",))
+  with jax.enable_x64(True):
+    tx, step = make("batch")
+    sharded = jax.jit(
+      jax.shard_map(
+        step,
+        mesh=mesh,
+        in_specs=(P(), P(), P("batch"), P("batch")),
+        out_specs=(P(), P(), P("batch") if adaptive else P(), P("batch")),
+      )
+    )
+    _, single = make()
+    single = jax.jit(single)
+    params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
+    a_params, a_state = params, tx.init(params)
+    b_params, b_state = params, tx.init(params)
+    for t, (x, y) in enumerate(ref.batches(seed=12, steps=4, batch=2 * N_DEV)):
+      xs, ys = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
+      a_params, a_state, a_norm, _ = sharded(a_params, a_state, xs, ys)
+      b_params, b_state, b_norm, _ = single(b_params, b_state, x, y)
+      assert (np.asarray(a_norm) > 0).all() == (t % 2 == 0)
+      assert (np.asarray(b_norm) > 0).all() == (t % 2 == 0)
+      for k in b_params:
+        np.testing.assert_allclose(a_params[k], b_params[k], rtol=1e-12, atol=1e-14)
