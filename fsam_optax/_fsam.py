@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -10,6 +9,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from fsam_optax._config import PerturbationConfig
 
 Mask = Any  # A pytree of bools (a prefix of the params), or a callable giving one.
 
@@ -27,32 +28,21 @@ class SAMGrad(NamedTuple):
   perturbed: jax.Array
   clean: jax.Array | None
 
+  # Arithmetic on a pair would silently stack the two gradients into one
+  # array (jnp treats a tuple as a sequence): refuse it with what to do.
+  def __jax_array__(self) -> jax.Array:
+    raise TypeError(_PAIR_AS_ARRAY)
 
-@dataclasses.dataclass(frozen=True)
-class PerturbationConfig:
-  """Static settings the gradient helper reads from the state.
-
-  It is a pytree with no leaves (``jax.tree_util.register_static``), so it
-  travels with the state through ``jit``, ``scan`` and checkpoints without
-  becoming a traced value.
-  """
-
-  adaptive: bool
-  mask: Callable[[Any], Any] | _FrozenMask | None
+  def __array__(self, *args: Any, **kwargs: Any) -> Any:
+    raise TypeError(_PAIR_AS_ARRAY)
 
 
-@dataclasses.dataclass(frozen=True)
-class _FrozenMask:
-  """A hashable copy of a pytree of Python bools."""
-
-  treedef: Any
-  leaves: tuple[bool, ...]
-
-  def tree(self) -> Any:
-    return jax.tree.unflatten(self.treedef, self.leaves)
-
-
-jax.tree_util.register_static(PerturbationConfig)
+_PAIR_AS_ARRAY = (
+  "a fsam_optax.SAMGrad (perturbed, clean) pair was used as an array. Pass the "
+  "helper's gradients unchanged to an optimizer whose chain starts with fsam, or "
+  "take the plain trees with fsam_optax.perturbed_grads(grads) / "
+  "fsam_optax.clean_grads(grads)."
+)
 
 
 class FSAMState(NamedTuple):
@@ -90,17 +80,23 @@ def _check(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> 
     raise ValueError(f"fsam: `{name}` must be {allowed}, got {v!r}.")
 
 
-def _freeze_mask(mask: Mask | None) -> Callable[[Any], Any] | _FrozenMask | None:
-  if mask is None or callable(mask):
-    return mask
-  leaves, treedef = jax.tree.flatten(mask)
+def _check_mask_leaves(leaves: list[Any]) -> None:
   for leaf in leaves:
     if isinstance(leaf, jax.core.Tracer) or jnp.ndim(leaf) != 0:
       raise ValueError(
         "fsam: `mask` leaves must be concrete Python bools, one per parameter "
         f"leaf (or per subtree), got {leaf!r}; mask whole arrays, not elements."
       )
-  return _FrozenMask(treedef, tuple(bool(leaf) for leaf in leaves))
+
+
+def resolve_mask(mask: Mask | None, params: Any) -> tuple[bool, ...] | None:
+  """One Python bool per leaf of ``params`` (a callable mask is called on them)."""
+  if mask is None:
+    return None
+  tree = mask(params) if callable(mask) else mask
+  leaves = jax.tree.leaves(broadcast_mask(tree, params))
+  _check_mask_leaves(leaves)
+  return tuple(bool(leaf) for leaf in leaves)
 
 
 def broadcast_mask(mask_tree: Any, params: Any) -> Any:
@@ -127,6 +123,19 @@ def _at(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
   return _default_float(value(count.astype(jnp.result_type(int))))
 
 
+def _zeros_for(param: Any, ema_dtype: jnp.dtype | None) -> jax.Array:
+  """The moving average's buffer for one parameter leaf."""
+  param = jnp.asarray(param)
+  dtype = ema_dtype or param.dtype
+  if ema_dtype is None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    dtype = jnp.dtype(jnp.float32)
+  return jnp.zeros(param.shape, dtype)
+
+
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+
+
 def split_grads(updates: optax.Updates) -> tuple[list[jax.Array], list[Any], Any]:
   """Splits helper gradients into perturbed and clean leaves, and a treedef."""
   is_pair = lambda x: isinstance(x, SAMGrad)
@@ -149,6 +158,7 @@ def fsam(
   adaptive: bool = False,
   eps: float | jax.Array = 1e-12,
   mask: Mask | None = None,
+  ema_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly Sharpness-Aware Minimization (F-SAM).
 
@@ -172,6 +182,10 @@ def fsam(
   :func:`fsam_optax.sam_value_and_grad`, which computes ``g``, ``e`` and
   ``g'`` from this state; ``fsam`` itself keeps the moving average.
 
+  A step whose clean or perturbed gradient is not finite leaves the state
+  (moving average, count, schedule) unchanged, so ``optax.apply_if_finite``
+  placed after ``fsam`` skips the step entirely.
+
   Args:
     rho: perturbation radius, ``>= 0``; a scalar or a schedule of the step.
     sigma: how much of the moving average to remove, ``>= 0``. A Python ``0``
@@ -180,7 +194,11 @@ def fsam(
     adaptive: ASAM-style scale-invariant perturbation.
     eps: added to the norm before dividing, ``> 0``.
     mask: pytree of bools (or a callable of the params returning one); leaves
-      that are ``False`` are not perturbed and are left out of the norm.
+      that are ``False`` are not perturbed and are left out of the norm. It
+      is resolved once, at ``init``, into one bool per parameter leaf.
+    ema_dtype: dtype of the moving average. By default float32 for params
+      narrower than float32 (bfloat16, float16), whose rounding would swallow
+      the ``(1 - lmbda) g`` increments, and the param's dtype otherwise.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -207,20 +225,22 @@ def fsam(
   _check("sigma", sigma, lambda v: v >= 0, ">= 0")
   _check("lmbda", lmbda, lambda v: 0 <= v < 1, "in [0, 1)")
   _check("eps", eps, lambda v: v > 0, "> 0")
-  config = PerturbationConfig(adaptive=bool(adaptive), mask=_freeze_mask(mask))
+  if mask is not None and not callable(mask):
+    _check_mask_leaves(jax.tree.leaves(mask))
+  if ema_dtype is not None:
+    ema_dtype = jnp.dtype(ema_dtype)
   # Only a concrete Python zero drops the buffer: a traced sigma (for example
   # under inject_hyperparams) keeps it, so init and update agree on structure.
   keep_ema = not (isinstance(sigma, numbers.Real) and sigma == 0)
 
   def init_fn(params: optax.Params) -> FSAMState:
-    if isinstance(config.mask, _FrozenMask):
-      broadcast_mask(config.mask.tree(), params)
+    config = PerturbationConfig(adaptive=bool(adaptive), mask=resolve_mask(mask, params))
     return FSAMState(
       count=jnp.zeros([], jnp.int32),
       rho=_at(rho, jnp.zeros([], jnp.int32)),
       sigma=_default_float(sigma),
       eps=_default_float(eps),
-      ema=optax.tree.zeros_like(params) if keep_ema else None,
+      ema=jax.tree.map(lambda p: _zeros_for(p, ema_dtype), params) if keep_ema else None,
       config=config,
     )
 
@@ -263,6 +283,9 @@ def fsam(
       eps=_default_float(eps),
       ema=ema,
     )
+    # A non-finite step must not reach the average (it would never leave it).
+    finite = _all_finite([*perturbed, *(c for c in clean if c is not None)])
+    new_state = optax.tree.where(finite, new_state, state)
     return treedef.unflatten(perturbed), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

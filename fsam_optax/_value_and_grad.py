@@ -8,9 +8,12 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from fsam_optax._fsam import FSAMState, SAMGrad, broadcast_mask
+from fsam_optax._fsam import FSAMState, SAMGrad
 from fsam_optax._lookup import find_fsam_state
+from fsam_optax._precision import applied_norm, scaled_value_and_grad
+from fsam_optax._randomness import SecondPassRng, check_rng_options, second_pass_args
 
 Perturbation = Literal["global", "per_device"]
 
@@ -23,13 +26,24 @@ class SAMDiagnostics(NamedTuple):
     perturbed_value: loss at ``theta + e`` (the second pass).
     direction_norm: global norm ``n`` of the direction ``d`` (of ``|theta| d``
       in adaptive mode), before scaling to the radius.
-    perturbation_norm: global norm of the perturbation ``e``.
+    perturbation_norm: global norm of the perturbation ``e`` (``rho`` for
+      the non-adaptive perturbation).
+    applied_perturbation_norm: global norm of the perturbation actually
+      applied, ``(theta + e) - theta`` with ``theta + e`` rounded to the
+      params' dtype; far below ``perturbation_norm`` when the weights' dtype
+      cannot resolve ``e`` (bfloat16), and then SAM degrades towards SGD.
+    clean_grad_norm: global norm of the clean gradient ``g`` (averaged over
+      ``axis_name``; after ``clip_clean_grad``).
+    perturbed_grad_norm: global norm of the perturbed gradient ``g'``.
   """
 
   value: jax.Array
   perturbed_value: jax.Array
   direction_norm: jax.Array
   perturbation_norm: jax.Array
+  applied_perturbation_norm: jax.Array
+  clean_grad_norm: jax.Array
+  perturbed_grad_norm: jax.Array
 
   @property
   def sharpness(self) -> jax.Array:
@@ -51,15 +65,15 @@ def _hyperparam(name: str, state: FSAMState, live: Any) -> jax.Array:
   return _scalar(value)
 
 
-def _mask_leaves(mask: Any, params: Any, n: int) -> list[bool]:
+def _mask_leaves(mask: tuple[bool, ...] | None, n: int) -> list[bool]:
   if mask is None:
     return [True] * n
-  tree = mask(params) if callable(mask) else mask.tree()
-  # A callable's result is checked here, at every call, not once at init.
-  leaves = jax.tree.leaves(broadcast_mask(tree, params))
-  if len(leaves) != n:
-    raise ValueError(f"fsam: `mask` gives {len(leaves)} leaves for {n} parameters.")
-  return [bool(leaf) for leaf in leaves]
+  if len(mask) != n:
+    raise ValueError(
+      f"fsam: the state's `mask` covers {len(mask)} parameter leaves but the params "
+      f"have {n}; initialise the optimizer with the same params you pass here."
+    )
+  return list(mask)
 
 
 def _acc_dtype(leaves: list[jax.Array]) -> jnp.dtype:
@@ -89,7 +103,7 @@ def perturb(params: Any, grads: Any, state: FSAMState, live: Any) -> tuple[Any, 
   rho = _hyperparam("rho", state, live)
   eps = _hyperparam("eps", state, live)
   adaptive = state.config.adaptive
-  chosen = _mask_leaves(state.config.mask, params, len(p_leaves))
+  chosen = _mask_leaves(state.config.mask, len(p_leaves))
 
   acc = _acc_dtype(p_leaves)
 
@@ -152,6 +166,9 @@ def sam_value_and_grad(
   axis_name: str | None = None,
   perturbation: Perturbation = "global",
   return_diagnostics: bool = False,
+  rng_arg: int | str | None = None,
+  second_pass_rng: SecondPassRng = "fresh",
+  clip_clean_grad: float | None = None,
 ) -> Callable[..., Any]:
   """Clean loss and F-SAM gradients of ``fun``, for :func:`fsam_optax.fsam`.
 
@@ -182,9 +199,27 @@ def sam_value_and_grad(
       identical on every device).
     return_diagnostics: also return a :class:`SAMDiagnostics` as a third
       output. Under ``jit`` what is not used is compiled away.
+    rng_arg: which argument of ``fun`` is a PRNG key (its position, params
+      being 0, or its keyword name), for dropout and other randomness.
+    second_pass_rng: with ``rng_arg``, the key of the second pass:
+      ``"fresh"`` (the default, as the official code, where each forward pass
+      draws its own dropout mask) gives it ``jax.random.fold_in(key, 1)``;
+      ``"same"`` gives both passes the same key. Without ``rng_arg`` both
+      passes receive the same arguments.
+    clip_clean_grad: if set, the clean gradient is clipped to this global
+      norm (as ``optax.clip_by_global_norm``) before it forms the direction
+      and feeds the moving average.
+
+  The returned function also takes a keyword ``loss_scale`` (consumed, not
+  passed to ``fun``) for float16 training: the loss is multiplied by it in
+  both passes and the gradients divided by it before they form the direction,
+  its norm, and the returned pairs. It may change between steps (a traced
+  value); skip steps with non-finite gradients, e.g. with
+  ``optax.chain(fsam(...), optax.apply_if_finite(base, k))``.
 
   Returns:
-    A function ``(params, opt_state, *args, **kwargs) -> (value, grads)``.
+    A function ``(params, opt_state, *args, loss_scale=None, **kwargs) ->
+    (value, grads)``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, fsam_optax
@@ -208,23 +243,35 @@ def sam_value_and_grad(
       "sam_value_and_grad: perturbation='per_device' needs `axis_name`, the "
       "pmap or shard_map axis that splits the batch."
     )
-  value_and_grad = jax.value_and_grad(fun, has_aux=has_aux)
+  check_rng_options(rng_arg, second_pass_rng)
+  if clip_clean_grad is not None and not clip_clean_grad > 0:
+    raise ValueError(
+      f"sam_value_and_grad: `clip_clean_grad` must be a norm > 0, got {clip_clean_grad!r}."
+    )
+  value_and_grad = scaled_value_and_grad(fun, has_aux)
   mean = functools.partial(jax.lax.pmean, axis_name=axis_name) if axis_name else (lambda x: x)
+  clip = lambda tree: tree
+  if clip_clean_grad is not None:
+    clipper = optax.clip_by_global_norm(clip_clean_grad)
+    clip = lambda tree: clipper.update(tree, clipper.init(tree))[0]
 
-  def grad_fn(params: Any, opt_state: Any, *args: Any, **kwargs: Any) -> Any:
+  def grad_fn(
+    params: Any, opt_state: Any, *args: Any, loss_scale: Any = None, **kwargs: Any
+  ) -> Any:
     found = find_fsam_state(opt_state)
     state = found.state
     if axis_name is not None:
       params = _vary(params, axis_name)
-    out, local_grads = value_and_grad(params, *args, **kwargs)
+    out, local_grads = value_and_grad(loss_scale, params, *args, **kwargs)
     # The averaged clean gradient perturbs in global mode and feeds the moving
     # average; per-device SAM needs neither, so it skips that all-reduce.
     grads = None
     if perturbation == "global" or state.ema is not None:
-      grads = mean(local_grads)
-    direction = grads if perturbation == "global" else local_grads
+      grads = clip(mean(local_grads))
+    direction = grads if perturbation == "global" else clip(local_grads)
     perturbed_params, norm, e_leaves = perturb(params, direction, state, found.hyperparams)
-    out_p, perturbed_grads = value_and_grad(perturbed_params, *args, **kwargs)
+    args_p, kwargs_p = second_pass_args(args, kwargs, rng_arg, second_pass_rng)
+    out_p, perturbed_grads = value_and_grad(loss_scale, perturbed_params, *args_p, **kwargs_p)
     perturbed_grads = mean(perturbed_grads)
     if state.ema is None:
       sam_grads = jax.tree.map(lambda gp: SAMGrad(gp, None), perturbed_grads)
@@ -235,6 +282,18 @@ def sam_value_and_grad(
     if not return_diagnostics:
       return result
     perturbed_value = mean(out_p[0] if has_aux else out_p)
-    return (*result, SAMDiagnostics(value, perturbed_value, norm, _norm(e_leaves)))
+    clean = grads if grads is not None else clip(mean(local_grads))
+    return (
+      *result,
+      SAMDiagnostics(
+        value,
+        perturbed_value,
+        norm,
+        _norm(e_leaves),
+        applied_norm(params, perturbed_params),
+        _norm(jax.tree.leaves(clean)),
+        _norm(jax.tree.leaves(perturbed_grads)),
+      ),
+    )
 
   return grad_fn
