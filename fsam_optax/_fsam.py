@@ -269,12 +269,14 @@ def fsam(
         )
       # First step: m = g (the official code's initialisation), by decay 0.
       decay = jnp.where(state.count == 0, 0.0, lmbda)
-      ema = ema_def.unflatten(
-        [
-          (decay * m + (1 - decay) * g).astype(m.dtype)
-          for m, g in zip(ema_leaves, clean, strict=True)
-        ]
-      )
+
+      def average(m: jax.Array, g: jax.Array) -> jax.Array:
+        # 1 - decay in at least the average's precision: a float32 lmbda (as
+        # inject_hyperparams stores it) would otherwise round it for float64.
+        a = decay.astype(jnp.promote_types(m.dtype, jnp.float32))
+        return (a * m + (1 - a) * g).astype(m.dtype)
+
+      ema = ema_def.unflatten([average(m, g) for m, g in zip(ema_leaves, clean, strict=True)])
     count = optax.safe_increment(state.count)
     new_state = state._replace(
       count=count,

@@ -12,8 +12,7 @@ SecondPassRng = Literal["fresh", "same"]
 def check_rng_options(rng_arg: int | str | None, second_pass_rng: str) -> None:
   if second_pass_rng not in ("fresh", "same"):
     raise ValueError(
-      "sam_value_and_grad: `second_pass_rng` must be 'fresh' or 'same', "
-      f"got {second_pass_rng!r}."
+      f"sam_value_and_grad: `second_pass_rng` must be 'fresh' or 'same', got {second_pass_rng!r}."
     )
   if rng_arg is None or isinstance(rng_arg, str):
     return
