@@ -60,8 +60,9 @@ def fsam_steps(
   The algorithm is ``tests.reference.FSAMReference`` on the leaves keyed by
   position; a mask restricts the perturbation, and so its norm, to the chosen
   leaves, while the moving average still covers every leaf. ``per_step[i]``
-  overrides hyperparameters (``rho``, ``sigma``, ``lmbda``) at step ``i``; ``clip_clean`` clips the clean gradient to
-  that global norm before it forms the direction and feeds the average;
+  overrides hyperparameters (``rho``, ``sigma``, ``lmbda``) at step ``i``;
+  ``clip_clean`` clips the clean gradient to that global norm before it forms
+  the direction and feeds the average;
   ``base(theta, g_pert)`` replaces the SGD step (``lr`` is then unused).
   """
   as64 = lambda xs: dict(enumerate(np.asarray(x, np.float64) for x in xs))
