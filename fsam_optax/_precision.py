@@ -53,7 +53,21 @@ def applied_norm(params: Any, perturbed: Any) -> jax.Array:
   q_leaves = jax.tree.leaves(perturbed)
   acc = acc_dtype(p_leaves)
   sq = [
-    jnp.sum(jnp.square(q.astype(acc) - p.astype(acc)))
+    jnp.sum(jnp.square(_as_stored(q, acc) - p.astype(acc)))
     for p, q in zip(p_leaves, q_leaves, strict=True)
   ]
   return jnp.sqrt(sum(sq, jnp.zeros([], acc)))
+
+
+def _as_stored(x: jax.Array, acc: jnp.dtype) -> jax.Array:
+  """``x`` in ``acc`` with the value its own dtype holds.
+
+  Inside a jit, XLA may keep a narrow result in wider precision when the
+  consumer is wider (``xla_allow_excess_precision``); the explicit rounding
+  measures what a stored array of the params' dtype holds.
+  """
+  wide = x.astype(acc)
+  if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == acc:
+    return wide
+  info = jnp.finfo(x.dtype)
+  return jax.lax.reduce_precision(wide, exponent_bits=info.nexp, mantissa_bits=info.nmant)
