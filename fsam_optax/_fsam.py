@@ -29,12 +29,12 @@ class SAMGrad(NamedTuple):
   clean: jax.Array | None
 
   # Arithmetic on a pair would silently stack the two gradients into one
-  # array (jnp treats a tuple as a sequence): refuse it with what to do.
-  def __jax_array__(self) -> jax.Array:
+  # array (jnp treats a tuple as a sequence), or repeat or concatenate the
+  # tuple: refuse it with what to do.
+  def _refuse(self, *args: Any, **kwargs: Any) -> Any:
     raise TypeError(_PAIR_AS_ARRAY)
 
-  def __array__(self, *args: Any, **kwargs: Any) -> Any:
-    raise TypeError(_PAIR_AS_ARRAY)
+  __jax_array__ = __array__ = __add__ = __radd__ = __mul__ = __rmul__ = _refuse
 
 
 _PAIR_AS_ARRAY = (
