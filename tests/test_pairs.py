@@ -41,7 +41,7 @@ def test_plain_trees_and_their_norms_match_the_float64_reference():
 
 
 def test_optax_global_norm_of_the_pairs_mixes_both_gradients():
-  """Why the helpers exist: optax.tree.norm (and optax.global_norm) cannot tell a pair from a subtree."""
+  """Why the helpers exist: optax.tree.norm cannot tell a pair from a subtree."""
   _, _, _, grads, diag = setup()
   mixed = float(optax.tree.norm(grads))
   both = np.hypot(float(diag.perturbed_grad_norm), float(diag.clean_grad_norm))

@@ -138,7 +138,9 @@ def test_float16_with_a_changing_loss_scale_matches_float32_and_skips_the_overfl
       assert int(s16[0].count) == BAD and int(s16[1].total_notfinite) == 1
     else:
       np.testing.assert_allclose(float(d16.direction_norm), float(d32.direction_norm), rtol=1e-2)
-    for a, b in zip(jax.tree.leaves((p16, s16[0].ema)), jax.tree.leaves((p32, s32[0].ema))):
+    for a, b in zip(
+      jax.tree.leaves((p16, s16[0].ema)), jax.tree.leaves((p32, s32[0].ema)), strict=True
+    ):
       np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3 * float(jnp.max(jnp.abs(b))))
 
 

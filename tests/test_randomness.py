@@ -58,7 +58,7 @@ def test_second_pass_key(options, second_key, other_key):
     x = x.astype(jnp.float64)
     grad_fn = fsam_optax.sam_value_and_grad(dropout_loss, **options)
     _, grads = grad_fn(params, fsam_optax.sam(RHO).init(params), key, x)
-    g, g_pert = by_hand(params, key, second_key(key), x)
+    _, g_pert = by_hand(params, key, second_key(key), x)
     _, g_other = by_hand(params, key, other_key(key), x)
   np.testing.assert_allclose(grads["w"].perturbed, g_pert["w"], rtol=1e-10, atol=1e-14)
   # The other choice gives a different gradient: the masks really differ.
