@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 
@@ -39,7 +40,10 @@ def run_guide(path: pathlib.Path, timeout: int = 600) -> nbformat.NotebookNode:
   client = nbclient.NotebookClient(
     book, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
   )
-  client.execute()
+  # The kernel imports this checkout's fsam_optax, not whichever one is installed.
+  repo = str(pathlib.Path(__file__).resolve().parents[1])
+  pythonpath = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+  client.execute(env={**os.environ, "PYTHONPATH": pythonpath})
   for cell in book.cells:
     if "raises-exception" in cell.metadata["tags"]:
       errors = [o for o in cell.outputs if o.output_type == "error"]
