@@ -30,8 +30,10 @@ class SAMDiagnostics(NamedTuple):
       the non-adaptive perturbation).
     applied_perturbation_norm: global norm of the perturbation actually
       applied, ``(theta + e) - theta`` with ``theta + e`` rounded to the
-      params' dtype; far below ``perturbation_norm`` when the weights' dtype
-      cannot resolve ``e`` (bfloat16), and then SAM degrades towards SGD.
+      params' dtype. When that dtype cannot resolve ``e`` (bfloat16 weights)
+      it differs from ``perturbation_norm``: lower where ``theta + e`` rounds
+      back to ``theta``, and possibly higher where a weight jumps a whole
+      step of its dtype instead of ``e_i``.
     clean_grad_norm: global norm of the clean gradient ``g`` (averaged over
       ``axis_name``; after ``clip_clean_grad``).
     perturbed_grad_norm: global norm of the perturbed gradient ``g'``.
