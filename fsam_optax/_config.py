@@ -23,10 +23,13 @@ class PerturbationConfig:
     adaptive: ASAM-style scale-invariant perturbation.
     mask: one bool per parameter leaf (``False``: not perturbed), resolved
       from ``fsam``'s ``mask`` at ``tx.init``; ``None`` perturbs every leaf.
+    skip_nonfinite: ``fsam`` leaves its state unchanged on a step whose
+      gradients are not all finite.
   """
 
   adaptive: bool = False
   mask: tuple[bool, ...] | None = None
+  skip_nonfinite: bool = False
 
 
 jax.tree_util.register_static(PerturbationConfig)

@@ -159,6 +159,7 @@ def fsam(
   eps: float | jax.Array = 1e-12,
   mask: Mask | None = None,
   ema_dtype: Any | None = None,
+  skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly Sharpness-Aware Minimization (F-SAM).
 
@@ -182,10 +183,6 @@ def fsam(
   :func:`fsam_optax.sam_value_and_grad`, which computes ``g``, ``e`` and
   ``g'`` from this state; ``fsam`` itself keeps the moving average.
 
-  A step whose clean or perturbed gradient is not finite leaves the state
-  (moving average, count, schedule) unchanged, so ``optax.apply_if_finite``
-  placed after ``fsam`` skips the step entirely.
-
   Args:
     rho: perturbation radius, ``>= 0``; a scalar or a schedule of the step.
     sigma: how much of the moving average to remove, ``>= 0``. A Python ``0``
@@ -199,6 +196,11 @@ def fsam(
     ema_dtype: dtype of the moving average. By default float32 for params
       narrower than float32 (bfloat16, float16), whose rounding would swallow
       the ``(1 - lmbda) g`` increments, and the param's dtype otherwise.
+    skip_nonfinite: leave the state (moving average, count, schedule)
+      unchanged on a step whose clean or perturbed gradients are not all
+      finite, so that ``optax.chain(fsam(..., skip_nonfinite=True),
+      optax.apply_if_finite(base, k))`` skips such a step entirely (needed
+      with float16 loss scaling). It costs one pass over the gradients.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -234,7 +236,11 @@ def fsam(
   keep_ema = not (isinstance(sigma, numbers.Real) and sigma == 0)
 
   def init_fn(params: optax.Params) -> FSAMState:
-    config = PerturbationConfig(adaptive=bool(adaptive), mask=resolve_mask(mask, params))
+    config = PerturbationConfig(
+      adaptive=bool(adaptive),
+      mask=resolve_mask(mask, params),
+      skip_nonfinite=bool(skip_nonfinite),
+    )
     return FSAMState(
       count=jnp.zeros([], jnp.int32),
       rho=_at(rho, jnp.zeros([], jnp.int32)),
@@ -267,27 +273,36 @@ def fsam(
           f"moving average has {len(ema_leaves)}; initialise the optimizer "
           "with the params you differentiate."
         )
-      # First step: m = g (the official code's initialisation), by decay 0.
-      decay = jnp.where(state.count == 0, 0.0, lmbda)
 
-      def average(m: jax.Array, g: jax.Array) -> jax.Array:
-        # 1 - decay in at least the average's precision: a float32 lmbda (as
-        # inject_hyperparams stores it) would otherwise round it for float64.
-        a = decay.astype(jnp.promote_types(m.dtype, jnp.float32))
-        return (a * m + (1 - a) * g).astype(m.dtype)
+    def advance() -> FSAMState:
+      new_ema = None
+      if ema is not None:
+        # First step: m = g (the official code's initialisation), by decay 0.
+        decay = jnp.where(state.count == 0, 0.0, lmbda)
 
-      ema = ema_def.unflatten([average(m, g) for m, g in zip(ema_leaves, clean, strict=True)])
-    count = optax.safe_increment(state.count)
-    new_state = state._replace(
-      count=count,
-      rho=_at(rho, count),
-      sigma=_default_float(sigma),
-      eps=_default_float(eps),
-      ema=ema,
-    )
+        def average(m: jax.Array, g: jax.Array) -> jax.Array:
+          # 1 - decay in at least the average's precision: a float32 lmbda (as
+          # inject_hyperparams stores it) would otherwise round it for float64.
+          a = decay.astype(jnp.promote_types(m.dtype, jnp.float32))
+          return (a * m + (1 - a) * g).astype(m.dtype)
+
+        new_ema = ema_def.unflatten([average(m, g) for m, g in zip(ema_leaves, clean, strict=True)])
+      count = optax.safe_increment(state.count)
+      return state._replace(
+        count=count,
+        rho=_at(rho, count),
+        sigma=_default_float(sigma),
+        eps=_default_float(eps),
+        ema=new_ema,
+      )
+
+    if not skip_nonfinite:
+      return treedef.unflatten(perturbed), advance()
     # A non-finite step must not reach the average (it would never leave it).
+    # lax.cond, not a select per leaf: the selects make XLA's compile time
+    # grow steeply with the number of leaves.
     finite = _all_finite([*perturbed, *(c for c in clean if c is not None)])
-    new_state = optax.tree.where(finite, new_state, state)
+    new_state = jax.lax.cond(finite, advance, lambda: state)
     return treedef.unflatten(perturbed), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

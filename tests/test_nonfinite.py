@@ -1,7 +1,7 @@
 """Non-finite gradients: a guarded step skips the batch and leaves everything untouched.
 
-``fsam`` never folds a non-finite step into its state, so
-``optax.chain(fsam, optax.apply_if_finite(base))`` skips such a step entirely
+``fsam(..., skip_nonfinite=True)`` never folds a non-finite step into its
+state, so ``optax.chain(fsam, optax.apply_if_finite(base))`` skips such a step entirely
 (tests/test_wrappers.py checks it against a float64 reference). The other form,
 ``optax.apply_if_finite(optax.chain(fsam, base))``, cannot work (on a bad step
 it returns zeros shaped like the (perturbed, clean) pairs, while the chain
@@ -95,9 +95,37 @@ def test_guarded_step_skips_a_nonfinite_batch_and_training_continues():
     np.testing.assert_array_equal(x, y)
 
 
-def test_without_a_guard_nan_reaches_every_param_but_never_the_ema():
-  """One NaN leaf poisons the global norm, hence every param; fsam's state is kept."""
+def test_without_a_guard_nan_in_one_leaf_spreads_to_every_param_and_the_ema():
+  """One NaN leaf poisons the global norm, hence everything."""
   tx = make_tx()
+  grad_fn = jax.jit(fsam_optax.sam_value_and_grad(loss_fn))
+  params, state = init_params(), tx.init(init_params())
+  for i in range(BAD_STEP + 1):
+    _, grads = grad_fn(params, state, *batch(i, bad=i == BAD_STEP))
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  # The perturbation of every leaf is rho * d / ||d|| with ||d|| = NaN.
+  assert all(
+    np.all(np.isnan(g.perturbed))
+    for g in jax.tree.leaves(grads, is_leaf=lambda x: isinstance(x, fsam_optax.SAMGrad))
+  )
+  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(params))
+  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(state[1]))  # momentum
+  # The EMA is fed the clean gradient: NaN only where that gradient was NaN ...
+  ema = state[0].ema
+  assert np.all(np.isnan(ema["b"])) and np.all(np.isfinite(ema["w"]))
+  # ... until the next step, taken at NaN params, makes it NaN everywhere.
+  _, grads = grad_fn(params, state, *batch(BAD_STEP + 1))
+  _, state = tx.update(grads, state, params)
+  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(state[0].ema))
+
+
+def test_skip_nonfinite_keeps_fsam_state_while_the_params_still_take_the_nan():
+  """skip_nonfinite protects fsam's state; the base optimizer needs its own guard."""
+  tx = optax.chain(
+    fsam_optax.fsam(rho=0.2, sigma=1.0, lmbda=0.6, skip_nonfinite=True),
+    optax.sgd(0.05, momentum=0.9),
+  )
   grad_fn = jax.jit(fsam_optax.sam_value_and_grad(loss_fn))
   params, state = init_params(), tx.init(init_params())
   for i in range(BAD_STEP + 1):
@@ -105,10 +133,7 @@ def test_without_a_guard_nan_reaches_every_param_but_never_the_ema():
     _, grads = grad_fn(params, state, *batch(i, bad=i == BAD_STEP))
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
-  # The perturbation of every leaf is rho * d / ||d|| with ||d|| = NaN.
-  assert all(np.all(np.isnan(g)) for g in jax.tree.leaves(fsam_optax.perturbed_grads(grads)))
   assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(params))
-  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(state[1]))  # momentum
   # fsam kept its state: the moving average and the count are those before the step.
   for x, y in zip(jax.tree.leaves(state[0]), jax.tree.leaves(before), strict=True):
     np.testing.assert_array_equal(x, y)

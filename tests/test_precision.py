@@ -109,7 +109,8 @@ def scaled_run(dtype, scales):
   target = jax.random.normal(k2, (8, 4))
   # SGD with a rate that makes the 2**-20 loss move the weights visibly.
   tx = optax.chain(
-    fsam_optax.fsam(rho=0.05, sigma=1.0, lmbda=0.6), optax.apply_if_finite(optax.sgd(2.0**17), 3)
+    fsam_optax.fsam(rho=0.05, sigma=1.0, lmbda=0.6, skip_nonfinite=True),
+    optax.apply_if_finite(optax.sgd(2.0**17), 3),
   )
   grad_fn = fsam_optax.sam_value_and_grad(small_loss, return_diagnostics=True)
 

@@ -73,7 +73,9 @@ def test_apply_if_finite_after_fsam_skips_the_step_as_if_the_batch_never_came():
   params, a_steps, c = problem()
   bad = 3
   a_steps[bad] = {**a_steps[bad], "b": np.array([np.nan, 1.0])}
-  tx = optax.chain(fsam_optax.fsam(**HYPER), optax.apply_if_finite(optax.sgd(LR), 2))
+  tx = optax.chain(
+    fsam_optax.fsam(**HYPER, skip_nonfinite=True), optax.apply_if_finite(optax.sgd(LR), 2)
+  )
   with jax.enable_x64(True):
     run = train(tx, params, a_steps, c)
   # The bad step leaves params and the whole fsam state exactly as they were.
@@ -94,6 +96,15 @@ def test_apply_if_finite_around_the_chain_is_refused_with_the_supported_form():
   tx = optax.apply_if_finite(optax.chain(fsam_optax.fsam(**HYPER), optax.sgd(LR)), 2)
   with pytest.raises(
     ValueError, match=r"optax.chain\(fsam_optax.fsam\(...\), optax.apply_if_finite"
+  ):
+    fsam_optax.sam_value_and_grad(quadratic_loss)(params, tx.init(params), a_steps[0], c)
+
+
+def test_apply_if_finite_after_fsam_without_skip_nonfinite_is_refused():
+  params, a_steps, c = problem()
+  tx = optax.chain(fsam_optax.fsam(**HYPER), optax.apply_if_finite(optax.sgd(LR), 2))
+  with pytest.raises(
+    ValueError, match=r"fold that step into its moving average.*skip_nonfinite=True"
   ):
     fsam_optax.sam_value_and_grad(quadratic_loss)(params, tx.init(params), a_steps[0], c)
 
