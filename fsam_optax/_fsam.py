@@ -314,6 +314,7 @@ def sam(
   adaptive: bool = False,
   eps: float | jax.Array = 1e-12,
   mask: Mask | None = None,
+  skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Sharpness-Aware Minimization: :func:`fsam` with ``sigma = 0``.
 
@@ -325,6 +326,8 @@ def sam(
     eps: added to the norm before dividing, ``> 0``.
     mask: pytree of bools (or a callable of the params returning one); leaves
       that are ``False`` are not perturbed.
+    skip_nonfinite: leave the state unchanged on a non-finite step (see
+      :func:`fsam`).
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -339,4 +342,4 @@ def sam(
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
   """
-  return fsam(rho, sigma=0.0, adaptive=adaptive, eps=eps, mask=mask)
+  return fsam(rho, sigma=0.0, adaptive=adaptive, eps=eps, mask=mask, skip_nonfinite=skip_nonfinite)
