@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -11,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fsam_optax._config import PerturbationConfig
 from fsam_optax._schedule import check_schedule
 
 Mask = Any  # A pytree of bools (a prefix of the params), or a callable giving one.
@@ -29,36 +29,21 @@ class SAMGrad(NamedTuple):
   perturbed: jax.Array
   clean: jax.Array | None
 
+  # Arithmetic on a pair would silently stack the two gradients into one
+  # array (jnp treats a tuple as a sequence), or repeat or concatenate the
+  # tuple: refuse it with what to do.
+  def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+    raise TypeError(_PAIR_AS_ARRAY)
 
-@dataclasses.dataclass(frozen=True)
-class PerturbationConfig:
-  """Static settings the gradient helper reads from the state.
-
-  It is a pytree with no leaves (``jax.tree_util.register_static``), so it
-  travels with the state through ``jit``, ``scan`` and checkpoints without
-  becoming a traced value.
-  """
-
-  adaptive: bool
-  mask: Callable[[Any], Any] | _FrozenMask | None
-  # Which steps take the SAM step (see fsam_optax._schedule); 1, 1.0: all.
-  every: int = 1
-  probability: float = 1.0
-  seed: int = 0
+  __jax_array__ = __array__ = __add__ = __radd__ = __mul__ = __rmul__ = _refuse
 
 
-@dataclasses.dataclass(frozen=True)
-class _FrozenMask:
-  """A hashable copy of a pytree of Python bools."""
-
-  treedef: Any
-  leaves: tuple[bool, ...]
-
-  def tree(self) -> Any:
-    return jax.tree.unflatten(self.treedef, self.leaves)
-
-
-jax.tree_util.register_static(PerturbationConfig)
+_PAIR_AS_ARRAY = (
+  "a fsam_optax.SAMGrad (perturbed, clean) pair was used as an array. Pass the "
+  "helper's gradients unchanged to an optimizer whose chain starts with fsam, or "
+  "take the plain trees with fsam_optax.perturbed_grads(grads) / "
+  "fsam_optax.clean_grads(grads)."
+)
 
 
 class FSAMState(NamedTuple):
@@ -96,17 +81,23 @@ def _check(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> 
     raise ValueError(f"fsam: `{name}` must be {allowed}, got {v!r}.")
 
 
-def _freeze_mask(mask: Mask | None) -> Callable[[Any], Any] | _FrozenMask | None:
-  if mask is None or callable(mask):
-    return mask
-  leaves, treedef = jax.tree.flatten(mask)
+def _check_mask_leaves(leaves: list[Any]) -> None:
   for leaf in leaves:
     if isinstance(leaf, jax.core.Tracer) or jnp.ndim(leaf) != 0:
       raise ValueError(
         "fsam: `mask` leaves must be concrete Python bools, one per parameter "
         f"leaf (or per subtree), got {leaf!r}; mask whole arrays, not elements."
       )
-  return _FrozenMask(treedef, tuple(bool(leaf) for leaf in leaves))
+
+
+def resolve_mask(mask: Mask | None, params: Any) -> tuple[bool, ...] | None:
+  """One Python bool per leaf of ``params`` (a callable mask is called on them)."""
+  if mask is None:
+    return None
+  tree = mask(params) if callable(mask) else mask
+  leaves = jax.tree.leaves(broadcast_mask(tree, params))
+  _check_mask_leaves(leaves)
+  return tuple(bool(leaf) for leaf in leaves)
 
 
 def broadcast_mask(mask_tree: Any, params: Any) -> Any:
@@ -131,6 +122,19 @@ def _at(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
   # An int32 count would make optax's schedules compute in float32 even when
   # x64 is on; the default integer keeps the run's precision.
   return _default_float(value(count.astype(jnp.result_type(int))))
+
+
+def _zeros_for(param: Any, ema_dtype: jnp.dtype | None) -> jax.Array:
+  """The moving average's buffer for one parameter leaf."""
+  param = jnp.asarray(param)
+  dtype = ema_dtype or param.dtype
+  if ema_dtype is None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    dtype = jnp.dtype(jnp.float32)
+  return jnp.zeros(param.shape, dtype)
+
+
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
 
 
 def split_grads(updates: optax.Updates) -> tuple[list[jax.Array], list[Any], Any]:
@@ -158,6 +162,8 @@ def fsam(
   every: int | None = None,
   probability: float | None = None,
   seed: int | None = None,
+  ema_dtype: Any | None = None,
+  skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly Sharpness-Aware Minimization (F-SAM).
 
@@ -189,7 +195,8 @@ def fsam(
     adaptive: ASAM-style scale-invariant perturbation.
     eps: added to the norm before dividing, ``> 0``.
     mask: pytree of bools (or a callable of the params returning one); leaves
-      that are ``False`` are not perturbed and are left out of the norm.
+      that are ``False`` are not perturbed and are left out of the norm. It
+      is resolved once, at ``init``, into one bool per parameter leaf.
     every: take the F-SAM step on steps ``0, every, 2 every, ...`` only; the
       other steps cost one forward-backward pass and hand the clean gradient
       to the base optimizer (the moving average is fed it on every step).
@@ -201,6 +208,14 @@ def fsam(
     seed: seed of the ``probability`` draws (default 0). ``every``,
       ``probability`` and ``seed`` are static: under
       ``optax.inject_hyperparams`` name them in ``static_args``.
+    ema_dtype: dtype of the moving average. By default float32 for params
+      narrower than float32 (bfloat16, float16), whose rounding would swallow
+      the ``(1 - lmbda) g`` increments, and the param's dtype otherwise.
+    skip_nonfinite: leave the state (moving average, count, schedule)
+      unchanged on a step whose clean or perturbed gradients are not all
+      finite, so that ``optax.chain(fsam(..., skip_nonfinite=True),
+      optax.apply_if_finite(base, k))`` skips such a step entirely (needed
+      with float16 loss scaling). It costs one pass over the gradients.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -228,26 +243,29 @@ def fsam(
   _check("lmbda", lmbda, lambda v: 0 <= v < 1, "in [0, 1)")
   _check("eps", eps, lambda v: v > 0, "> 0")
   every, probability, seed = check_schedule(every, probability, seed)
-  config = PerturbationConfig(
-    adaptive=bool(adaptive),
-    mask=_freeze_mask(mask),
-    every=every,
-    probability=probability,
-    seed=seed,
-  )
+  if mask is not None and not callable(mask):
+    _check_mask_leaves(jax.tree.leaves(mask))
+  if ema_dtype is not None:
+    ema_dtype = jnp.dtype(ema_dtype)
   # Only a concrete Python zero drops the buffer: a traced sigma (for example
   # under inject_hyperparams) keeps it, so init and update agree on structure.
   keep_ema = not (isinstance(sigma, numbers.Real) and sigma == 0)
 
   def init_fn(params: optax.Params) -> FSAMState:
-    if isinstance(config.mask, _FrozenMask):
-      broadcast_mask(config.mask.tree(), params)
+    config = PerturbationConfig(
+      adaptive=bool(adaptive),
+      mask=resolve_mask(mask, params),
+      skip_nonfinite=bool(skip_nonfinite),
+      every=every,
+      probability=probability,
+      seed=seed,
+    )
     return FSAMState(
       count=jnp.zeros([], jnp.int32),
       rho=_at(rho, jnp.zeros([], jnp.int32)),
       sigma=_default_float(sigma),
       eps=_default_float(eps),
-      ema=optax.tree.zeros_like(params) if keep_ema else None,
+      ema=jax.tree.map(lambda p: _zeros_for(p, ema_dtype), params) if keep_ema else None,
       config=config,
     )
 
@@ -274,22 +292,36 @@ def fsam(
           f"moving average has {len(ema_leaves)}; initialise the optimizer "
           "with the params you differentiate."
         )
-      # First step: m = g (the official code's initialisation), by decay 0.
-      decay = jnp.where(state.count == 0, 0.0, lmbda)
-      ema = ema_def.unflatten(
-        [
-          (decay * m + (1 - decay) * g).astype(m.dtype)
-          for m, g in zip(ema_leaves, clean, strict=True)
-        ]
+
+    def advance() -> FSAMState:
+      new_ema = None
+      if ema is not None:
+        # First step: m = g (the official code's initialisation), by decay 0.
+        decay = jnp.where(state.count == 0, 0.0, lmbda)
+
+        def average(m: jax.Array, g: jax.Array) -> jax.Array:
+          # 1 - decay in at least the average's precision: a float32 lmbda (as
+          # inject_hyperparams stores it) would otherwise round it for float64.
+          a = decay.astype(jnp.promote_types(m.dtype, jnp.float32))
+          return (a * m + (1 - a) * g).astype(m.dtype)
+
+        new_ema = ema_def.unflatten([average(m, g) for m, g in zip(ema_leaves, clean, strict=True)])
+      count = optax.safe_increment(state.count)
+      return state._replace(
+        count=count,
+        rho=_at(rho, count),
+        sigma=_default_float(sigma),
+        eps=_default_float(eps),
+        ema=new_ema,
       )
-    count = optax.safe_increment(state.count)
-    new_state = state._replace(
-      count=count,
-      rho=_at(rho, count),
-      sigma=_default_float(sigma),
-      eps=_default_float(eps),
-      ema=ema,
-    )
+
+    if not skip_nonfinite:
+      return treedef.unflatten(perturbed), advance()
+    # A non-finite step must not reach the average (it would never leave it).
+    # lax.cond, not a select per leaf: the selects make XLA's compile time
+    # grow steeply with the number of leaves.
+    finite = _all_finite([*perturbed, *(c for c in clean if c is not None)])
+    new_state = jax.lax.cond(finite, advance, lambda: state)
     return treedef.unflatten(perturbed), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -304,6 +336,7 @@ def sam(
   every: int | None = None,
   probability: float | None = None,
   seed: int | None = None,
+  skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Sharpness-Aware Minimization: :func:`fsam` with ``sigma = 0``.
 
@@ -318,6 +351,8 @@ def sam(
     every: take the SAM step every ``every`` steps only (see :func:`fsam`).
     probability: take the SAM step with this probability (see :func:`fsam`).
     seed: seed of the ``probability`` draws.
+    skip_nonfinite: leave the state unchanged on a non-finite step (see
+      :func:`fsam`).
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -341,4 +376,5 @@ def sam(
     every=every,
     probability=probability,
     seed=seed,
+    skip_nonfinite=skip_nonfinite,
   )

@@ -42,8 +42,36 @@ def _not_first(where: str) -> str:
   )
 
 
+_INSIDE_APPLY_IF_FINITE = (
+  "fsam cannot sit inside optax.apply_if_finite: on a skipped step it returns "
+  "zeros shaped like the (perturbed, clean) pairs it received, which the rest "
+  "of the chain cannot take. Wrap the base optimizer instead: "
+  "`optax.chain(fsam_optax.fsam(...), optax.apply_if_finite(base, "
+  "max_consecutive_errors))` with `fsam(..., skip_nonfinite=True)`, which "
+  "leaves its state unchanged on a non-finite step, so the whole step is skipped."
+)
+
+_APPLY_IF_FINITE_NEEDS_SKIP = (
+  "optax.apply_if_finite after fsam skips the base optimizer on a non-finite "
+  "step, but fsam would still fold that step into its moving average. Build "
+  "it with `fsam_optax.fsam(..., skip_nonfinite=True)`."
+)
+
+_INSIDE_MASK = (
+  "fsam cannot sit inside optax.masked or optax.multi_transform: the gradient "
+  "helper perturbs every parameter with one global norm. Keep fsam first and "
+  "unmasked, exclude parameters from the perturbation with its own `mask=`, "
+  "and mask the base optimizer after it: `optax.chain(fsam_optax.fsam(mask=...), "
+  "optax.multi_transform(transforms, labels))`."
+)
+
+
 def _children(node: Any) -> list[tuple[Any, str | None]]:
   """One level of a pytree, each child with the placement problem it implies."""
+  if isinstance(node, optax.ApplyIfFiniteState):
+    return [(node.inner_state, _INSIDE_APPLY_IF_FINITE)]
+  if isinstance(node, optax.MaskedState | optax.MultiTransformState):
+    return [(c, _INSIDE_MASK) for c in jax.tree.leaves(node, is_leaf=lambda x: x is not node)]
   if isinstance(node, optax.MultiStepsState):
     problem = (
       "fsam cannot sit inside optax.MultiSteps, which accumulates plain "
@@ -88,4 +116,11 @@ def find_fsam_state(opt_state: Any) -> Found:
   hit = hits[0]
   if hit.problem is not None:
     raise ValueError(hit.problem)
+  if not hit.state.config.skip_nonfinite and _has_apply_if_finite(opt_state):
+    raise ValueError(_APPLY_IF_FINITE_NEEDS_SKIP)
   return Found(hit.state, hit.hyperparams)
+
+
+def _has_apply_if_finite(opt_state: Any) -> bool:
+  is_guard = lambda x: isinstance(x, optax.ApplyIfFiniteState)
+  return any(is_guard(x) for x in jax.tree.leaves(opt_state, is_leaf=is_guard))

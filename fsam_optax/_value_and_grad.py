@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 
 from fsam_optax._accumulate import accumulated
-from fsam_optax._fsam import FSAMState, SAMGrad, broadcast_mask
+from fsam_optax._fsam import FSAMState, SAMGrad
 from fsam_optax._lookup import find_fsam_state
+from fsam_optax._precision import applied_norm, scaled_value_and_grad
+from fsam_optax._randomness import SecondPassRng, check_rng_options, second_pass_args
 from fsam_optax._schedule import is_sam_step
 from fsam_optax._sharding import (
   Axes,
@@ -36,14 +38,26 @@ class SAMDiagnostics(NamedTuple):
       that a schedule (``every``, ``probability``) skips, the clean loss.
     direction_norm: global norm ``n`` of the direction ``d`` (of ``|theta| d``
       in adaptive mode), before scaling to the radius; 0 on a skipped step.
-    perturbation_norm: global norm of the perturbation ``e``; 0 on a skipped
-      step.
+    perturbation_norm: global norm of the perturbation ``e`` (``rho`` for
+      the non-adaptive perturbation); 0 on a skipped step.
+    applied_perturbation_norm: global norm of the perturbation actually
+      applied, ``(theta + e) - theta`` with ``theta + e`` rounded to the
+      params' dtype. When that dtype cannot resolve ``e`` (bfloat16 weights)
+      it differs from ``perturbation_norm``: lower where ``theta + e`` rounds
+      back to ``theta``, and possibly higher where a weight jumps a whole
+      step of its dtype instead of ``e_i``; 0 on a skipped step.
+    clean_grad_norm: global norm of the clean gradient ``g`` (averaged over
+      ``axis_name``; after ``clip_clean_grad``).
+    perturbed_grad_norm: global norm of the perturbed gradient ``g'``.
   """
 
   value: jax.Array
   perturbed_value: jax.Array
   direction_norm: jax.Array
   perturbation_norm: jax.Array
+  applied_perturbation_norm: jax.Array
+  clean_grad_norm: jax.Array
+  perturbed_grad_norm: jax.Array
 
   @property
   def sharpness(self) -> jax.Array:
@@ -65,15 +79,15 @@ def _hyperparam(name: str, state: FSAMState, live: Any) -> jax.Array:
   return _scalar(value)
 
 
-def _mask_leaves(mask: Any, params: Any, n: int) -> list[bool]:
+def _mask_leaves(mask: tuple[bool, ...] | None, n: int) -> list[bool]:
   if mask is None:
     return [True] * n
-  tree = mask(params) if callable(mask) else mask.tree()
-  # A callable's result is checked here, at every call, not once at init.
-  leaves = jax.tree.leaves(broadcast_mask(tree, params))
-  if len(leaves) != n:
-    raise ValueError(f"fsam: `mask` gives {len(leaves)} leaves for {n} parameters.")
-  return [bool(leaf) for leaf in leaves]
+  if len(mask) != n:
+    raise ValueError(
+      f"fsam: the state's `mask` covers {len(mask)} parameter leaves but the params "
+      f"have {n}; initialise the optimizer with the same params you pass here."
+    )
+  return list(mask)
 
 
 def _acc_dtype(leaves: list[jax.Array]) -> jnp.dtype:
@@ -126,7 +140,7 @@ def perturb(
   rho = _hyperparam("rho", state, live)
   eps = _hyperparam("eps", state, live)
   adaptive = state.config.adaptive
-  chosen = _mask_leaves(state.config.mask, params, len(p_leaves))
+  chosen = _mask_leaves(state.config.mask, len(p_leaves))
 
   acc = _acc_dtype(p_leaves)
 
@@ -224,6 +238,9 @@ def sam_value_and_grad(
   param_specs: Any = None,
   average_aux: bool = False,
   micro_batches: int | None = None,
+  rng_arg: int | str | None = None,
+  second_pass_rng: SecondPassRng = "fresh",
+  clip_clean_grad: float | None = None,
 ) -> Callable[..., Any]:
   """Clean loss and F-SAM gradients of ``fun``, for :func:`fsam_optax.fsam`.
 
@@ -285,9 +302,27 @@ def sam_value_and_grad(
       this equals the whole batch in one call, with the memory of one
       micro-batch. The value is the mean; an aux gets a leading axis of
       length ``micro_batches``. Close over arguments that are not batched.
+    rng_arg: which argument of ``fun`` is a PRNG key (its position, params
+      being 0, or its keyword name), for dropout and other randomness.
+    second_pass_rng: with ``rng_arg``, the key of the second pass:
+      ``"fresh"`` (the default, as the official code, where each forward pass
+      draws its own dropout mask) gives it ``jax.random.fold_in(key, 1)``;
+      ``"same"`` gives both passes the same key. Without ``rng_arg`` both
+      passes receive the same arguments.
+    clip_clean_grad: if set, the clean gradient is clipped to this global
+      norm (as ``optax.clip_by_global_norm``) before it forms the direction
+      and feeds the moving average.
+
+  The returned function also takes a keyword ``loss_scale`` (consumed, not
+  passed to ``fun``) for float16 training: the loss is multiplied by it in
+  both passes and the gradients divided by it before they form the direction,
+  its norm, and the returned pairs. It may change between steps (a traced
+  value); skip steps with non-finite gradients, e.g. with
+  ``optax.chain(fsam(...), optax.apply_if_finite(base, k))``.
 
   Returns:
-    A function ``(params, opt_state, *args, **kwargs) -> (value, grads)``.
+    A function ``(params, opt_state, *args, loss_scale=None, **kwargs) ->
+    (value, grads)``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, fsam_optax
@@ -358,20 +393,48 @@ def sam_value_and_grad(
       "sam_value_and_grad: `micro_batches` must be a positive int (or None), "
       f"got {micro_batches!r}."
     )
-  value_and_grad = jax.value_and_grad(fun, has_aux=has_aux)
-  if micro_batches is not None:
-    value_and_grad = accumulated(value_and_grad, micro_batches, has_aux)
   mean = functools.partial(_average, axes=data_axes)
+  check_rng_options(rng_arg, second_pass_rng)
+  if clip_clean_grad is not None and not clip_clean_grad > 0:
+    raise ValueError(
+      f"sam_value_and_grad: `clip_clean_grad` must be a norm > 0, got {clip_clean_grad!r}."
+    )
 
-  def grad_fn(params: Any, opt_state: Any, *args: Any, **kwargs: Any) -> Any:
+  if micro_batches is not None and rng_arg is not None:
+    raise ValueError(
+      "sam_value_and_grad: `micro_batches` splits every argument along its first "
+      "axis, a PRNG key (`rng_arg`) included; draw one key per example in the "
+      "batch instead, or leave micro_batches off."
+    )
+  scaled = scaled_value_and_grad(fun, has_aux)
+
+  def grad_fn(
+    params: Any, opt_state: Any, *args: Any, loss_scale: Any = None, **kwargs: Any
+  ) -> Any:
     found = find_fsam_state(opt_state)
     state = found.state
     config = state.config
     axes_per_leaf = None if param_specs is None else leaf_axes(param_specs, params)
     check_layout(params, axes_per_leaf, data_axes, per_device=perturbation == "per_device")
     total = _add if axes_per_leaf is None else sum_over_shards(axes_per_leaf)
+
+    def clip(tree: Any) -> Any:
+      # optax.clip_by_global_norm's rule, with the norm of the whole tree.
+      if clip_clean_grad is None:
+        return tree
+      norm = _norm(jax.tree.leaves(tree), total)
+      return jax.tree.map(
+        lambda g: jnp.where(
+          norm < clip_clean_grad, g, (g / norm.astype(g.dtype)) * clip_clean_grad
+        ),
+        tree,
+      )
+
     if data_axes:
       params = vary(params, data_axes)
+    value_and_grad = functools.partial(scaled, loss_scale)
+    if micro_batches is not None:
+      value_and_grad = accumulated(value_and_grad, micro_batches, has_aux)
     out, local_grads = value_and_grad(params, *args, **kwargs)
     take = is_sam_step(config.every, config.probability, config.seed, _scalar(state.count))
     # The averaged clean gradient perturbs in global mode and feeds the moving
@@ -379,13 +442,17 @@ def sam_value_and_grad(
     # (unless skipped steps must hand it to the base optimizer).
     grads = None
     if perturbation == "global" or state.ema is not None or take is not None:
-      grads = average_over_data(local_grads, data_axes, axes_per_leaf)
-    direction = grads if perturbation == "global" else local_grads
+      grads = clip(average_over_data(local_grads, data_axes, axes_per_leaf))
+    direction = grads if perturbation == "global" else clip(local_grads)
+    args_p, kwargs_p = second_pass_args(args, kwargs, rng_arg, second_pass_rng)
 
     def sam_pass() -> tuple:
       perturbed_params, norm, e_leaves = perturb(params, direction, state, found.hyperparams, total)
-      out_p, perturbed_grads = value_and_grad(perturbed_params, *args, **kwargs)
-      diag = (norm, _norm(e_leaves, total).astype(norm.dtype)) if return_diagnostics else ()
+      out_p, perturbed_grads = value_and_grad(perturbed_params, *args_p, **kwargs_p)
+      diag = ()
+      if return_diagnostics:
+        e_norm = _norm(e_leaves, total).astype(norm.dtype)
+        diag = (norm, e_norm, applied_norm(params, perturbed_params, total).astype(norm.dtype))
       perturbed_grads = average_over_data(perturbed_grads, data_axes, axes_per_leaf)
       return perturbed_grads, out_p[0] if has_aux else out_p, diag
 
@@ -393,9 +460,11 @@ def sam_value_and_grad(
       # Steps the schedule skips: the clean gradient in place of g', and
       # zero norms (no perturbation was made).
       zero = jnp.zeros([], _acc_dtype([jnp.asarray(p) for p in jax.tree.leaves(params)]))
-      if data_axes and (config.adaptive or perturbation == "per_device"):
-        zero = vary(zero, data_axes)  # as varying as the norms of sam_pass
-      diag = (zero, zero) if return_diagnostics else ()
+      # As varying as the norms of sam_pass: those computed from the params
+      # vary over the data axes (the params are marked varying), the others not.
+      zero_p = vary(zero, data_axes) if data_axes else zero
+      zero_d = zero_p if config.adaptive or perturbation == "per_device" else zero
+      diag = (zero_d, zero_d, zero_p) if return_diagnostics else ()
       return grads, out[0] if has_aux else out, diag
 
     if take is None:
@@ -417,6 +486,13 @@ def sam_value_and_grad(
     result = ((value, aux) if has_aux else value), sam_grads
     if not return_diagnostics:
       return result
-    return (*result, SAMDiagnostics(value, mean(local_value_p), *diag))
+    clean = (
+      grads if grads is not None else clip(average_over_data(local_grads, data_axes, axes_per_leaf))
+    )
+    grad_norms = (
+      _norm(jax.tree.leaves(clean), total),
+      _norm(jax.tree.leaves(perturbed_grads), total),
+    )
+    return (*result, SAMDiagnostics(value, mean(local_value_p), *diag, *grad_norms))
 
   return grad_fn

@@ -45,10 +45,10 @@ def run_guide(path: pathlib.Path, timeout: int = 600) -> nbformat.NotebookNode:
   client = nbclient.NotebookClient(
     book, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
   )
-  # The kernel imports fsam_optax from this checkout, not from wherever it is installed.
+  # The kernel imports this checkout's fsam_optax, not whichever one is installed.
   repo = str(pathlib.Path(__file__).resolve().parents[1])
-  path_env = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
-  client.execute(env={**os.environ, "PYTHONPATH": path_env})
+  pythonpath = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+  client.execute(env={**os.environ, "PYTHONPATH": pythonpath})
   for cell in book.cells:
     if "raises-exception" in cell.metadata["tags"]:
       errors = [o for o in cell.outputs if o.output_type == "error"]

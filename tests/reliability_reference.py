@@ -8,7 +8,7 @@ equals its clean one exactly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -51,26 +51,41 @@ def fsam_steps(
   lr: float,
   adaptive: bool = False,
   mask: Sequence[bool] | None = None,
+  per_step: Sequence[dict[str, float]] | None = None,
+  clip_clean: float | None = None,
+  base: Callable[[dict, dict], dict] | None = None,
 ) -> list[Step]:
   """Runs F-SAM then plain SGD(``lr``) on :func:`quadratic_loss`, in float64.
 
   The algorithm is ``tests.reference.FSAMReference`` on the leaves keyed by
   position; a mask restricts the perturbation, and so its norm, to the chosen
-  leaves, while the moving average still covers every leaf.
+  leaves, while the moving average still covers every leaf. ``per_step[i]``
+  overrides hyperparameters (``rho``, ``sigma``, ``lmbda``) at step ``i``;
+  ``clip_clean`` clips the clean gradient to that global norm before it forms
+  the direction and feeds the average;
+  ``base(theta, g_pert)`` replaces the SGD step (``lr`` is then unused).
   """
   as64 = lambda xs: dict(enumerate(np.asarray(x, np.float64) for x in xs))
   theta, c = as64(params), as64(c)
   kept = [k for k in theta if mask is None or mask[k]]
   opt = FSAMReference(rho=rho, sigma=sigma, lmbda=lmbda, adaptive=adaptive)
   steps = []
-  for a in map(as64, a_per_step):
+  for i, a in enumerate(map(as64, a_per_step)):
+    for name, value in (per_step[i] if per_step is not None else {}).items():
+      setattr(opt, name, value)
     g = {k: a[k] + c[k] * theta[k] for k in theta}
+    if clip_clean is not None:
+      g_norm = np.sqrt(sum(np.sum(v**2) for v in g.values()))
+      g = {k: v * min(1.0, clip_clean / g_norm) for k, v in g.items()}
     d = opt.direction(g)
     e = {k: np.zeros_like(v) for k, v in theta.items()}
     e.update(opt.perturbation({k: theta[k] for k in kept}, {k: d[k] for k in kept}))
     n = np.sqrt(sum(np.sum((np.abs(theta[k]) * d[k] if adaptive else d[k]) ** 2) for k in kept))
     g_pert = {k: a[k] + c[k] * (theta[k] + e[k]) for k in theta}
-    theta = {k: theta[k] - lr * g_pert[k] for k in theta}
+    if base is None:
+      theta = {k: theta[k] - lr * g_pert[k] for k in theta}
+    else:
+      theta = base(theta, g_pert)
     steps.append(
       Step(*map(list, (theta.values(), opt.m.values(), g.values(), g_pert.values())), float(n))
     )

@@ -111,6 +111,7 @@ def test_params_that_do_not_match_the_state_are_refused():
   [
     (dict(perturbation="local"), ValueError, "`perturbation` must be 'global' or 'per_device'"),
     (dict(perturbation="per_device"), ValueError, "needs `axis_name`"),
+    (dict(clip_clean_grad=0.0), ValueError, "`clip_clean_grad` must be a norm > 0, got 0.0"),
   ],
 )
 def test_helper_arguments_are_checked(kwargs, error, message):

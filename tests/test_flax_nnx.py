@@ -134,3 +134,41 @@ def test_nnx_batch_stats_come_from_the_clean_pass_only():
         np.testing.assert_allclose(got_stat, clean_stat, rtol=1e-13, atol=1e-15)
         # The perturbed pass would give other statistics, so the check can fail.
         assert float(jnp.max(jnp.abs(perturbed_stat - clean_stat))) > 1e-6
+
+
+class SmallNet(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(5, 6, rngs=rngs)
+    self.bn = nnx.BatchNorm(6, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.bn(self.linear(x))
+
+
+def test_callable_mask_is_resolved_on_the_nnx_state_at_init():
+  """Optax's masking convention on NNX params: BatchNorm's scale and bias stay unperturbed."""
+  not_bn = lambda params: jax.tree_util.tree_map_with_path(
+    lambda path, _: "bn" not in jax.tree_util.keystr(path), params
+  )
+  model = SmallNet(nnx.Rngs(0))
+  tx = optax.chain(fsam_optax.fsam(**FSAM, mask=not_bn), optax.sgd(LR))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(1), (8, 5))
+  (_, _), grads = nnx_grad_fn(params, optimizer.opt_state, graphdef, rest, x, jnp.zeros((8, 6)))
+  # By hand: step 1 perturbs along g, over the non-BatchNorm leaves only.
+  g = fsam_optax.clean_grads(grads)
+  keep = not_bn(g)
+  n = jnp.sqrt(
+    sum(jnp.sum(v**2) for v, k in zip(jax.tree.leaves(g), jax.tree.leaves(keep), strict=True) if k)
+  )
+  e = jax.tree.map(lambda v, k: FSAM["rho"] * v / n if k else jnp.zeros_like(v), g, keep)
+  moved = jax.tree.map(jnp.add, params, e)
+  want = jax.grad(lambda p: nnx_loss(p, graphdef, rest, x, jnp.zeros((8, 6)))[0])(moved)
+  for got, expected in zip(
+    jax.tree.leaves(fsam_optax.perturbed_grads(grads)), jax.tree.leaves(want), strict=True
+  ):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  assert optimizer.opt_state[0].config.mask == tuple(jax.tree.leaves(keep))
+  assert optimizer.opt_state[0].config.mask.count(False) == 2  # BatchNorm's scale and bias
+  optimizer.update(model, grads)  # and the optimizer takes the pairs

@@ -147,12 +147,25 @@ def test_mask_of_wrong_structure_is_rejected_at_init(mask):
     fsam_optax.fsam(mask=mask).init(_params(0))
 
 
-def test_callable_mask_of_wrong_structure_is_rejected_with_the_same_message():
-  params = _params(0)
+def test_callable_mask_of_wrong_structure_is_rejected_at_init_with_the_same_message():
   tx = fsam_optax.fsam(mask=lambda p: {"conv": True})
-  grad_fn = fsam_optax.sam_value_and_grad(quadratic_loss)
   with pytest.raises(ValueError, match=STRUCTURE_ERROR):
-    grad_fn(params, tx.init(params), params, params)
+    tx.init(_params(0))
+
+
+def test_callable_mask_is_resolved_once_at_init_into_one_bool_per_leaf():
+  params = _params(0)
+  state = fsam_optax.fsam(mask=_kernels_only).init(params)
+  assert state.config.mask == tuple(jax.tree.leaves(_kernels_only(params)))
+  assert state.config == fsam_optax.fsam(mask=PREFIX_MASK).init(params).config
+
+
+def test_state_resolved_for_other_params_is_refused_by_the_helper():
+  params = _params(0)
+  state = fsam_optax.fsam(mask=PREFIX_MASK, sigma=0.0).init(params)
+  fewer = {"conv": params["conv"], "bn": params["bn"]}
+  with pytest.raises(ValueError, match=r"covers 6 parameter leaves but the params have 4"):
+    fsam_optax.sam_value_and_grad(quadratic_loss)(fewer, state, fewer, fewer)
 
 
 def test_traced_mask_leaves_are_rejected():

@@ -1,10 +1,12 @@
 """Non-finite gradients: a guarded step skips the batch and leaves everything untouched.
 
-``optax.apply_if_finite`` cannot wrap a chain that starts with ``fsam``: on a
-bad step it returns zeros shaped like its input, the (perturbed, clean) pairs,
-while the chain returns plain updates, and ``lax.cond`` rejects the mismatch.
-The README's recipe guards the whole step instead; these tests pin both facts
-and what happens with no guard at all.
+``fsam(..., skip_nonfinite=True)`` never folds a non-finite step into its
+state, so ``optax.chain(fsam, optax.apply_if_finite(base))`` skips such a step entirely
+(tests/test_wrappers.py checks it against a float64 reference). The other form,
+``optax.apply_if_finite(optax.chain(fsam, base))``, cannot work (on a bad step
+it returns zeros shaped like the (perturbed, clean) pairs, while the chain
+returns plain updates) and the helper refuses it. Guarding the whole step by
+hand works too; these tests pin these facts and what happens with no guard.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def test_guarded_step_skips_a_nonfinite_batch_and_training_continues():
 
 
 def test_without_a_guard_nan_in_one_leaf_spreads_to_every_param_and_the_ema():
-  """What the README reports: one NaN leaf poisons the global norm, hence everything."""
+  """One NaN leaf poisons the global norm, hence everything."""
   tx = make_tx()
   grad_fn = jax.jit(fsam_optax.sam_value_and_grad(loss_fn))
   params, state = init_params(), tx.init(init_params())
@@ -118,16 +120,33 @@ def test_without_a_guard_nan_in_one_leaf_spreads_to_every_param_and_the_ema():
   assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(state[0].ema))
 
 
-def test_optax_apply_if_finite_finds_the_state_but_cannot_wrap_the_chain():
+def test_skip_nonfinite_keeps_fsam_state_while_the_params_still_take_the_nan():
+  """skip_nonfinite protects fsam's state; the base optimizer needs its own guard."""
+  tx = optax.chain(
+    fsam_optax.fsam(rho=0.2, sigma=1.0, lmbda=0.6, skip_nonfinite=True),
+    optax.sgd(0.05, momentum=0.9),
+  )
+  grad_fn = jax.jit(fsam_optax.sam_value_and_grad(loss_fn))
+  params, state = init_params(), tx.init(init_params())
+  for i in range(BAD_STEP + 1):
+    before = state[0]
+    _, grads = grad_fn(params, state, *batch(i, bad=i == BAD_STEP))
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(params))
+  # fsam kept its state: the moving average and the count are those before the step.
+  for x, y in zip(jax.tree.leaves(state[0]), jax.tree.leaves(before), strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert int(state[0].count) == BAD_STEP
+
+
+def test_apply_if_finite_around_the_chain_is_refused_with_the_supported_form():
   params = init_params()
   tx = optax.apply_if_finite(make_tx(), max_consecutive_errors=3)
-  state = tx.init(params)
   grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
-  # The helper finds the F-SAM state inside ApplyIfFiniteState ...
-  _, grads = grad_fn(params, state, *batch(0))
-  _, plain_grads = grad_fn(params, make_tx().init(params), *batch(0))
-  for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads), strict=True):
-    np.testing.assert_array_equal(x, y)
-  # ... but apply_if_finite's skip branch returns zero *pairs*, not plain updates.
-  with pytest.raises(TypeError, match="cond branch outputs must have the same pytree structure"):
-    tx.update(grads, state, params)
+  with pytest.raises(
+    ValueError,
+    match=r"inside optax.apply_if_finite.*`optax.chain\(fsam_optax.fsam\(...\), "
+    r"optax.apply_if_finite\(base",
+  ):
+    grad_fn(params, tx.init(params), *batch(0))

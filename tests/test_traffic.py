@@ -84,8 +84,10 @@ def test_the_moving_average_is_the_only_parameter_size_buffer(dtype, schedule):
   params = {"w": jnp.ones((64, 32), dtype), "b": jnp.ones(32, dtype), "s": jnp.ones((), dtype)}
   state = fsam_optax.fsam(**schedule).init(params)
   assert jax.tree.structure(state.ema) == jax.tree.structure(params)
+  # In its own dtype: float32 for params narrower than float32.
+  ema_dtype = jnp.float32 if dtype == jnp.bfloat16 else dtype
   for m, p in zip(jax.tree.leaves(state.ema), jax.tree.leaves(params), strict=True):
-    assert (m.shape, m.dtype) == (p.shape, p.dtype)
+    assert (m.shape, m.dtype) == (p.shape, ema_dtype)
   others = [state.count, state.rho, state.sigma, state.eps]
   assert [x.shape for x in others] == [()] * 4
   assert len(jax.tree.leaves(state)) == len(params) + 4  # config has no leaves

@@ -1,0 +1,58 @@
+"""The static part of the F-SAM state: settings fixed when the state is built."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class PerturbationConfig:
+  """Static settings the gradient helper reads from the state.
+
+  Every field is a plain, hashable Python value fixed by ``tx.init``: the
+  config compares by value, so two optimizers built with the same options for
+  params of the same structure give states of the same tree structure, and a
+  state saved from one restores into the other. It is a pytree with no leaves
+  (``jax.tree_util.register_static``): it travels through ``jit``, ``scan``
+  and checkpoints without becoming a traced value, and checkpoints do not
+  store it (the restore target, built by ``tx.init``, supplies it).
+
+  Attributes:
+    adaptive: ASAM-style scale-invariant perturbation.
+    mask: one bool per parameter leaf (``False``: not perturbed), resolved
+      from ``fsam``'s ``mask`` at ``tx.init``; ``None`` perturbs every leaf.
+    skip_nonfinite: ``fsam`` leaves its state unchanged on a step whose
+      gradients are not all finite.
+    every, probability, seed: which steps take the SAM step (see
+      ``fsam``'s arguments of the same names); ``1``, ``1.0``: every step.
+  """
+
+  adaptive: bool = False
+  mask: tuple[bool, ...] | None = None
+  skip_nonfinite: bool = False
+  every: int = 1
+  probability: float = 1.0
+  seed: int = 0
+
+
+jax.tree_util.register_static(PerturbationConfig)
+
+
+def _register_with_flax() -> None:
+  """Makes ``flax.serialization`` skip the config, as checkpoints do.
+
+  ``to_bytes`` / ``to_state_dict`` record ``{}`` for it and the restore target
+  supplies it back. Flax stays optional: without it there is nothing to do.
+  """
+  try:
+    from flax import serialization
+  except ImportError:
+    return
+  serialization.register_serialization_state(
+    PerturbationConfig, lambda _: {}, lambda target, _: target, override=True
+  )
+
+
+_register_with_flax()

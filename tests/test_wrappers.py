@@ -1,0 +1,266 @@
+"""Optax wrappers around or after fsam, each against the float64 NumPy reference.
+
+The loss is ``tests.reliability_reference.quadratic_loss``, whose gradients are
+known in closed form; ``fsam_steps`` runs the algorithm on it in NumPy, with the
+base optimizer's step given as a function where it is not plain SGD. Forms that
+cannot work are refused by the helper with the supported form in the message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fsam_optax
+from tests.reliability_reference import fsam_steps, quadratic_loss
+
+HYPER = {"rho": 0.2, "sigma": 1.0, "lmbda": 0.6}
+LR, STEPS = 0.1, 6
+# Sorted keys: jax's leaf order is the dicts' order, so NumPy lists line up.
+SHAPES = {"b": (2,), "s": (), "w": (3, 2)}
+
+
+def problem(seed: int = 0) -> tuple[dict, list[dict], dict]:
+  rng = np.random.default_rng(seed)
+  draw = lambda: {k: rng.normal(size=s) for k, s in SHAPES.items()}
+  params, c = draw(), {k: 0.5 + np.abs(v) for k, v in draw().items()}
+  return params, [draw() for _ in range(STEPS)], c
+
+
+def leaves(tree: Any) -> list[np.ndarray]:
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def reference(params, a_steps, c, **kwargs):
+  values = lambda d: list(d.values())
+  return fsam_steps(values(params), [values(a) for a in a_steps], values(c), **kwargs)
+
+
+def train(tx, params, a_steps, c, *, fast=lambda p: p, **helper) -> list[tuple[Any, Any, Any]]:
+  """Runs the helper and ``tx`` in float64; ``fast`` picks the params to perturb."""
+  grad_fn = jax.jit(fsam_optax.sam_value_and_grad(quadratic_loss, **helper))
+  step = jax.jit(tx.update)
+  state, out = tx.init(params), []
+  for a in a_steps:
+    _, grads = grad_fn(fast(params), state, a, c)
+    updates, state = step(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    out.append((params, state, grads))
+  return out
+
+
+def assert_close(got: Any, want: list[np.ndarray]) -> None:
+  got = leaves(got)
+  assert len(got) == len(want)
+  for x, y in zip(got, want, strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
+
+
+def assert_matches(run, ref, fsam_state=lambda s: s[0], fast=lambda p: p) -> None:
+  for (params, state, grads), want in zip(run, ref, strict=True):
+    assert_close(fast(params), want.params)
+    assert_close(fsam_optax.perturbed_grads(grads), want.perturbed)
+    if want.ema is not None:
+      assert_close(fsam_state(state).ema, want.ema)
+
+
+def test_apply_if_finite_after_fsam_skips_the_step_as_if_the_batch_never_came():
+  params, a_steps, c = problem()
+  bad = 3
+  a_steps[bad] = {**a_steps[bad], "b": np.array([np.nan, 1.0])}
+  tx = optax.chain(
+    fsam_optax.fsam(**HYPER, skip_nonfinite=True), optax.apply_if_finite(optax.sgd(LR), 2)
+  )
+  with jax.enable_x64(True):
+    run = train(tx, params, a_steps, c)
+  # The bad step leaves params and the whole fsam state exactly as they were.
+  (p_bad, s_bad, _), (p_before, s_before, _) = run[bad], run[bad - 1]
+  for x, y in zip(leaves((p_bad, s_bad[0])), leaves((p_before, s_before[0])), strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert int(s_bad[1].total_notfinite) == 1
+  ref = reference(params, [a for i, a in enumerate(a_steps) if i != bad], c, **HYPER, lr=LR)
+  good = run[:bad] + run[bad + 1 :]
+  for (p, s, _), want in zip(good, ref, strict=True):
+    assert_close(p, want.params)
+    assert_close(s[0].ema, want.ema)
+  assert int(run[-1][1][0].count) == STEPS - 1
+
+
+def test_apply_if_finite_around_the_chain_is_refused_with_the_supported_form():
+  params, a_steps, c = problem()
+  tx = optax.apply_if_finite(optax.chain(fsam_optax.fsam(**HYPER), optax.sgd(LR)), 2)
+  with pytest.raises(
+    ValueError, match=r"optax.chain\(fsam_optax.fsam\(...\), optax.apply_if_finite"
+  ):
+    fsam_optax.sam_value_and_grad(quadratic_loss)(params, tx.init(params), a_steps[0], c)
+
+
+def test_apply_if_finite_after_fsam_without_skip_nonfinite_is_refused():
+  params, a_steps, c = problem()
+  tx = optax.chain(fsam_optax.fsam(**HYPER), optax.apply_if_finite(optax.sgd(LR), 2))
+  with pytest.raises(
+    ValueError, match=r"fold that step into its moving average.*skip_nonfinite=True"
+  ):
+    fsam_optax.sam_value_and_grad(quadratic_loss)(params, tx.init(params), a_steps[0], c)
+
+
+def test_named_chain_matches_the_reference():
+  params, a_steps, c = problem()
+  tx = optax.named_chain(("fsam", fsam_optax.fsam(**HYPER)), ("sgd", optax.sgd(LR)))
+  with jax.enable_x64(True):
+    run = train(tx, params, a_steps, c)
+  assert_matches(run, reference(params, a_steps, c, **HYPER, lr=LR), lambda s: s["fsam"])
+
+
+def test_clip_by_global_norm_after_fsam_clips_the_perturbed_gradient():
+  params, a_steps, c = problem()
+  max_norm = 0.5
+
+  def clipped_sgd(theta, g_pert):
+    n = np.sqrt(sum(np.sum(g**2) for g in g_pert.values()))
+    assert n > max_norm  # the clip is active at every step
+    return {k: theta[k] - LR * g_pert[k] * max_norm / n for k in theta}
+
+  tx = optax.chain(fsam_optax.fsam(**HYPER), optax.clip_by_global_norm(max_norm), optax.sgd(LR))
+  with jax.enable_x64(True):
+    run = train(tx, params, a_steps, c)
+  assert_matches(run, reference(params, a_steps, c, **HYPER, lr=LR, base=clipped_sgd))
+
+
+def test_clip_clean_grad_clips_g_before_the_direction_and_the_moving_average():
+  params, a_steps, c = problem()
+  tx = optax.chain(fsam_optax.fsam(**HYPER), optax.sgd(LR))
+  with jax.enable_x64(True):
+    run = train(tx, params, a_steps, c, clip_clean_grad=0.5)
+  ref = reference(params, a_steps, c, **HYPER, lr=LR, clip_clean=0.5)
+  assert_matches(run, ref)
+  for (_, _, grads), want in zip(run, ref, strict=True):
+    assert_close(fsam_optax.clean_grads(grads), want.clean)
+    assert np.sqrt(sum(np.sum(g**2) for g in want.clean)) == pytest.approx(0.5)
+
+
+RHO = optax.linear_schedule(0.3, 0.05, transition_steps=STEPS)
+SIGMA = optax.linear_schedule(1.0, 0.4, transition_steps=STEPS)
+LMBDA = optax.linear_schedule(0.5, 0.9, transition_steps=STEPS)
+
+
+def test_inject_hyperparams_schedules_reach_the_helper_one_step_late():
+  """The helper reads rho and sigma from the hyperparameters that inject_hyperparams
+  stored at the previous update; lmbda is used inside fsam's update, on time."""
+  params, a_steps, c = problem()
+  tx = optax.chain(
+    optax.inject_hyperparams(fsam_optax.fsam)(rho=RHO, sigma=SIGMA, lmbda=LMBDA), optax.sgd(LR)
+  )
+  with jax.enable_x64(True):
+    run = train(tx, params, a_steps, c)
+    # What inject_hyperparams stored: at init, then after each update (float32).
+    stored = [tx.init(params)[0].hyperparams] + [state[0].hyperparams for _, state, _ in run]
+    stored = [{k: float(v) for k, v in h.items()} for h in stored]
+  for i in range(STEPS):  # after update i, the schedules' values at step i
+    for name, schedule in (("rho", RHO), ("sigma", SIGMA), ("lmbda", LMBDA)):
+      assert stored[i + 1][name] == pytest.approx(float(schedule(i)), rel=1e-6)
+  hyper = lambda lag: [
+    {
+      "rho": stored[i + 1 - lag]["rho"],
+      "sigma": stored[i + 1 - lag]["sigma"],
+      "lmbda": stored[i + 1]["lmbda"],
+    }
+    for i in range(STEPS)
+  ]
+  ref = reference(params, a_steps, c, **HYPER, lr=LR, per_step=hyper(lag=1))
+  assert_matches(run, ref, lambda s: s[0].inner_state)
+  # Not the on-time schedule: the lag is real.
+  on_time = reference(params, a_steps, c, **HYPER, lr=LR, per_step=hyper(lag=0))
+  assert not np.allclose(leaves(run[-1][0])[-1], on_time[-1].params[-1], rtol=1e-6)
+
+
+def test_rho_schedule_given_to_fsam_has_no_lag():
+  params, a_steps, c = problem()
+  tx = optax.chain(fsam_optax.fsam(RHO, sigma=1.0, lmbda=0.6), optax.sgd(LR))
+  with jax.enable_x64(True):
+    run = train(tx, params, a_steps, c)
+    per_step = [{"rho": float(RHO(i))} for i in range(STEPS)]
+  assert_matches(run, reference(params, a_steps, c, **HYPER, lr=LR, per_step=per_step))
+
+
+def test_inject_hyperparams_value_set_by_hand_takes_effect_at_the_next_step():
+  params, a_steps, c = problem()
+  tx = optax.chain(optax.inject_hyperparams(fsam_optax.fsam)(**HYPER), optax.sgd(LR))
+  grad_fn = jax.jit(fsam_optax.sam_value_and_grad(quadratic_loss))
+  with jax.enable_x64(True):
+    state, p, got = tx.init(params), params, []
+    for i, a in enumerate(a_steps):
+      if i == 2:
+        state[0].hyperparams.update(
+          rho=jnp.asarray(0.05), sigma=jnp.asarray(0.5), lmbda=jnp.asarray(0.8)
+        )
+      _, grads = grad_fn(p, state, a, c)
+      updates, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+      got.append(p)
+  per_step = [{} if i < 2 else {"rho": 0.05, "sigma": 0.5, "lmbda": 0.8} for i in range(STEPS)]
+  ref = reference(params, a_steps, c, **HYPER, lr=LR, per_step=per_step)
+  for x, want in zip(got, ref, strict=True):
+    assert_close(x, want.params)
+
+
+def test_lookahead_around_the_chain_perturbs_the_fast_weights():
+  params, a_steps, c = problem()
+  sync, alpha = 2, 0.5
+  slow, count = dict(enumerate(params.values())), [0]
+
+  def sgd_then_lookahead(fast, g_pert):
+    fast = {k: fast[k] - LR * g_pert[k] for k in fast}
+    count[0] += 1
+    if count[0] % sync == 0:
+      slow.update({k: slow[k] + alpha * (fast[k] - slow[k]) for k in fast})
+      fast = dict(slow)
+    return fast
+
+  tx = optax.lookahead(
+    optax.chain(fsam_optax.fsam(**HYPER), optax.sgd(LR)), sync_period=sync, slow_step_size=alpha
+  )
+  with jax.enable_x64(True):
+    start = optax.LookaheadParams.init_synced(jax.tree.map(jnp.asarray, params))
+    run = train(tx, start, a_steps, c, fast=lambda p: p.fast)
+  ref = reference(params, a_steps, c, **HYPER, lr=LR, base=sgd_then_lookahead)
+  assert_matches(run, ref, lambda s: s.fast_state[0], fast=lambda p: p.fast)
+  assert_close(run[-1][0].slow, list(slow.values()))
+
+
+def test_multi_transform_after_fsam_freezes_leaves_and_fsam_mask_spares_them():
+  params, a_steps, c = problem()
+  labels = {"b": "frozen", "s": "sgd", "w": "sgd"}
+  tx = optax.chain(
+    fsam_optax.fsam(**HYPER, mask={"b": False, "s": True, "w": True}),
+    optax.multi_transform({"sgd": optax.sgd(LR), "frozen": optax.set_to_zero()}, labels),
+  )
+  # Leaf 0 is "b".
+  frozen_b = lambda theta, g: {k: theta[k] - (0 if k == 0 else LR) * g[k] for k in theta}
+  with jax.enable_x64(True):
+    run = train(tx, params, a_steps, c)
+  ref = reference(params, a_steps, c, **HYPER, lr=LR, mask=[False, True, True], base=frozen_b)
+  assert_matches(run, ref)
+  np.testing.assert_array_equal(run[-1][0]["b"], params["b"])
+
+
+@pytest.mark.parametrize(
+  "wrap",
+  [
+    lambda tx: optax.masked(tx, {"b": False, "s": True, "w": True}),
+    lambda tx: optax.multi_transform(
+      {"a": tx, "z": optax.set_to_zero()}, {"b": "z", "s": "a", "w": "a"}
+    ),
+  ],
+  ids=["masked", "multi_transform"],
+)
+def test_fsam_inside_masked_or_multi_transform_is_refused_with_the_supported_form(wrap):
+  params, a_steps, c = problem()
+  tx = wrap(optax.chain(fsam_optax.fsam(**HYPER), optax.sgd(LR)))
+  with pytest.raises(ValueError, match=r"own `mask=`.*optax.chain\(fsam_optax.fsam\(mask=...\), "):
+    fsam_optax.sam_value_and_grad(quadratic_loss)(params, tx.init(params), a_steps[0], c)
