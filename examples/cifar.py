@@ -1,6 +1,6 @@
 """ResNet-18 on CIFAR-10/100 with SGD, SAM or F-SAM: the paper's setting.
 
-The official F-SAM recipe (see ``shared/F-SAM.md``): ResNet-18 (CIFAR variant:
+The official F-SAM recipe (the authors' CIFAR settings): ResNet-18 (CIFAR variant:
 3x3 stem, no max-pool), 200 epochs, batch 128, SGD with lr 0.05, momentum 0.9
 and weight decay 1e-3, cosine decay to 0 stepped every iteration, random crop
 + flip + Cutout (16 px, p = 0.5), rho 0.2, sigma 1, lambda 0.6.

@@ -3,7 +3,7 @@
 from fsam_optax._fsam import FSAMState, PerturbationConfig, SAMGrad, fsam, sam
 from fsam_optax._value_and_grad import SAMDiagnostics, sam_value_and_grad
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
   "FSAMState",
