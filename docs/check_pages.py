@@ -94,6 +94,7 @@ def check(site: pathlib.Path) -> list[str]:
     finally:
       driver.quit()
       server.shutdown()
+      server.server_close()
   print(f"checked {len(pages)} pages in Chromium")
   return problems
 

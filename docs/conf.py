@@ -57,5 +57,7 @@ napoleon_numpy_docstring = False
 
 html_theme = "furo"
 html_title = f"fsam_optax {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+# Without an icon the browser asks for /favicon.ico and logs a 404.
+html_favicon = "_static/favicon.svg"
 html_show_sourcelink = False
