@@ -17,6 +17,8 @@ pytest.importorskip("orbax.checkpoint")
 pytest.importorskip("sklearn")
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+# The scripts import their shared pieces (examples/resnet.py) from their own folder.
+sys.path.insert(0, str(EXAMPLES))
 
 
 def _load(name: str) -> ModuleType:
