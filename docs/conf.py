@@ -52,6 +52,10 @@ suppress_warnings = ["misc.highlighting_failure"]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_format = "short"
+# Optax's aliases by name, not expanded into their long unions.
+autodoc_type_aliases = {
+  name: name for name in ("optax.ScalarOrSchedule", "optax.Updates", "optax.Params")
+}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 
@@ -60,4 +64,5 @@ html_title = f"fsam_optax {release}"
 html_static_path = ["_static"]
 # Without an icon the browser asks for /favicon.ico and logs a 404.
 html_favicon = "_static/favicon.svg"
+html_css_files = ["math.css"]
 html_show_sourcelink = False
