@@ -115,6 +115,11 @@ def _values(
   return p, [a, jax.tree.map(jnp.negative, a)], c
 
 
+def _strong(value: float) -> jax.Array:
+  """``value`` as a strongly typed array of the default float (float64 with x64)."""
+  return jnp.asarray(value, jnp.result_type(float))
+
+
 def _check_against_reference(problem: dict[str, Any], independent_batches: int = 0) -> None:
   """F-SAM + SGD steps (two, or one per independent batch): finite, state kept, as the reference."""
   params, batches, c = _values(
@@ -124,7 +129,7 @@ def _check_against_reference(problem: dict[str, Any], independent_batches: int =
     fsam_optax.fsam(
       rho=problem["rho"],
       sigma=problem["sigma"],
-      lmbda=jnp.asarray(problem["lmbda"]) if problem["lmbda_as_array"] else problem["lmbda"],
+      lmbda=_strong(problem["lmbda"]) if problem["lmbda_as_array"] else problem["lmbda"],
       adaptive=problem["adaptive"],
     ),
     optax.sgd(LR),
