@@ -12,60 +12,33 @@ Needs ``flax``; ``--torch`` also needs ``torch`` and ``pytorch-optimizer``.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import _harness as h
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
+from flax import nnx
 
 import fsam_optax
 
-STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (channels, first stride), two blocks each
+# The one ResNet-18 of the repository, in examples/ beside the scripts that train it.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+from resnet import ResNet18
+
+NUM_CLASSES = 100
 
 
-class BasicBlock(nn.Module):
-  channels: int
-  stride: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
-    y = nn.Conv(self.channels, (3, 3), self.stride, padding=1, use_bias=False)(x)
-    y = nn.relu(norm()(y))
-    y = nn.Conv(self.channels, (3, 3), padding=1, use_bias=False)(y)
-    y = norm()(y)
-    if self.stride != 1 or x.shape[-1] != self.channels:
-      x = nn.Conv(self.channels, (1, 1), self.stride, use_bias=False)(x)
-      x = norm()(x)
-    return nn.relu(x + y)
-
-
-class ResNet18(nn.Module):
-  """The CIFAR variant: a 3x3 stem without max-pooling."""
-
-  num_classes: int = 100
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-    x = nn.Conv(64, (3, 3), padding=1, use_bias=False)(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-    for channels, stride in STAGES:
-      x = BasicBlock(channels, stride)(x, train)
-      x = BasicBlock(channels, 1)(x, train)
-    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
-
-
-def jax_steps(model: ResNet18) -> dict[str, tuple[Callable, optax.GradientTransformation]]:
+def jax_steps(graphdef: nnx.GraphDef) -> dict[str, tuple[Callable, optax.GradientTransformation]]:
   def loss_fn(params: Any, batch_stats: Any, x: jax.Array, y: jax.Array) -> tuple:
-    logits, updated = model.apply(
-      {"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"]
-    )
+    # copy=True: the forward pass writes BatchNorm statistics inside value_and_grad.
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    logits = model(x, train=True)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, updated["batch_stats"]
+    return loss, nnx.state(model, nnx.BatchStat)
 
   sgd_tx = h.base_optimizer()
   fsam = fsam_optax.fsam(rho=h.RHO, sigma=h.SIGMA, lmbda=h.LMBDA)
@@ -88,7 +61,9 @@ def jax_steps(model: ResNet18) -> dict[str, tuple[Callable, optax.GradientTransf
   return {"JAX F-SAM": (fsam_step, fsam_tx), "JAX SGD": (sgd_step, sgd_tx)}
 
 
-def torch_runners(batch: tuple, device: str, num_classes: int) -> dict[str, Callable[[int], None]]:
+def torch_runners(
+  batch: tuple, device: str, num_classes: int, width: int
+) -> dict[str, Callable[[int], None]]:
   """PyTorch FriendlySAM and SGD on the same ResNet-18, in eager mode."""
   import torch
   import torch.nn.functional as F
@@ -115,13 +90,15 @@ def torch_runners(batch: tuple, device: str, num_classes: int) -> dict[str, Call
       return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
 
   def resnet18():
-    stem = [tnn.Conv2d(3, 64, 3, 1, 1, bias=False), tnn.BatchNorm2d(64), tnn.ReLU()]
+    # The layout of examples/resnet.py: a 3x3 stem and four stages of two blocks.
+    stem = [tnn.Conv2d(3, width, 3, 1, 1, bias=False), tnn.BatchNorm2d(width), tnn.ReLU()]
     layers: list[tnn.Module] = stem
-    c_in = 64
-    for channels, stride in STAGES:
+    c_in = width
+    for stage, stride in enumerate((1, 2, 2, 2)):
+      channels = width * 2**stage
       layers += [Block(c_in, channels, stride), Block(channels, channels, 1)]
       c_in = channels
-    layers += [tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(512, num_classes)]
+    layers += [tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(c_in, num_classes)]
     return tnn.Sequential(*layers).to(dev).train()
 
   x = torch.from_numpy(batch[0].transpose(0, 3, 1, 2).copy()).to(dev)
@@ -168,6 +145,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--rounds", type=int, default=20)
   parser.add_argument("--steps", type=int, default=10, help="steps per round")
+  parser.add_argument("--width", type=int, default=64, help="channels of the first stage")
   parser.add_argument("--torch", action="store_true", help="also time PyTorch on the device")
   args = parser.parse_args()
 
@@ -178,21 +156,18 @@ def main() -> None:
   print(h.header(f"ResNet-18, CIFAR-shaped synthetic batch, on {device}", packages))
   print(f"batch {args.batch}, {args.rounds} interleaved rounds of {args.steps} steps\n")
 
-  model = ResNet18()
-  x, y = h.synthetic_batch(args.batch, (32, 32, 3), model.num_classes)
+  x, y = h.synthetic_batch(args.batch, (32, 32, 3), NUM_CLASSES)
   with jax.default_device(device):
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    model = ResNet18(NUM_CLASSES, args.width, rngs=nnx.Rngs(0))
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     batch = jax.device_put((x, y), device)
     runners: dict[str, Callable[[int], None]] = {}
-    for name, (step, tx) in jax_steps(model).items():
+    for name, (step, tx) in jax_steps(graphdef).items():
       # Each variant donates its own copy of (params, batch statistics).
-      params, stats = jax.tree.map(
-        lambda a: jax.device_put(a, device).copy(),
-        (variables["params"], variables["batch_stats"]),
-      )
-      runners[name] = h.Runner(h.jit_step(step), (params, stats), tx.init(params), batch)
+      p, stats = jax.tree.map(lambda a: jax.device_put(a, device).copy(), (params, batch_stats))
+      runners[name] = h.Runner(h.jit_step(step), (p, stats), tx.init(p), batch)
   if args.torch:
-    runners.update(torch_runners((x, y), args.device, model.num_classes))
+    runners.update(torch_runners((x, y), args.device, NUM_CLASSES, args.width))
   times = h.interleaved(runners, args.rounds, args.steps)
 
   med = {name: statistics.median(t) for name, t in times.items()}

@@ -1,6 +1,6 @@
 """ResNet-18 on CIFAR-10/100 with SGD, SAM or F-SAM: the paper's setting.
 
-The official F-SAM recipe (see ``shared/F-SAM.md``): ResNet-18 (CIFAR variant:
+The official F-SAM recipe (the authors' CIFAR settings): ResNet-18 (CIFAR variant:
 3x3 stem, no max-pool), 200 epochs, batch 128, SGD with lr 0.05, momentum 0.9
 and weight decay 1e-3, cosine decay to 0 stepped every iteration, random crop
 + flip + Cutout (16 px, p = 0.5), rho 0.2, sigma 1, lambda 0.6.
@@ -46,6 +46,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from resnet import ResNet18  # examples/resnet.py, beside this script
 
 import fsam_optax
 
@@ -215,48 +216,6 @@ def write_fake_pickles(
     dump(batch(n_test, "testing"), "test")
     dump({b"fine_label_names": names, b"coarse_label_names": names[:20]}, "meta")
   return folder
-
-
-class BasicBlock(nnx.Module):
-  """Two 3x3 conv-BN layers with a residual (1x1 conv-BN when the shape changes)."""
-
-  def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
-    conv = lambda i, o, k, s: nnx.Conv(
-      i, o, (k, k), strides=s, padding=k // 2, use_bias=False, rngs=rngs
-    )
-    self.conv1, self.bn1 = conv(cin, cout, 3, stride), nnx.BatchNorm(cout, rngs=rngs)
-    self.conv2, self.bn2 = conv(cout, cout, 3, 1), nnx.BatchNorm(cout, rngs=rngs)
-    self.project = stride != 1 or cin != cout
-    if self.project:
-      self.short_conv, self.short_bn = conv(cin, cout, 1, stride), nnx.BatchNorm(cout, rngs=rngs)
-
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    bn = dict(use_running_average=not train)
-    y = nnx.relu(self.bn1(self.conv1(x), **bn))
-    y = self.bn2(self.conv2(y), **bn)
-    shortcut = self.short_bn(self.short_conv(x), **bn) if self.project else x
-    return nnx.relu(y + shortcut)
-
-
-class ResNet18(nnx.Module):
-  """ResNet-18 for 32x32 inputs: 3x3 stem, no max-pool, stages of 2 blocks."""
-
-  def __init__(self, num_classes: int, width: int = 64, *, rngs: nnx.Rngs):
-    self.stem = nnx.Conv(3, width, (3, 3), padding=1, use_bias=False, rngs=rngs)
-    self.bn = nnx.BatchNorm(width, rngs=rngs)
-    blocks, cin = [], width
-    for stage, stride in enumerate((1, 2, 2, 2)):
-      cout = width * 2**stage
-      blocks += [BasicBlock(cin, cout, stride, rngs=rngs), BasicBlock(cout, cout, 1, rngs=rngs)]
-      cin = cout
-    self.blocks = nnx.List(blocks)
-    self.head = nnx.Linear(cin, num_classes, rngs=rngs)
-
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = nnx.relu(self.bn(self.stem(x), use_running_average=not train))
-    for block in self.blocks:
-      x = block(x, train=train)
-    return self.head(x.mean(axis=(1, 2)))
 
 
 def augment(key: jax.Array, images: jax.Array, cutout: int) -> jax.Array:

@@ -33,9 +33,11 @@ Usage::
   python examples/digits.py            # the full job (a few minutes on 2 CPU cores)
   python examples/digits.py --quick    # a smoke run (under a minute)
 
-Outputs go to ``--out-dir`` (default ``runs/digits``): ``results.csv`` (every
-method, noise level and rho), ``results.md`` (the table), ``curves.png`` (test
-accuracy per epoch of the chosen runs) and ``config.json``.
+Outputs go to ``--out-dir``: by default ``runs/digits`` of the repository (the
+script's parent folder), wherever it is run from, and ``runs/digits-quick`` for
+``--quick``, so a smoke run never overwrites the main run's results. They are
+``results.csv`` (every method, noise level and rho), ``results.md`` (the table),
+``curves.png`` (test accuracy per epoch of the chosen runs) and ``config.json``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from tqdm.auto import tqdm
 import fsam_optax
 
 METHODS = ("sgd", "sam", "fsam")
+RUNS = pathlib.Path(__file__).resolve().parents[1] / "runs"
 NUM_CLASSES = 10
 
 
@@ -80,12 +83,14 @@ class Config:
   sigma: float = 1.0
   lmbda: float = 0.6
   methods: tuple[str, ...] = METHODS
-  out_dir: str = "runs/digits"
+  out_dir: str = str(RUNS / "digits")
 
   @classmethod
   def quick(cls, **overrides: Any) -> Config:
     """A smoke-test configuration that runs in well under a minute."""
-    settings = dict(epochs=3, seeds=2, noise=(0.0, 0.4), rho_grid=(0.05, 0.1))
+    settings = dict(
+      epochs=3, seeds=2, noise=(0.0, 0.4), rho_grid=(0.05, 0.1), out_dir=str(RUNS / "digits-quick")
+    )
     return cls(**{**settings, **overrides})
 
 

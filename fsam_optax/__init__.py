@@ -6,7 +6,7 @@ from fsam_optax._pairs import clean_grads, perturbed_grads
 from fsam_optax._sharding import opt_state_shardings
 from fsam_optax._value_and_grad import SAMDiagnostics, sam_value_and_grad
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
   "FSAMState",

@@ -1,4 +1,4 @@
-"""A plain NumPy, float64 statement of ``shared/F-SAM.md`` and a small network.
+"""A plain NumPy, float64 statement of the official F-SAM code, and a small network.
 
 Nothing here imports fsam_optax: it is the independent reference the library
 is checked against.
@@ -19,8 +19,8 @@ class FSAMReference:
   """One F-SAM optimiser as the official code runs it, on dicts of arrays.
 
   ``ema_feed`` and ``form`` exist only to build the variants that the tests
-  must tell apart from the official code: ``ema_feed="d"`` is the popular
-  PyTorch library's EMA of the corrected direction, ``form="paper"`` is the
+  must tell apart from the official code: ``ema_feed="d"`` is an EMA of the
+  corrected direction (a variant found in some PyTorch ports), ``form="paper"`` is the
   paper's written form (m_0 = 0, EMA updated first, d uses the new m).
   """
 

@@ -201,11 +201,18 @@ def test_sam_keeps_no_moving_average_buffer():
   chex.assert_trees_all_equal_shapes_and_dtypes(state.ema, params)
 
 
-def test_diagnostics_sharpness_is_perturbed_minus_clean_loss():
-  tx = fsam_chain()
+def test_diagnostics_are_the_losses_and_norms_of_the_two_passes():
+  tx = fsam_chain()  # rho 0.2
   params = init_params()
   grad_fn = fsam_optax.sam_value_and_grad(parabola, return_diagnostics=True)
   value, _, diag = grad_fn(params, tx.init(params))
-  assert float(value) == float(diag.value) == float(parabola(params))
-  assert float(diag.sharpness) == float(diag.perturbed_value - diag.value)
-  assert float(diag.sharpness) > 0
+  # First step: e = rho * g / ||g||, with the parabola's gradient written out by hand.
+  g = {"w": 2 * (params["w"] - TARGET), "b": 2 * params["b"]}
+  norm = jnp.sqrt(sum(jnp.sum(x**2) for x in g.values()))
+  perturbed = {k: params[k] + 0.2 * g[k] / norm for k in params}
+  clean_loss, perturbed_loss = float(parabola(params)), float(parabola(perturbed))
+  assert float(value) == float(diag.value) == clean_loss
+  np.testing.assert_allclose(float(diag.perturbed_value), perturbed_loss, rtol=1e-6)
+  np.testing.assert_allclose(float(diag.sharpness), perturbed_loss - clean_loss, rtol=1e-5)
+  np.testing.assert_allclose(float(diag.direction_norm), float(norm), rtol=1e-6)
+  np.testing.assert_allclose(float(diag.perturbation_norm), 0.2, rtol=1e-6)

@@ -17,6 +17,8 @@ pytest.importorskip("orbax.checkpoint")
 pytest.importorskip("sklearn")
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+# The scripts import their shared pieces (examples/resnet.py) from their own folder.
+sys.path.insert(0, str(EXAMPLES))
 
 
 def _load(name: str) -> ModuleType:
@@ -63,6 +65,14 @@ def test_digits_writes_table_csv_and_plot(tmp_path: pathlib.Path) -> None:
   table = (tmp_path / "results.md").read_text()
   assert "| 20% |" in table and "F-SAM" in table
   assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_digits_outputs_go_to_the_repository_and_quick_runs_apart() -> None:
+  # Wherever the script runs from, and a --quick run never overwrites the main results.
+  runs = EXAMPLES.parent / "runs"
+  assert pathlib.Path(digits.parse_args([]).out_dir) == runs / "digits"
+  assert pathlib.Path(digits.parse_args(["--quick"]).out_dir) == runs / "digits-quick"
+  assert digits.parse_args(["--quick", "--out-dir", "elsewhere"]).out_dir == "elsewhere"
 
 
 def test_digits_label_noise_is_symmetric_and_exact() -> None:

@@ -74,13 +74,18 @@ def problems(draw: st.DrawFn, dtypes: list[str]) -> dict[str, Any]:
     # A Python 0.0 is SAM with no moving average; other values keep one.
     "sigma": draw(st.sampled_from([0.0, 0.5, 1.0, 1.7])),
     "lmbda": draw(st.sampled_from([0.0, 0.6, 0.95])),
+    # An array (float32, or float64 with x64) is strongly typed where a Python
+    # float is weak: it must not promote a lower-precision moving average.
+    "lmbda_as_array": draw(st.booleans()),
     "adaptive": draw(st.booleans()),
     "zero_grads": draw(st.booleans()),
     "seed": draw(st.integers(0, 2**31 - 1)),
   }
 
 
-def _values(specs: Any, seed: int, zero_grads: bool) -> tuple[Any, ...]:
+def _values(
+  specs: Any, seed: int, zero_grads: bool, independent_batches: int = 0
+) -> tuple[Any, ...]:
   """Params, the two batches' ``a`` and ``c``, as arrays of each leaf's dtype.
 
   ``|a| >= 0.5`` dominates ``c * p`` (at most 0.1), and the second batch flips
@@ -103,17 +108,28 @@ def _values(specs: Any, seed: int, zero_grads: bool) -> tuple[Any, ...]:
   p = jax.tree.map(lambda s: draw(s, "p"), specs)
   a = jax.tree.map(lambda s: draw(s, "a"), specs)
   c = jax.tree.map(lambda s: draw(s, "c"), specs)
+  if independent_batches:
+    # Unrelated batches: the direction then depends on sigma and on the whole history.
+    more = [jax.tree.map(lambda s: draw(s, "a"), specs) for _ in range(independent_batches - 1)]
+    return p, [a, *more], c
   return p, [a, jax.tree.map(jnp.negative, a)], c
 
 
-def _check_against_reference(problem: dict[str, Any]) -> None:
-  """Two F-SAM + SGD steps: finite, state kept, and equal to the reference."""
-  params, batches, c = _values(problem["specs"], problem["seed"], problem["zero_grads"])
+def _strong(value: float) -> jax.Array:
+  """``value`` as a strongly typed array of the default float (float64 with x64)."""
+  return jnp.asarray(value, jnp.result_type(float))
+
+
+def _check_against_reference(problem: dict[str, Any], independent_batches: int = 0) -> None:
+  """F-SAM + SGD steps (two, or one per independent batch): finite, state kept, as the reference."""
+  params, batches, c = _values(
+    problem["specs"], problem["seed"], problem["zero_grads"], independent_batches
+  )
   tx = optax.chain(
     fsam_optax.fsam(
       rho=problem["rho"],
       sigma=problem["sigma"],
-      lmbda=problem["lmbda"],
+      lmbda=_strong(problem["lmbda"]) if problem["lmbda_as_array"] else problem["lmbda"],
       adaptive=problem["adaptive"],
     ),
     optax.sgd(LR),
@@ -159,7 +175,7 @@ def _check_against_reference(problem: dict[str, Any]) -> None:
     else:
       for x, r in zip(jax.tree.leaves(fsam_state.ema), step.ema, strict=True):
         np.testing.assert_allclose(np.asarray(x, np.float64), r, rtol=tol, atol=tol)
-  assert int(got[-1][1][0].count) == 2
+  assert int(got[-1][1][0].count) == len(batches)
 
 
 @settings(max_examples=20, deadline=None, derandomize=True, database=None)
@@ -175,6 +191,15 @@ def test_two_steps_match_float64_reference_with_x64(problem):
   # norm is accumulated in float64 and each leaf keeps its own dtype.
   with jax.enable_x64(True):
     _check_against_reference(problem)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, database=None)
+@given(problems(["float64"]))
+def test_three_unrelated_batches_match_float64_reference_closely(problem):
+  # In float64 alone the tolerance is tight enough to see sigma and the moving
+  # average's history in every step, which the sign-flipped batches above hide.
+  with jax.enable_x64(True):
+    _check_against_reference(problem, independent_batches=3)
 
 
 @settings(max_examples=8, deadline=None, derandomize=True, database=None)

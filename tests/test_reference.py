@@ -1,4 +1,4 @@
-"""fsam_optax follows shared/F-SAM.md step for step, in float64, for 30+ steps."""
+"""fsam_optax follows the official F-SAM code step for step, in float64, for 30+ steps."""
 
 from __future__ import annotations
 
