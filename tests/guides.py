@@ -36,11 +36,6 @@ def run_guide(path: pathlib.Path, timeout: int = 600) -> nbformat.NotebookNode:
   A cell tagged ``raises-exception`` must raise (nbclient records the error and
   goes on); any other error fails the run with the cell and its traceback.
   """
-  # The kernel imports the fsam_optax of this checkout, not another installed copy.
-  root = str(pathlib.Path(__file__).resolve().parents[1])
-  paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-  if root not in paths:
-    os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, paths)])
   book = nbformat.v4.new_notebook(cells=code_cells(path))
   client = nbclient.NotebookClient(
     book, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
