@@ -267,6 +267,22 @@ def test_smoke_study_writes_everything_and_resumes(tmp_path: pathlib.Path) -> No
     fm.main([*argv, "--epochs", "3"])
 
 
+def test_cnn_and_every_second_step_variant_on_smoke_data(tmp_path: pathlib.Path) -> None:
+  _write_set(tmp_path / "data", n_train=300, n_test=100, gz=False)
+  argv = ["--smoke", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")]
+  argv += ["--pool", "1", "--conv", "4", "8", "--noise", "0.4", "--seeds", "2"]
+  text = fm.main([*argv, "--methods", "sam", "fsam", "fsam_every2"])
+  rows = fm.read_runs(tmp_path / "out" / "runs.csv")
+  every2 = [r for r in rows if r["method"] == "fsam_every2"]
+  # The variant takes F-SAM's chosen values and trains the reporting seeds only.
+  fsam_hp = [r["hparams"] for r in rows if r["method"] == "fsam" and r["stage"] == "report"]
+  assert [(r["stage"], r["seed"]) for r in every2] == [("report", 1), ("report", 2)]
+  assert [r["hparams"] for r in every2] == fsam_hp
+  assert "F-SAM every 2 - F-SAM" in text
+  with pytest.raises(ValueError, match="--conv"):
+    fm.main([*argv, "--conv", "4", "4", "4", "--out-dir", str(tmp_path / "other")])
+
+
 REAL = pathlib.Path(fm.DEFAULT_DATA_DIR)
 
 
@@ -295,16 +311,18 @@ def test_docstring_examples() -> None:
   assert result.attempted >= 2 and result.failed == 0
 
 
-RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results" / "fashion_mnist"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
+STUDIES = ["fashion_mnist", "fashion_mnist_cnn", "fashion_mnist_every2"]
 
 
-@pytest.mark.skipif(not (RESULTS / "runs.csv").exists(), reason="no committed study results")
-def test_committed_tables_come_from_the_committed_runs(tmp_path: pathlib.Path) -> None:
-  for name in ("runs.csv", "config.json"):
-    (tmp_path / name).write_bytes((RESULTS / name).read_bytes())
+@pytest.mark.parametrize("name", STUDIES)
+def test_committed_tables_come_from_the_committed_runs(name: str, tmp_path: pathlib.Path) -> None:
+  study = RESULTS / name
+  for file in ("runs.csv", "config.json"):
+    (tmp_path / file).write_bytes((study / file).read_bytes())
   fm.write_report(tmp_path)
-  assert (tmp_path / "results.md").read_text() == (RESULTS / "results.md").read_text()
-  rows = fm.read_runs(RESULTS / "runs.csv")
+  assert (tmp_path / "results.md").read_text() == (study / "results.md").read_text()
+  rows = fm.read_runs(study / "runs.csv")
   # The regime the study is about: at 40% noise SGD ends >= 3 points below its best epoch.
   sgd = [r for r in rows if (r["method"], r["noise"], r["stage"]) == ("sgd", 0.4, "report")]
   assert len(sgd) == 3
