@@ -430,6 +430,10 @@ def sam_value_and_grad(
         tree,
       )
 
+    # The passes differentiate at params marked varying over the data axes (see
+    # vary); the perturbation is built from the params as given, so that its
+    # norms stay replicated unless they are per replica (per_device).
+    theta = params
     if data_axes:
       params = vary(params, data_axes)
     value_and_grad = functools.partial(scaled, loss_scale)
@@ -447,12 +451,15 @@ def sam_value_and_grad(
     args_p, kwargs_p = second_pass_args(args, kwargs, rng_arg, second_pass_rng)
 
     def sam_pass() -> tuple:
-      perturbed_params, norm, e_leaves = perturb(params, direction, state, found.hyperparams, total)
+      perturbed_params, norm, e_leaves = perturb(theta, direction, state, found.hyperparams, total)
+      applied = applied_norm(theta, perturbed_params, total) if return_diagnostics else None
+      if data_axes:
+        perturbed_params = vary(perturbed_params, data_axes)
       out_p, perturbed_grads = value_and_grad(perturbed_params, *args_p, **kwargs_p)
       diag = ()
       if return_diagnostics:
         e_norm = _norm(e_leaves, total).astype(norm.dtype)
-        diag = (norm, e_norm, applied_norm(params, perturbed_params, total).astype(norm.dtype))
+        diag = (norm, e_norm, applied.astype(norm.dtype))
       perturbed_grads = average_over_data(perturbed_grads, data_axes, axes_per_leaf)
       return perturbed_grads, out_p[0] if has_aux else out_p, diag
 
@@ -460,11 +467,10 @@ def sam_value_and_grad(
       # Steps the schedule skips: the clean gradient in place of g', and
       # zero norms (no perturbation was made).
       zero = jnp.zeros([], _acc_dtype([jnp.asarray(p) for p in jax.tree.leaves(params)]))
-      # As varying as the norms of sam_pass: those computed from the params
-      # vary over the data axes (the params are marked varying), the others not.
-      zero_p = vary(zero, data_axes) if data_axes else zero
-      zero_d = zero_p if config.adaptive or perturbation == "per_device" else zero
-      diag = (zero_d, zero_d, zero_p) if return_diagnostics else ()
+      # As varying as the norms of sam_pass: per data replica only per_device.
+      if data_axes and perturbation == "per_device":
+        zero = vary(zero, data_axes)
+      diag = (zero, zero, zero) if return_diagnostics else ()
       return grads, out[0] if has_aux else out, diag
 
     if take is None:

@@ -205,6 +205,18 @@ def test_data_by_model_mesh_global_equals_one_device_on_global_batch(axis_type):
     assert_same_run(run_shard_map((2, 4), ("data", "model"), axis_type), single_device())
 
 
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fsam", "adaptive"])
+def test_every_second_step_on_the_data_by_model_mesh_equals_one_device(monkeypatch, adaptive):
+  # The schedule's lax.cond around the sharded norm: both branches keep the same
+  # sharding types, and skipped steps hand on the averaged clean gradient.
+  monkeypatch.setitem(FSAM, "every", 2)
+  with jax.enable_x64(True):
+    got = run_shard_map.__wrapped__((2, 4), ("data", "model"), adaptive=adaptive)
+    want = single_device.__wrapped__(adaptive)
+    assert_same_run(got, want)
+    assert np.all(want.norms[1::2] == 0) and np.all(want.norms[::2] > 0)
+
+
 def test_data_by_model_mesh_per_device_equals_a_loop_over_replicas():
   with jax.enable_x64(True):
     got = run_shard_map((2, 4), ("data", "model"), perturbation="per_device")
