@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +32,23 @@ class SAMGrad(NamedTuple):
   # Arithmetic on a pair would silently stack the two gradients into one
   # array (jnp treats a tuple as a sequence), or repeat or concatenate the
   # tuple: refuse it with what to do.
-  def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+  def __jax_array__(self, *args: Any, **kwargs: Any) -> NoReturn:
     raise TypeError(_PAIR_AS_ARRAY)
 
-  __jax_array__ = __array__ = __add__ = __radd__ = __mul__ = __rmul__ = _refuse
+  def __array__(self, *args: Any, **kwargs: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
+
+  def __add__(self, other: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
+
+  def __radd__(self, other: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
+
+  def __mul__(self, other: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
+
+  def __rmul__(self, other: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
 
 
 _PAIR_AS_ARRAY = (
@@ -58,7 +71,8 @@ class FSAMState(NamedTuple):
     config: static settings (adaptive mode, mask, which steps take the SAM step).
   """
 
-  count: jax.Array
+  # Optax states name their step count `count`, which shadows tuple.count.
+  count: jax.Array  # type: ignore[assignment]
   rho: jax.Array
   sigma: jax.Array
   eps: jax.Array
@@ -305,7 +319,9 @@ def fsam(
           a = decay.astype(jnp.promote_types(m.dtype, jnp.float32))
           return (a * m + (1 - a) * g).astype(m.dtype)
 
-        new_ema = ema_def.unflatten([average(m, g) for m, g in zip(ema_leaves, clean, strict=True)])
+        new_ema = jax.tree.unflatten(
+          ema_def, [average(m, g) for m, g in zip(ema_leaves, clean, strict=True)]
+        )
       count = optax.safe_increment(state.count)
       return state._replace(
         count=count,
@@ -316,13 +332,13 @@ def fsam(
       )
 
     if not skip_nonfinite:
-      return treedef.unflatten(perturbed), advance()
+      return jax.tree.unflatten(treedef, perturbed), advance()
     # A non-finite step must not reach the average (it would never leave it).
     # lax.cond, not a select per leaf: the selects make XLA's compile time
     # grow steeply with the number of leaves.
     finite = _all_finite([*perturbed, *(c for c in clean if c is not None)])
     new_state = jax.lax.cond(finite, advance, lambda: state)
-    return treedef.unflatten(perturbed), new_state
+    return jax.tree.unflatten(treedef, perturbed), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

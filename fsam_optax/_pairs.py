@@ -38,7 +38,7 @@ def perturbed_grads(grads: Any) -> Any:
     [3.06 4.08]
   """
   pairs, treedef = _pairs(grads, "perturbed_grads")
-  return treedef.unflatten([p.perturbed for p in pairs])
+  return jax.tree.unflatten(treedef, [p.perturbed for p in pairs])
 
 
 def clean_grads(grads: Any) -> Any:
@@ -65,4 +65,4 @@ def clean_grads(grads: Any) -> Any:
       "state keeps no moving average (plain SAM, or fsam with sigma=0). Its norm "
       "is in the diagnostics: sam_value_and_grad(..., return_diagnostics=True)."
     )
-  return treedef.unflatten([p.clean for p in pairs])
+  return jax.tree.unflatten(treedef, [p.clean for p in pairs])

@@ -92,7 +92,9 @@ def leaf_axes(param_specs: Any, params: Any) -> list[Axes]:
   """
   paths, treedef = jax.tree_util.tree_flatten_with_path(params)
   try:
-    specs = treedef.flatten_up_to(jax.tree.broadcast(param_specs, params, is_leaf=_is_spec))
+    full = jax.tree.broadcast(param_specs, params, is_leaf=_is_spec)
+    # jaxlib's compiled PyTreeDef has no type stubs.
+    specs = treedef.flatten_up_to(full)  # type: ignore[attr-defined]
   except (ValueError, TypeError) as err:
     raise ValueError(
       "sam_value_and_grad: `param_specs` must be a tree of PartitionSpec with the "
@@ -239,7 +241,7 @@ def average_over_data(tree: Any, data_axes: Axes, axes_per_leaf: list[Axes] | No
     if summed:
       g = g / math.prod(jax.lax.axis_size(a) for a in summed)
     out.append(jax.lax.pmean(g, rest) if rest else g)
-  return treedef.unflatten(out)
+  return jax.tree.unflatten(treedef, out)
 
 
 def sum_over_shards(axes_per_leaf: list[Axes]) -> Callable[[list[Any]], jax.Array]:

@@ -161,7 +161,7 @@ def perturb(
     for p, d, keep in zip(p_leaves, e_dirs, chosen, strict=True)
   ]
   perturbed = [p if e is None else p + e for p, e in zip(p_leaves, e_leaves, strict=True)]
-  return treedef.unflatten(perturbed), norm, e_leaves
+  return jax.tree.unflatten(treedef, perturbed), norm, e_leaves
 
 
 def _norm(leaves: list, total: Callable[[list[Any]], jax.Array]) -> jax.Array:
@@ -432,7 +432,7 @@ def sam_value_and_grad(
 
     if data_axes:
       params = vary(params, data_axes)
-    value_and_grad = functools.partial(scaled, loss_scale)
+    value_and_grad: Callable[..., Any] = functools.partial(scaled, loss_scale)
     if micro_batches is not None:
       value_and_grad = accumulated(value_and_grad, micro_batches, has_aux)
     out, local_grads = value_and_grad(params, *args, **kwargs)
@@ -449,7 +449,7 @@ def sam_value_and_grad(
     def sam_pass() -> tuple:
       perturbed_params, norm, e_leaves = perturb(params, direction, state, found.hyperparams, total)
       out_p, perturbed_grads = value_and_grad(perturbed_params, *args_p, **kwargs_p)
-      diag = ()
+      diag: tuple[jax.Array, ...] = ()
       if return_diagnostics:
         e_norm = _norm(e_leaves, total).astype(norm.dtype)
         diag = (norm, e_norm, applied_norm(params, perturbed_params, total).astype(norm.dtype))
@@ -489,10 +489,18 @@ def sam_value_and_grad(
     clean = (
       grads if grads is not None else clip(average_over_data(local_grads, data_axes, axes_per_leaf))
     )
-    grad_norms = (
-      _norm(jax.tree.leaves(clean), total),
-      _norm(jax.tree.leaves(perturbed_grads), total),
+    direction_norm, perturbation_norm, applied_perturbation_norm = diag
+    return (
+      *result,
+      SAMDiagnostics(
+        value,
+        mean(local_value_p),
+        direction_norm,
+        perturbation_norm,
+        applied_perturbation_norm,
+        clean_grad_norm=_norm(jax.tree.leaves(clean), total),
+        perturbed_grad_norm=_norm(jax.tree.leaves(perturbed_grads), total),
+      ),
     )
-    return (*result, SAMDiagnostics(value, mean(local_value_p), *diag, *grad_norms))
 
   return grad_fn
