@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from fsam_optax._accumulate import accumulated
 from fsam_optax._fsam import FSAMState, SAMGrad
 from fsam_optax._lookup import find_fsam_state
-from fsam_optax._precision import applied_norm, scaled_value_and_grad
+from fsam_optax._precision import acc_dtype, applied_norm, scaled_value_and_grad
 from fsam_optax._randomness import SecondPassRng, check_rng_options, second_pass_args
 from fsam_optax._schedule import is_sam_step
 from fsam_optax._sharding import (
@@ -90,11 +90,6 @@ def _mask_leaves(mask: tuple[bool, ...] | None, n: int) -> list[bool]:
   return list(mask)
 
 
-def _acc_dtype(leaves: list[jax.Array]) -> jnp.dtype:
-  # Norms accumulate in at least float32, in float64 for float64 params.
-  return jnp.result_type(jnp.float32, *(x.dtype for x in leaves))
-
-
 def _add(squares: list[Any]) -> jax.Array:
   # The squared norm of unsharded params: the sum of the leaves' squared sums.
   kept = [s for s in squares if s is not None]
@@ -142,7 +137,7 @@ def perturb(
   adaptive = state.config.adaptive
   chosen = _mask_leaves(state.config.mask, len(p_leaves))
 
-  acc = _acc_dtype(p_leaves)
+  acc = acc_dtype(p_leaves)
 
   def weighted(p: jax.Array, d: jax.Array, power: int) -> jax.Array:
     # |theta|**power * d in `acc`, not in the params' dtype: in float16 the
@@ -165,7 +160,7 @@ def perturb(
 
 
 def _norm(leaves: list, total: Callable[[list[Any]], jax.Array]) -> jax.Array:
-  acc = _acc_dtype([x for x in leaves if x is not None])
+  acc = acc_dtype([x for x in leaves if x is not None])
   squares = [None if x is None else jnp.sum(jnp.square(x.astype(acc))) for x in leaves]
   return jnp.sqrt(total(squares).astype(acc))
 
@@ -459,7 +454,7 @@ def sam_value_and_grad(
     def one_pass() -> tuple:
       # Steps the schedule skips: the clean gradient in place of g', and
       # zero norms (no perturbation was made).
-      zero = jnp.zeros([], _acc_dtype([jnp.asarray(p) for p in jax.tree.leaves(params)]))
+      zero = jnp.zeros([], acc_dtype([jnp.asarray(p) for p in jax.tree.leaves(params)]))
       # As varying as the norms of sam_pass: those computed from the params
       # vary over the data axes (the params are marked varying), the others not.
       zero_p = vary(zero, data_axes) if data_axes else zero
