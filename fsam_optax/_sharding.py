@@ -288,8 +288,8 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_sha
     >>> params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}
     >>> tx = optax.chain(fsam_optax.fsam(), optax.sgd(0.1, momentum=0.9))
     >>> specs = fsam_optax.opt_state_shardings(tx, params, {"w": P("model"), "b": P()})
-    >>> specs[0].ema["w"], specs[0].count, specs[1][0].trace["w"]
-    (P('model',), P(), P('model',))
+    >>> tuple(specs[0].ema["w"]), tuple(specs[0].count), tuple(specs[1][0].trace["w"])
+    (('model',), (), ('model',))
   """
   state = jax.eval_shape(tx.init, params)
   full = jax.tree.broadcast(param_shardings, params, is_leaf=_is_spec)
