@@ -20,6 +20,7 @@ import fsam_optax
 from fsam_optax._schedule import is_sam_step
 from tests import reference as ref
 from tests.jax_mlp import mlp_loss, run_library
+from tests.reliability_reference import drawn
 
 STEPS = 12
 LR, MOMENTUM = 0.05, 0.9
@@ -41,14 +42,6 @@ def reference_path(data: list, take: list[bool], **fsam_kwargs) -> list[dict]:
     theta = base.step(theta, g)
     path.append(theta)
   return path
-
-
-def drawn(p: float, seed: int, steps: int) -> list[bool]:
-  """The documented draw: uniform(fold_in(key(seed), count)) < p, in float32."""
-  return [
-    bool(jax.random.uniform(jax.random.fold_in(jax.random.key(seed), t), dtype=jnp.float32) < p)
-    for t in range(steps)
-  ]
 
 
 def max_rel_error(path, ref_path) -> float:
