@@ -151,17 +151,29 @@ def _all_finite(leaves: list[jax.Array]) -> jax.Array:
   return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
 
 
+def flatten_pairs(grads: Any, error: str) -> tuple[list[SAMGrad], Any]:
+  """The ``SAMGrad`` pairs of the helper's gradients and their treedef.
+
+  Raises ``ValueError(error)`` unless every leaf is a pair.
+  """
+  is_pair = lambda x: isinstance(x, SAMGrad)
+  pairs, treedef = jax.tree.flatten(grads, is_leaf=is_pair)
+  if not all(is_pair(p) for p in pairs):
+    raise ValueError(error)
+  return pairs, treedef
+
+
+_PLAIN_GRADS = (
+  "fsam received plain gradients. Compute them with "
+  "`fsam_optax.sam_value_and_grad(loss_fn)(params, opt_state, ...)`, "
+  "which returns the perturbed and clean gradients that fsam consumes, "
+  "and place fsam first in the chain."
+)
+
+
 def split_grads(updates: optax.Updates) -> tuple[list[jax.Array], list[Any], Any]:
   """Splits helper gradients into perturbed and clean leaves, and a treedef."""
-  is_pair = lambda x: isinstance(x, SAMGrad)
-  pairs, treedef = jax.tree.flatten(updates, is_leaf=is_pair)
-  if not all(is_pair(p) for p in pairs):
-    raise ValueError(
-      "fsam received plain gradients. Compute them with "
-      "`fsam_optax.sam_value_and_grad(loss_fn)(params, opt_state, ...)`, "
-      "which returns the perturbed and clean gradients that fsam consumes, "
-      "and place fsam first in the chain."
-    )
+  pairs, treedef = flatten_pairs(updates, _PLAIN_GRADS)
   return [p.perturbed for p in pairs], [p.clean for p in pairs], treedef
 
 

@@ -6,19 +6,15 @@ from typing import Any
 
 import jax
 
-from fsam_optax._fsam import SAMGrad
-
-_is_pair = lambda x: isinstance(x, SAMGrad)
+from fsam_optax._fsam import SAMGrad, flatten_pairs
 
 
 def _pairs(grads: Any, fn: str) -> tuple[list[SAMGrad], Any]:
-  pairs, treedef = jax.tree.flatten(grads, is_leaf=_is_pair)
-  if not all(_is_pair(p) for p in pairs):
-    raise ValueError(
-      f"fsam_optax.{fn}: expected the gradients of sam_value_and_grad, a tree "
-      "with a SAMGrad (perturbed, clean) pair at each leaf."
-    )
-  return pairs, treedef
+  return flatten_pairs(
+    grads,
+    f"fsam_optax.{fn}: expected the gradients of sam_value_and_grad, a tree "
+    "with a SAMGrad (perturbed, clean) pair at each leaf.",
+  )
 
 
 def perturbed_grads(grads: Any) -> Any:
