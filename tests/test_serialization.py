@@ -24,6 +24,7 @@ from flax.training import train_state
 
 import fsam_optax
 from tests.test_checkpoint import batch, init_params, loss_fn
+from tests.train_step import sam_step
 
 MASKS = {
   "none": lambda: None,
@@ -42,14 +43,7 @@ def make_tx(mask: str) -> optax.GradientTransformation:
 
 
 def train(tx, params, opt_state, start, stop):
-  grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    _, grads = grad_fn(params, opt_state, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
+  step = sam_step(tx, loss_fn)
   for i in range(start, stop):
     params, opt_state = step(params, opt_state, *batch(i))
   return params, opt_state
