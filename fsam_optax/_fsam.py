@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +32,23 @@ class SAMGrad(NamedTuple):
   # Arithmetic on a pair would silently stack the two gradients into one
   # array (jnp treats a tuple as a sequence), or repeat or concatenate the
   # tuple: refuse it with what to do.
-  def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+  def __jax_array__(self, *args: Any, **kwargs: Any) -> NoReturn:
     raise TypeError(_PAIR_AS_ARRAY)
 
-  __jax_array__ = __array__ = __add__ = __radd__ = __mul__ = __rmul__ = _refuse
+  def __array__(self, *args: Any, **kwargs: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
+
+  def __add__(self, other: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
+
+  def __radd__(self, other: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
+
+  def __mul__(self, other: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
+
+  def __rmul__(self, other: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
 
 
 _PAIR_AS_ARRAY = (
@@ -58,7 +71,8 @@ class FSAMState(NamedTuple):
     config: static settings (adaptive mode, mask, which steps take the SAM step).
   """
 
-  count: jax.Array
+  # Optax states name their step count `count`, which shadows tuple.count.
+  count: jax.Array  # type: ignore[assignment]
   rho: jax.Array
   sigma: jax.Array
   eps: jax.Array
@@ -137,17 +151,29 @@ def _all_finite(leaves: list[jax.Array]) -> jax.Array:
   return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
 
 
+def flatten_pairs(grads: Any, error: str) -> tuple[list[SAMGrad], Any]:
+  """The ``SAMGrad`` pairs of the helper's gradients and their treedef.
+
+  Raises ``ValueError(error)`` unless every leaf is a pair.
+  """
+  is_pair = lambda x: isinstance(x, SAMGrad)
+  pairs, treedef = jax.tree.flatten(grads, is_leaf=is_pair)
+  if not all(is_pair(p) for p in pairs):
+    raise ValueError(error)
+  return pairs, treedef
+
+
+_PLAIN_GRADS = (
+  "fsam received plain gradients. Compute them with "
+  "`fsam_optax.sam_value_and_grad(loss_fn)(params, opt_state, ...)`, "
+  "which returns the perturbed and clean gradients that fsam consumes, "
+  "and place fsam first in the chain."
+)
+
+
 def split_grads(updates: optax.Updates) -> tuple[list[jax.Array], list[Any], Any]:
   """Splits helper gradients into perturbed and clean leaves, and a treedef."""
-  is_pair = lambda x: isinstance(x, SAMGrad)
-  pairs, treedef = jax.tree.flatten(updates, is_leaf=is_pair)
-  if not all(is_pair(p) for p in pairs):
-    raise ValueError(
-      "fsam received plain gradients. Compute them with "
-      "`fsam_optax.sam_value_and_grad(loss_fn)(params, opt_state, ...)`, "
-      "which returns the perturbed and clean gradients that fsam consumes, "
-      "and place fsam first in the chain."
-    )
+  pairs, treedef = flatten_pairs(updates, _PLAIN_GRADS)
   return [p.perturbed for p in pairs], [p.clean for p in pairs], treedef
 
 
@@ -305,7 +331,9 @@ def fsam(
           a = decay.astype(jnp.promote_types(m.dtype, jnp.float32))
           return (a * m + (1 - a) * g).astype(m.dtype)
 
-        new_ema = ema_def.unflatten([average(m, g) for m, g in zip(ema_leaves, clean, strict=True)])
+        new_ema = jax.tree.unflatten(
+          ema_def, [average(m, g) for m, g in zip(ema_leaves, clean, strict=True)]
+        )
       count = optax.safe_increment(state.count)
       return state._replace(
         count=count,
@@ -316,13 +344,13 @@ def fsam(
       )
 
     if not skip_nonfinite:
-      return treedef.unflatten(perturbed), advance()
+      return jax.tree.unflatten(treedef, perturbed), advance()
     # A non-finite step must not reach the average (it would never leave it).
     # lax.cond, not a select per leaf: the selects make XLA's compile time
     # grow steeply with the number of leaves.
     finite = _all_finite([*perturbed, *(c for c in clean if c is not None)])
     new_state = jax.lax.cond(finite, advance, lambda: state)
-    return treedef.unflatten(perturbed), new_state
+    return jax.tree.unflatten(treedef, perturbed), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

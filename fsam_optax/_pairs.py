@@ -6,19 +6,15 @@ from typing import Any
 
 import jax
 
-from fsam_optax._fsam import SAMGrad
-
-_is_pair = lambda x: isinstance(x, SAMGrad)
+from fsam_optax._fsam import SAMGrad, flatten_pairs
 
 
 def _pairs(grads: Any, fn: str) -> tuple[list[SAMGrad], Any]:
-  pairs, treedef = jax.tree.flatten(grads, is_leaf=_is_pair)
-  if not all(_is_pair(p) for p in pairs):
-    raise ValueError(
-      f"fsam_optax.{fn}: expected the gradients of sam_value_and_grad, a tree "
-      "with a SAMGrad (perturbed, clean) pair at each leaf."
-    )
-  return pairs, treedef
+  return flatten_pairs(
+    grads,
+    f"fsam_optax.{fn}: expected the gradients of sam_value_and_grad, a tree "
+    "with a SAMGrad (perturbed, clean) pair at each leaf.",
+  )
 
 
 def perturbed_grads(grads: Any) -> Any:
@@ -38,7 +34,7 @@ def perturbed_grads(grads: Any) -> Any:
     [3.06 4.08]
   """
   pairs, treedef = _pairs(grads, "perturbed_grads")
-  return treedef.unflatten([p.perturbed for p in pairs])
+  return jax.tree.unflatten(treedef, [p.perturbed for p in pairs])
 
 
 def clean_grads(grads: Any) -> Any:
@@ -65,4 +61,4 @@ def clean_grads(grads: Any) -> Any:
       "state keeps no moving average (plain SAM, or fsam with sigma=0). Its norm "
       "is in the diagnostics: sam_value_and_grad(..., return_diagnostics=True)."
     )
-  return treedef.unflatten([p.clean for p in pairs])
+  return jax.tree.unflatten(treedef, [p.clean for p in pairs])

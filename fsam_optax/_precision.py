@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 
 def acc_dtype(leaves: list[jax.Array]) -> jnp.dtype:
-  """At least float32; float64 when a leaf is float64."""
+  """Where norms and products accumulate: at least float32, float64 when a leaf is float64."""
   return jnp.result_type(jnp.float32, *(x.dtype for x in leaves))
 
 

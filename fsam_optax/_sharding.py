@@ -92,7 +92,9 @@ def leaf_axes(param_specs: Any, params: Any) -> list[Axes]:
   """
   paths, treedef = jax.tree_util.tree_flatten_with_path(params)
   try:
-    specs = treedef.flatten_up_to(jax.tree.broadcast(param_specs, params, is_leaf=_is_spec))
+    full = jax.tree.broadcast(param_specs, params, is_leaf=_is_spec)
+    # jaxlib's compiled PyTreeDef has no type stubs.
+    specs = treedef.flatten_up_to(full)  # type: ignore[attr-defined]
   except (ValueError, TypeError) as err:
     raise ValueError(
       "sam_value_and_grad: `param_specs` must be a tree of PartitionSpec with the "
@@ -239,7 +241,7 @@ def average_over_data(tree: Any, data_axes: Axes, axes_per_leaf: list[Axes] | No
     if summed:
       g = g / math.prod(jax.lax.axis_size(a) for a in summed)
     out.append(jax.lax.pmean(g, rest) if rest else g)
-  return treedef.unflatten(out)
+  return jax.tree.unflatten(treedef, out)
 
 
 def sum_over_shards(axes_per_leaf: list[Axes]) -> Callable[[list[Any]], jax.Array]:
@@ -286,8 +288,8 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_sha
     >>> params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}
     >>> tx = optax.chain(fsam_optax.fsam(), optax.sgd(0.1, momentum=0.9))
     >>> specs = fsam_optax.opt_state_shardings(tx, params, {"w": P("model"), "b": P()})
-    >>> specs[0].ema["w"], specs[0].count, specs[1][0].trace["w"]
-    (P('model',), P(), P('model',))
+    >>> tuple(specs[0].ema["w"]), tuple(specs[0].count), tuple(specs[1][0].trace["w"])
+    (('model',), (), ('model',))
   """
   state = jax.eval_shape(tx.init, params)
   full = jax.tree.broadcast(param_shardings, params, is_leaf=_is_spec)

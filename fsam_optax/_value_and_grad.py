@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from fsam_optax._accumulate import accumulated
 from fsam_optax._fsam import FSAMState, SAMGrad
 from fsam_optax._lookup import find_fsam_state
-from fsam_optax._precision import applied_norm, scaled_value_and_grad
+from fsam_optax._precision import acc_dtype, applied_norm, scaled_value_and_grad
 from fsam_optax._randomness import SecondPassRng, check_rng_options, second_pass_args
 from fsam_optax._schedule import is_sam_step
 from fsam_optax._sharding import (
@@ -90,11 +90,6 @@ def _mask_leaves(mask: tuple[bool, ...] | None, n: int) -> list[bool]:
   return list(mask)
 
 
-def _acc_dtype(leaves: list[jax.Array]) -> jnp.dtype:
-  # Norms accumulate in at least float32, in float64 for float64 params.
-  return jnp.result_type(jnp.float32, *(x.dtype for x in leaves))
-
-
 def _add(squares: list[Any]) -> jax.Array:
   # The squared norm of unsharded params: the sum of the leaves' squared sums.
   kept = [s for s in squares if s is not None]
@@ -142,7 +137,7 @@ def perturb(
   adaptive = state.config.adaptive
   chosen = _mask_leaves(state.config.mask, len(p_leaves))
 
-  acc = _acc_dtype(p_leaves)
+  acc = acc_dtype(p_leaves)
 
   def weighted(p: jax.Array, d: jax.Array, power: int) -> jax.Array:
     # |theta|**power * d in `acc`, not in the params' dtype: in float16 the
@@ -161,11 +156,11 @@ def perturb(
     for p, d, keep in zip(p_leaves, e_dirs, chosen, strict=True)
   ]
   perturbed = [p if e is None else p + e for p, e in zip(p_leaves, e_leaves, strict=True)]
-  return treedef.unflatten(perturbed), norm, e_leaves
+  return jax.tree.unflatten(treedef, perturbed), norm, e_leaves
 
 
 def _norm(leaves: list, total: Callable[[list[Any]], jax.Array]) -> jax.Array:
-  acc = _acc_dtype([x for x in leaves if x is not None])
+  acc = acc_dtype([x for x in leaves if x is not None])
   squares = [None if x is None else jnp.sum(jnp.square(x.astype(acc))) for x in leaves]
   return jnp.sqrt(total(squares).astype(acc))
 
@@ -436,7 +431,7 @@ def sam_value_and_grad(
     theta = params
     if data_axes:
       params = vary(params, data_axes)
-    value_and_grad = functools.partial(scaled, loss_scale)
+    value_and_grad: Callable[..., Any] = functools.partial(scaled, loss_scale)
     if micro_batches is not None:
       value_and_grad = accumulated(value_and_grad, micro_batches, has_aux)
     out, local_grads = value_and_grad(params, *args, **kwargs)
@@ -452,21 +447,21 @@ def sam_value_and_grad(
 
     def sam_pass() -> tuple:
       perturbed_params, norm, e_leaves = perturb(theta, direction, state, found.hyperparams, total)
-      applied = applied_norm(theta, perturbed_params, total) if return_diagnostics else None
+      diag: tuple[jax.Array, ...] = ()
+      if return_diagnostics:
+        e_norm = _norm(e_leaves, total).astype(norm.dtype)
+        applied = applied_norm(theta, perturbed_params, total).astype(norm.dtype)
+        diag = (norm, e_norm, applied)
       if data_axes:
         perturbed_params = vary(perturbed_params, data_axes)
       out_p, perturbed_grads = value_and_grad(perturbed_params, *args_p, **kwargs_p)
-      diag = ()
-      if return_diagnostics:
-        e_norm = _norm(e_leaves, total).astype(norm.dtype)
-        diag = (norm, e_norm, applied.astype(norm.dtype))
       perturbed_grads = average_over_data(perturbed_grads, data_axes, axes_per_leaf)
       return perturbed_grads, out_p[0] if has_aux else out_p, diag
 
     def one_pass() -> tuple:
       # Steps the schedule skips: the clean gradient in place of g', and
       # zero norms (no perturbation was made).
-      zero = jnp.zeros([], _acc_dtype([jnp.asarray(p) for p in jax.tree.leaves(params)]))
+      zero = jnp.zeros([], acc_dtype([jnp.asarray(p) for p in jax.tree.leaves(params)]))
       # As varying as the norms of sam_pass: per data replica only per_device.
       if data_axes and perturbation == "per_device":
         zero = vary(zero, data_axes)
@@ -495,10 +490,18 @@ def sam_value_and_grad(
     clean = (
       grads if grads is not None else clip(average_over_data(local_grads, data_axes, axes_per_leaf))
     )
-    grad_norms = (
-      _norm(jax.tree.leaves(clean), total),
-      _norm(jax.tree.leaves(perturbed_grads), total),
+    direction_norm, perturbation_norm, applied_perturbation_norm = diag
+    return (
+      *result,
+      SAMDiagnostics(
+        value,
+        mean(local_value_p),
+        direction_norm,
+        perturbation_norm,
+        applied_perturbation_norm,
+        clean_grad_norm=_norm(jax.tree.leaves(clean), total),
+        perturbed_grad_norm=_norm(jax.tree.leaves(perturbed_grads), total),
+      ),
     )
-    return (*result, SAMDiagnostics(value, mean(local_value_p), *diag, *grad_norms))
 
   return grad_fn

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import fsam_optax
 from tests import reference as ref
+from tests.train_step import sam_step
 
 
 def mlp_loss(params: dict, x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
@@ -33,14 +33,7 @@ def run_library(tx: optax.GradientTransformation, data: list, seed: int = 0, **g
   """
   params = jax.tree.map(jnp.asarray, ref.init_mlp(seed))
   opt_state = tx.init(params)
-  grad_fn = fsam_optax.sam_value_and_grad(mlp_loss, **grad_kwargs)
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    _, grads = grad_fn(params, opt_state, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
+  step = sam_step(tx, mlp_loss, **grad_kwargs)
   path = []
   for x, y in data:
     params, opt_state = step(params, opt_state, x, y)

@@ -54,6 +54,7 @@ def fsam_steps(
   per_step: Sequence[dict[str, float]] | None = None,
   clip_clean: float | None = None,
   base: Callable[[dict, dict], dict] | None = None,
+  take: Sequence[bool] | None = None,
 ) -> list[Step]:
   """Runs F-SAM then plain SGD(``lr``) on :func:`quadratic_loss`, in float64.
 
@@ -64,6 +65,8 @@ def fsam_steps(
   ``clip_clean`` clips the clean gradient to that global norm before it forms
   the direction and feeds the average;
   ``base(theta, g_pert)`` replaces the SGD step (``lr`` is then unused).
+  ``take[i] = False`` skips the SAM step at step ``i`` (a schedule's choice): no
+  perturbation (``g' = g``, direction norm 0), while the average is still fed ``g``.
   """
   as64 = lambda xs: dict(enumerate(np.asarray(x, np.float64) for x in xs))
   theta, c = as64(params), as64(c)
@@ -77,10 +80,12 @@ def fsam_steps(
     if clip_clean is not None:
       g_norm = np.sqrt(sum(np.sum(v**2) for v in g.values()))
       g = {k: v * min(1.0, clip_clean / g_norm) for k, v in g.items()}
-    d = opt.direction(g)
+    d = opt.direction(g)  # advances the moving average on every step
     e = {k: np.zeros_like(v) for k, v in theta.items()}
-    e.update(opt.perturbation({k: theta[k] for k in kept}, {k: d[k] for k in kept}))
-    n = np.sqrt(sum(np.sum((np.abs(theta[k]) * d[k] if adaptive else d[k]) ** 2) for k in kept))
+    n = 0.0
+    if take is None or take[i]:
+      e.update(opt.perturbation({k: theta[k] for k in kept}, {k: d[k] for k in kept}))
+      n = np.sqrt(sum(np.sum((np.abs(theta[k]) * d[k] if adaptive else d[k]) ** 2) for k in kept))
     g_pert = {k: a[k] + c[k] * (theta[k] + e[k]) for k in theta}
     if base is None:
       theta = {k: theta[k] - lr * g_pert[k] for k in theta}
@@ -90,3 +95,11 @@ def fsam_steps(
       Step(*map(list, (theta.values(), opt.m.values(), g.values(), g_pert.values())), float(n))
     )
   return steps
+
+
+def drawn(p: float, seed: int, steps: int) -> list[bool]:
+  """Steps that ``fsam(probability=p, seed=seed)`` takes: ``uniform(fold_in(key(seed), t)) < p``."""
+  return [
+    bool(jax.random.uniform(jax.random.fold_in(jax.random.key(seed), t), dtype=jnp.float32) < p)
+    for t in range(steps)
+  ]

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import fsam_optax
+from tests.train_step import sam_step
 
 SAVE_AT, STEPS = 3, 6
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -63,20 +64,8 @@ def loss_fn(params: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Arr
   return jnp.mean((h @ params["w2"] - y) ** 2)
 
 
-def make_step(tx: optax.GradientTransformation):
-  grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
-
-  @jax.jit
-  def step(params: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> tuple[Any, Any]:
-    _, grads = grad_fn(params, opt_state, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  return step
-
-
 def train(variant: str, params: Any, opt_state: Any, start: int, stop: int) -> tuple[Any, Any]:
-  step = make_step(make_optimizer(variant))
+  step = sam_step(make_optimizer(variant), loss_fn)
   for i in range(start, stop):
     params, opt_state = step(params, opt_state, *batch(i))
     if variant == "inject" and i == 1:

@@ -6,13 +6,13 @@ Compile time against a hand-written SAM step is measured by
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import fsam_optax
 from tests.reliability_reference import fsam_steps, quadratic_loss
+from tests.train_step import sam_step
 
 LEAVES, LR = 1000, 0.1
 HYPER = {"rho": 0.2, "sigma": 1.0, "lmbda": 0.6}
@@ -27,13 +27,7 @@ def test_thousand_leaf_tree_compiles_once_and_matches_reference():
     k: jnp.asarray(x, jnp.float32) for k, x in zip(keys, leaves, strict=True)
   }
   tx = optax.chain(fsam_optax.fsam(**HYPER), optax.sgd(LR))
-  grad_fn = fsam_optax.sam_value_and_grad(quadratic_loss)
-
-  @jax.jit
-  def step(params, opt_state, a, c):
-    _, grads = grad_fn(params, opt_state, a, c)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+  step = sam_step(tx, quadratic_loss)
 
   params = as_tree(p0)
   state = tx.init(params)

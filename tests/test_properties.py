@@ -2,8 +2,9 @@
 
 Hypothesis draws the structure (nested dicts, lists, tuples, NamedTuples, empty
 containers), the leaf shapes (scalars and zero-size arrays included), the leaf
-dtypes and the hyperparameters; the values come from a NumPy generator seeded
-by hypothesis. Steps run eagerly, so no example pays for a compilation.
+dtypes, the hyperparameters and the options (the moving average's dtype, which
+steps take the SAM step, the non-finite guard); the values come from a NumPy
+generator seeded by hypothesis. Steps run eagerly, so no example pays for a compilation.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fsam_optax
-from tests.reliability_reference import fsam_steps, quadratic_loss
+from tests.reliability_reference import drawn, fsam_steps, quadratic_loss
 
 LR = 0.1
 # Relative tolerance per dtype, a few roundings of its epsilon; the values
@@ -65,9 +66,27 @@ def _specs(dtypes: list[str]) -> st.SearchStrategy:
   return st.recursive(leaf, containers, max_leaves=5)
 
 
+# Which steps take the SAM step: all, every other one from the first, or a seeded draw.
+SCHEDULES = [{}, {"every": 2}, {"probability": 0.5, "seed": 3}]
+
+
+def _taken(schedule: dict[str, Any], steps: int) -> list[bool] | None:
+  """The steps ``schedule`` takes, as documented (``None``: every step)."""
+  if "every" in schedule:
+    return [t % schedule["every"] == 0 for t in range(steps)]
+  if "probability" in schedule:
+    return drawn(schedule["probability"], schedule["seed"], steps)
+  return None
+
+
 @st.composite
-def problems(draw: st.DrawFn, dtypes: list[str]) -> dict[str, Any]:
-  """A pytree of specs, F-SAM hyperparameters and a seed for the values."""
+def problems(
+  draw: st.DrawFn,
+  dtypes: list[str],
+  ema_dtypes: tuple[str | None, ...] = (None,),
+  schedules: list[dict[str, Any]] = SCHEDULES,
+) -> dict[str, Any]:
+  """A pytree of specs, F-SAM hyperparameters and options, and a seed for the values."""
   return {
     "specs": draw(_specs(dtypes)),
     "rho": draw(st.sampled_from([0.05, 0.2, 0.5])),
@@ -80,6 +99,11 @@ def problems(draw: st.DrawFn, dtypes: list[str]) -> dict[str, Any]:
     "adaptive": draw(st.booleans()),
     "zero_grads": draw(st.booleans()),
     "seed": draw(st.integers(0, 2**31 - 1)),
+    # A moving average narrower than the params must stay so (it is cast back).
+    "ema_dtype": draw(st.sampled_from(ema_dtypes)),
+    "schedule": draw(st.sampled_from(schedules)),
+    # On finite steps the guard must change nothing.
+    "skip_nonfinite": draw(st.booleans()),
   }
 
 
@@ -131,6 +155,9 @@ def _check_against_reference(problem: dict[str, Any], independent_batches: int =
       sigma=problem["sigma"],
       lmbda=_strong(problem["lmbda"]) if problem["lmbda_as_array"] else problem["lmbda"],
       adaptive=problem["adaptive"],
+      ema_dtype=problem["ema_dtype"],
+      skip_nonfinite=problem["skip_nonfinite"],
+      **problem["schedule"],
     ),
     optax.sgd(LR),
   )
@@ -153,8 +180,11 @@ def _check_against_reference(problem: dict[str, Any], independent_batches: int =
     lmbda=problem["lmbda"],
     lr=LR,
     adaptive=problem["adaptive"],
+    take=_taken(problem["schedule"], len(batches)),
   )
   dtypes = {x.dtype for x in jax.tree.leaves(params)}
+  if problem["ema_dtype"] is not None and problem["sigma"] != 0.0:
+    dtypes.add(jnp.dtype(problem["ema_dtype"]))
   tol = max((TOL[d] for d in dtypes), default=0.0)
   dtype_of = lambda tree: jax.tree.map(lambda x: x.dtype, tree)
   for (p_t, state_t, diag), step in zip(got, ref, strict=True):
@@ -173,19 +203,23 @@ def _check_against_reference(problem: dict[str, Any], independent_batches: int =
     if problem["sigma"] == 0.0:
       assert fsam_state.ema is None
     else:
+      if problem["ema_dtype"] is not None:
+        assert {x.dtype for x in jax.tree.leaves(fsam_state.ema)} <= {
+          jnp.dtype(problem["ema_dtype"])
+        }
       for x, r in zip(jax.tree.leaves(fsam_state.ema), step.ema, strict=True):
         np.testing.assert_allclose(np.asarray(x, np.float64), r, rtol=tol, atol=tol)
   assert int(got[-1][1][0].count) == len(batches)
 
 
 @settings(max_examples=20, deadline=None, derandomize=True, database=None)
-@given(problems(["float32", "bfloat16", "float16"]))
+@given(problems(["float32", "bfloat16", "float16"], ema_dtypes=(None, "bfloat16")))
 def test_two_steps_match_float64_reference_for_any_pytree_and_dtype(problem):
   _check_against_reference(problem)
 
 
 @settings(max_examples=10, deadline=None, derandomize=True, database=None)
-@given(problems(["float64", "float32", "bfloat16"]))
+@given(problems(["float64", "float32", "bfloat16"], ema_dtypes=(None, "bfloat16")))
 def test_two_steps_match_float64_reference_with_x64(problem):
   # float64 leaves exist only with x64 on; mixed with lower precisions, the
   # norm is accumulated in float64 and each leaf keeps its own dtype.
@@ -198,6 +232,16 @@ def test_two_steps_match_float64_reference_with_x64(problem):
 def test_three_unrelated_batches_match_float64_reference_closely(problem):
   # In float64 alone the tolerance is tight enough to see sigma and the moving
   # average's history in every step, which the sign-flipped batches above hide.
+  with jax.enable_x64(True):
+    _check_against_reference(problem, independent_batches=3)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, database=None)
+@given(problems(["float64"], schedules=SCHEDULES[1:]))
+def test_scheduled_steps_match_float64_reference_closely(problem):
+  # Every example takes some steps and skips others, so the tight float64
+  # tolerance sees which ones (the examples above rarely draw a schedule with
+  # nonzero gradients).
   with jax.enable_x64(True):
     _check_against_reference(problem, independent_batches=3)
 

@@ -20,6 +20,8 @@ import fsam_optax
 from fsam_optax._schedule import is_sam_step
 from tests import reference as ref
 from tests.jax_mlp import mlp_loss, run_library
+from tests.reliability_reference import drawn
+from tests.train_step import sam_step
 
 STEPS = 12
 LR, MOMENTUM = 0.05, 0.9
@@ -28,27 +30,19 @@ N_DEV = 8
 
 
 def reference_path(data: list, take: list[bool], **fsam_kwargs) -> list[dict]:
-  """shared F-SAM steps where ``take`` says so, else one pass; the EMA sees every g."""
+  """F-SAM steps where ``take`` says so, else one pass; the EMA sees every g."""
   opt = ref.FSAMReference(**fsam_kwargs)
   base = ref.SGDReference(LR, MOMENTUM, 0.0)
   theta, path = ref.init_mlp(0), []
-  for (x, y), sam_step in zip(data, take, strict=True):
+  for (x, y), taken in zip(data, take, strict=True):
     _, g = ref.mlp_loss_and_grad(theta, x, y)
     d = opt.direction(g)  # advances the moving average on every step
-    if sam_step:
+    if taken:
       e = opt.perturbation(theta, d)
       g = ref.mlp_loss_and_grad({k: theta[k] + e[k] for k in theta}, x, y)[1]
     theta = base.step(theta, g)
     path.append(theta)
   return path
-
-
-def drawn(p: float, seed: int, steps: int) -> list[bool]:
-  """The documented draw: uniform(fold_in(key(seed), count)) < p, in float32."""
-  return [
-    bool(jax.random.uniform(jax.random.fold_in(jax.random.key(seed), t), dtype=jnp.float32) < p)
-    for t in range(steps)
-  ]
 
 
 def max_rel_error(path, ref_path) -> float:
@@ -132,13 +126,7 @@ def test_a_skipped_step_evaluates_the_loss_once():
   tx = optax.chain(fsam_optax.fsam(**FSAM, every=3), optax.sgd(LR))
   params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
   opt_state = tx.init(params)
-  grad_fn = fsam_optax.sam_value_and_grad(loss)
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    _, grads = grad_fn(params, opt_state, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+  step = sam_step(tx, loss)
 
   per_step = []
   for x, y in ref.batches(seed=5, steps=6):

@@ -30,6 +30,8 @@ from typing import NamedTuple
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FSAM = "fsam_optax/_fsam.py"
 PERTURB = "fsam_optax/_value_and_grad.py"
+PRECISION = "fsam_optax/_precision.py"
+SCHEDULE = "fsam_optax/_schedule.py"
 TESTS = "tests/test_properties.py"
 
 
@@ -40,25 +42,38 @@ class Mutant(NamedTuple):
   replace: str
 
 
+def directions(d: str, e: str) -> str:
+  """perturb's two spellings of the direction: ``d`` for the norm, ``e`` for the step.
+
+  ``d = g - sigma m`` is written twice there (see the comment in perturb), so a
+  mistake in the direction is made in both lines, or in the one it names.
+  """
+  tail = " for g, m in zip(g_leaves, ema, strict=True)]"
+  return f"    d_leaves = [{d}{tail}\n    e_dirs = [{e}{tail}"
+
+
+D, E = "(g - sigma * m).astype(g.dtype)", "(g + (-sigma) * m).astype(g.dtype)"
+BOTH = directions(D, E)
+
 MUTANTS = [
   # The moving average, fsam's update.
   Mutant(
     "EMA fed the direction d instead of the raw g",
     FSAM,
-    "(decay * m + (1 - decay) * g).astype(m.dtype)",
-    "(decay * m + (1 - decay) * (g - state.sigma * m)).astype(m.dtype)",
+    "(a * m + (1 - a) * g).astype(m.dtype)",
+    "(a * m + (1 - a) * (g - state.sigma * m)).astype(m.dtype)",
   ),
   Mutant(
     "lambda and 1 - lambda swapped",
     FSAM,
-    "(decay * m + (1 - decay) * g).astype(m.dtype)",
-    "((1 - decay) * m + decay * g).astype(m.dtype)",
+    "(a * m + (1 - a) * g).astype(m.dtype)",
+    "((1 - a) * m + a * g).astype(m.dtype)",
   ),
   Mutant(
     "EMA not cast back to its dtype",
     FSAM,
-    "(decay * m + (1 - decay) * g).astype(m.dtype)",
-    "(decay * m + (1 - decay) * g)",
+    "(a * m + (1 - a) * g).astype(m.dtype)",
+    "(a * m + (1 - a) * g)",
   ),
   Mutant(
     "first step decays from m = 0 (the paper's form)",
@@ -78,24 +93,67 @@ MUTANTS = [
     "count = optax.safe_increment(state.count)",
     "count = state.count",
   ),
+  Mutant(
+    "EMA of bfloat16/float16 params kept in their dtype, not float32",
+    FSAM,
+    "jnp.finfo(dtype).bits < 32",
+    "jnp.finfo(dtype).bits < 16",
+  ),
+  Mutant(
+    "ema_dtype ignored",
+    FSAM,
+    "dtype = ema_dtype or param.dtype",
+    "dtype = param.dtype",
+  ),
+  Mutant(
+    "non-finite guard inverted (finite steps leave the state unchanged)",
+    FSAM,
+    "jax.lax.cond(finite, advance, lambda: state)",
+    "jax.lax.cond(finite, lambda: state, advance)",
+  ),
+  # Which steps take the SAM step.
+  Mutant(
+    "every=k takes steps 1, k + 1, ... instead of 0, k, ...",
+    SCHEDULE,
+    "return count % every == 0",
+    "return count % every == 1",
+  ),
+  Mutant(
+    "probability draw compared the wrong way",
+    SCHEDULE,
+    "return jax.random.uniform(key, dtype=jnp.float32) < probability",
+    "return jax.random.uniform(key, dtype=jnp.float32) >= probability",
+  ),
   # The direction and the perturbation, the gradient function's perturb.
   Mutant(
     "direction adds the average (sign flip)",
     PERTURB,
-    "(g - sigma * m).astype(g.dtype)",
-    "(g + sigma * m).astype(g.dtype)",
+    BOTH,
+    directions("(g + sigma * m).astype(g.dtype)", "(g + sigma * m).astype(g.dtype)"),
   ),
   Mutant(
     "sigma ignored",
     PERTURB,
-    "(g - sigma * m).astype(g.dtype)",
-    "(g - m).astype(g.dtype)",
+    BOTH,
+    directions("(g - m).astype(g.dtype)", "(g - m).astype(g.dtype)"),
   ),
   Mutant(
     "direction from the current gradient instead of the old average",
     PERTURB,
-    "(g - sigma * m).astype(g.dtype)",
-    "(g - sigma * g).astype(g.dtype)",
+    BOTH,
+    directions("(g - sigma * g).astype(g.dtype)", "(g - sigma * g).astype(g.dtype)"),
+  ),
+  Mutant(
+    "norm of g instead of the direction d",
+    PERTURB,
+    BOTH,
+    directions("g", E),
+  ),
+  Mutant(
+    "step along g + sigma m while the norm is of d",
+    PERTURB,
+    BOTH,
+    directions(D, "(g + sigma * m).astype(g.dtype)"),
   ),
   Mutant(
     "perturbation subtracted (descent instead of ascent)",
@@ -118,8 +176,14 @@ MUTANTS = [
   Mutant(
     "squared norm instead of the norm",
     PERTURB,
-    "norm = jnp.sqrt(sum(sq, jnp.zeros([], acc)))",
-    "norm = sum(sq, jnp.zeros([], acc))",
+    "norm = jnp.sqrt(total(sq).astype(acc))",
+    "norm = total(sq).astype(acc)",
+  ),
+  Mutant(
+    "norm of the first leaf only (the squared sums not added)",
+    PERTURB,
+    "return sum(kept[1:], kept[0]) if kept else jnp.zeros([])",
+    "return kept[0] if kept else jnp.zeros([])",
   ),
   Mutant(
     "per-tensor norm instead of one global norm",
@@ -147,16 +211,22 @@ MUTANTS = [
     "return d",
   ),
   Mutant(
-    "products in the params' dtype, not at least float32",
-    PERTURB,
-    "return jnp.result_type(jnp.float32, *(x.dtype for x in leaves))",
-    "return jnp.result_type(jnp.float16, *(x.dtype for x in leaves))",
-  ),
-  Mutant(
     "perturbation not cast to the params' dtype",
     PERTURB,
     "(scale * weighted(p, d, 2)).astype(p.dtype) if keep else None",
     "(scale * weighted(p, d, 2)) if keep else None",
+  ),
+  Mutant(
+    "clean gradient's ordering tie always selects zeros",
+    PERTURB,
+    "never = jnp.isfinite(first) & jnp.isnan(first)",
+    "never = jnp.isfinite(first) | jnp.isnan(first)",
+  ),
+  Mutant(
+    "products in the params' dtype, not at least float32",
+    PRECISION,
+    "return jnp.result_type(jnp.float32, *(x.dtype for x in leaves))",
+    "return jnp.result_type(jnp.float16, *(x.dtype for x in leaves))",
   ),
 ]
 
