@@ -90,6 +90,11 @@ def _concrete(value: Any) -> float | None:
 
 
 def _check(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
+  if callable(value) and name != "rho":
+    raise ValueError(
+      f"fsam: `{name}` must be a number or a scalar array; only `rho` takes a schedule "
+      f"(use optax.inject_hyperparams to change `{name}` during training)."
+    )
   v = _concrete(value)
   if v is not None and not ok(v):
     raise ValueError(f"fsam: `{name}` must be {allowed}, got {v!r}.")
@@ -233,7 +238,8 @@ def fsam(
       Give ``every`` or ``probability``, not both.
     seed: seed of the ``probability`` draws (default 0). ``every``,
       ``probability`` and ``seed`` are static: under
-      ``optax.inject_hyperparams`` name them in ``static_args``.
+      ``optax.inject_hyperparams`` name them in ``static_args``, with
+      ``mask`` and ``ema_dtype`` (which it would otherwise take for schedules).
     ema_dtype: dtype of the moving average. By default float32 for params
       narrower than float32 (bfloat16, float16), whose rounding would swallow
       the ``(1 - lmbda) g`` increments, and the param's dtype otherwise.

@@ -4,7 +4,8 @@ On the other steps :func:`fsam_optax.sam_value_and_grad` makes one
 forward-backward pass: the base optimizer receives the clean gradient ``g``,
 and the F-SAM moving average is still fed ``g`` (it is computed anyway), so it
 tracks the gradient exactly as on every-step runs. The step count, and with it
-every schedule of ``rho`` and of the base optimizer, advances on every step.
+every schedule of ``rho`` and of the base optimizer, advances on every step
+(except a non-finite one that ``skip_nonfinite=True`` leaves out).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def varying_axes(x: Any) -> frozenset[str] | None:
   """
   aval = jax.typeof(x)
   # JAX >= 0.8 keeps the set in a `ManualAxisType` under `.mat`; earlier
-  # releases had it directly as `.vma`. tests/test_layouts.py fails if both go.
+  # releases had it directly as `.vma`. A test fails if both go.
   mat = getattr(aval, "mat", None)
   if mat is not None and hasattr(mat, "varying"):
     return frozenset(mat.varying)
@@ -130,7 +130,7 @@ def _bound(axis: str) -> bool:
 
 def manual_axes() -> frozenset[str]:
   """The mesh axes that shard_map or pmap have made manual here (none outside them)."""
-  # tests/test_layouts.py fails if JAX renames `manual_axes`.
+  # A test fails if JAX renames `manual_axes`.
   return frozenset(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
 
 

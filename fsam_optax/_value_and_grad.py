@@ -48,7 +48,8 @@ class SAMDiagnostics(NamedTuple):
       step of its dtype instead of ``e_i``; 0 on a skipped step.
     clean_grad_norm: global norm of the clean gradient ``g`` (averaged over
       ``axis_name``; after ``clip_clean_grad``).
-    perturbed_grad_norm: global norm of the perturbed gradient ``g'``.
+    perturbed_grad_norm: global norm of the perturbed gradient ``g'``; on a
+      skipped step, of the clean gradient handed on in its place.
   """
 
   value: jax.Array
@@ -306,14 +307,15 @@ def sam_value_and_grad(
       passes receive the same arguments.
     clip_clean_grad: if set, the clean gradient is clipped to this global
       norm (as ``optax.clip_by_global_norm``) before it forms the direction
-      and feeds the moving average.
+      and feeds the moving average. On a step that a schedule skips, the
+      base optimizer receives this clipped clean gradient.
 
   The returned function also takes a keyword ``loss_scale`` (consumed, not
   passed to ``fun``) for float16 training: the loss is multiplied by it in
   both passes and the gradients divided by it before they form the direction,
   its norm, and the returned pairs. It may change between steps (a traced
   value); skip steps with non-finite gradients, e.g. with
-  ``optax.chain(fsam(...), optax.apply_if_finite(base, k))``.
+  ``optax.chain(fsam(..., skip_nonfinite=True), optax.apply_if_finite(base, k))``.
 
   Returns:
     A function ``(params, opt_state, *args, loss_scale=None, **kwargs) ->

@@ -46,6 +46,14 @@ def test_non_scalar_hyperparameter_is_refused():
     fsam_optax.fsam(rho=jnp.ones(2))
 
 
+@pytest.mark.parametrize("name", ["sigma", "lmbda", "eps"])
+def test_only_rho_takes_a_schedule(name):
+  schedule = optax.constant_schedule(0.5)
+  with pytest.raises(ValueError, match=f"`{name}` must be a number.*only `rho` takes a schedule"):
+    fsam_optax.fsam(**{name: schedule})
+  fsam_optax.fsam(rho=schedule)  # accepted
+
+
 def test_traced_hyperparameters_are_accepted_unchecked():
   # Under inject_hyperparams inside jit the values are tracers: nothing to check.
   tx = optax.inject_hyperparams(fsam_optax.fsam)(rho=0.1)
