@@ -458,7 +458,11 @@ def sam_value_and_grad(
         perturbed_params = vary(perturbed_params, data_axes)
       out_p, perturbed_grads = value_and_grad(perturbed_params, *args_p, **kwargs_p)
       perturbed_grads = average_over_data(perturbed_grads, data_axes, axes_per_leaf)
-      return perturbed_grads, out_p[0] if has_aux else out_p, diag
+      # In the clean loss's dtype: a Python-number leaf is weakly typed at theta
+      # but not at theta + e, and may promote a low-precision loss.
+      value_p = jnp.asarray(out_p[0] if has_aux else out_p)
+      value_dtype = jnp.asarray(out[0] if has_aux else out).dtype
+      return perturbed_grads, value_p.astype(value_dtype), diag
 
     def one_pass() -> tuple:
       # Steps the schedule skips: the clean gradient in place of g', and

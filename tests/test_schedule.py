@@ -308,3 +308,15 @@ def test_shard_map_with_aux_and_diagnostics_equals_one_device(adaptive):
       assert (np.asarray(b_norm) > 0).all() == (t % 2 == 0)
       for k in b_params:
         np.testing.assert_allclose(a_params[k], b_params[k], rtol=1e-12, atol=1e-14)
+
+
+def test_a_python_number_leaf_with_a_bfloat16_loss_under_a_schedule():
+  # theta + e makes the Python float a strongly typed float32, which promotes the
+  # second pass's bfloat16 loss; both branches of the schedule still agree.
+  params = {"w": jnp.ones(3, jnp.bfloat16), "t": 2.0}
+  loss = lambda p, x: jnp.sum((p["w"] * x * p["t"]) ** 2)
+  tx = optax.chain(fsam_optax.fsam(rho=0.1, every=2), optax.sgd(0.1))
+  grad_fn = jax.jit(fsam_optax.sam_value_and_grad(loss, return_diagnostics=True))
+  value, _, diag = grad_fn(params, tx.init(params), jnp.ones(3, jnp.bfloat16))
+  assert value.dtype == diag.perturbed_value.dtype == jnp.bfloat16
+  assert float(diag.perturbed_value) > float(value)  # step 0 takes the SAM step
