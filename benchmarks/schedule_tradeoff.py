@@ -40,6 +40,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 
 def load_example(path: pathlib.Path) -> Any:
+  sys.path.insert(0, str(path.parent))  # its shared pieces sit beside it, as when run directly
   spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses look their module up there

@@ -53,9 +53,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import label_noise  # examples/label_noise.py, beside this script
 import numpy as np
 import optax
 from flax import nnx
+from label_noise import Data
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
@@ -94,18 +96,6 @@ class Config:
     return cls(**{**settings, **overrides})
 
 
-@dataclasses.dataclass(frozen=True)
-class Data:
-  """The fixed split; images are (N, 8, 8, 1) float32 in [0, 1]."""
-
-  x_train: np.ndarray
-  y_train: np.ndarray
-  x_val: np.ndarray
-  y_val: np.ndarray
-  x_test: np.ndarray
-  y_test: np.ndarray
-
-
 def load_data(split_seed: int = 0) -> Data:
   """Loads digits and splits it 64/16/20 into train/validation/test."""
   digits = load_digits()
@@ -118,15 +108,6 @@ def load_data(split_seed: int = 0) -> Data:
     x_rest, y_rest, test_size=0.2, stratify=y_rest, random_state=split_seed
   )
   return Data(x_train, y_train, x_val, y_val, x_test, y_test)
-
-
-def symmetric_noise(labels: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
-  """Gives exactly ``round(rate * N)`` labels a different, uniformly drawn class."""
-  noisy = labels.copy()
-  flip = rng.choice(len(labels), size=round(rate * len(labels)), replace=False)
-  # Adding 1..K-1 modulo K picks each wrong class with equal probability.
-  noisy[flip] = (labels[flip] + rng.integers(1, NUM_CLASSES, size=len(flip))) % NUM_CLASSES
-  return noisy
 
 
 class PatchConv(nnx.Module):
@@ -238,10 +219,7 @@ class Trainer:
 
 def noisy_labels(data: Data, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """Train and validation labels with the noise of one seed (test stays clean)."""
-  return tuple(
-    symmetric_noise(y, noise, np.random.default_rng([seed, round(noise * 100), part]))
-    for part, y in enumerate((data.y_train, data.y_val))
-  )
+  return label_noise.noisy_labels(data, noise, seed, noise_scale=100)
 
 
 def train_grid(

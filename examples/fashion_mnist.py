@@ -59,9 +59,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import label_noise  # examples/label_noise.py, beside this script
 import numpy as np
 import optax
 from flax import nnx
+from label_noise import Data
 from tqdm.auto import tqdm
 
 import fsam_optax
@@ -174,18 +176,6 @@ def load_fashion_mnist(data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   return arrays
 
 
-@dataclasses.dataclass(frozen=True)
-class Data:
-  """The fixed split; images flattened to float32, standardised on the training set."""
-
-  x_train: np.ndarray
-  y_train: np.ndarray
-  x_val: np.ndarray
-  y_val: np.ndarray
-  x_test: np.ndarray
-  y_test: np.ndarray
-
-
 def make_split(arrays: dict[str, np.ndarray], subset: int, pool: int, split_seed: int = 0) -> Data:
   """A random ``subset`` of the training images split 90/10 into train and validation.
 
@@ -217,21 +207,9 @@ def make_split(arrays: dict[str, np.ndarray], subset: int, pool: int, split_seed
   )
 
 
-def symmetric_noise(labels: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
-  """Gives exactly ``round(rate * N)`` random labels a different, uniformly drawn class."""
-  noisy = labels.copy()
-  flip = rng.choice(len(labels), size=round(rate * len(labels)), replace=False)
-  # Adding 1..K-1 modulo K picks each wrong class with equal probability.
-  noisy[flip] = (labels[flip] + rng.integers(1, NUM_CLASSES, size=len(flip))) % NUM_CLASSES
-  return noisy
-
-
 def noisy_labels(data: Data, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """Training and validation labels with the noise of one seed, the same for every method."""
-  return tuple(
-    symmetric_noise(y, noise, np.random.default_rng([seed, round(noise * 1000), part]))
-    for part, y in enumerate((data.y_train, data.y_val))
-  )
+  return label_noise.noisy_labels(data, noise, seed, noise_scale=1000)
 
 
 # ----------------------------------------------------------------------------

@@ -46,13 +46,13 @@ def clean_grads(grads: Any) -> Any:
   norm instead.
 
   Example:
-    >>> import jax.numpy as jnp, optax, fsam_optax
-    >>> params = {"w": jnp.array([3.0, 4.0])}
-    >>> tx = optax.chain(fsam_optax.fsam(rho=0.1), optax.sgd(0.1))
-    >>> grad_fn = fsam_optax.sam_value_and_grad(lambda p: jnp.sum(p["w"] ** 2) / 2)
-    >>> _, grads = grad_fn(params, tx.init(params))
-    >>> print(fsam_optax.clean_grads(grads)["w"])
-    [3. 4.]
+    >>> import jax, jax.numpy as jnp, optax, fsam_optax
+    >>> loss = lambda p: jnp.sum(jnp.sin(p))
+    >>> params = jnp.array([0.5, 1.0])
+    >>> opt_state = optax.chain(fsam_optax.fsam(), optax.sgd(0.1)).init(params)
+    >>> _, grads = fsam_optax.sam_value_and_grad(loss)(params, opt_state)
+    >>> bool(jnp.array_equal(fsam_optax.clean_grads(grads), jax.grad(loss)(params)))
+    True
   """
   pairs, treedef = _pairs(grads, "clean_grads")
   if any(p.clean is None for p in pairs):

@@ -75,15 +75,6 @@ def test_digits_outputs_go_to_the_repository_and_quick_runs_apart() -> None:
   assert digits.parse_args(["--quick", "--out-dir", "elsewhere"]).out_dir == "elsewhere"
 
 
-def test_digits_label_noise_is_symmetric_and_exact() -> None:
-  labels = np.repeat(np.arange(10, dtype=np.int32), 100)
-  noisy = digits.symmetric_noise(labels, 0.4, np.random.default_rng(0))
-  wrong = noisy != labels
-  assert wrong.sum() == 400
-  # The wrong labels spread over all other classes.
-  assert set(((noisy[wrong] - labels[wrong]) % 10).tolist()) == set(range(1, 10))
-
-
 def test_digits_rho_is_chosen_on_validation_not_test() -> None:
   runs = {
     "rho": np.array([0.05, 0.05, 0.1, 0.1]),

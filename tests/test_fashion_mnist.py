@@ -20,6 +20,8 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "fashion_mnist.py"
+# The script imports its shared pieces (examples/label_noise.py) from its own folder.
+sys.path.insert(0, str(EXAMPLE.parent))
 
 
 def _load() -> ModuleType:
@@ -110,7 +112,7 @@ def test_labels_that_do_not_match_the_images(tmp_path: pathlib.Path) -> None:
 
 def test_noise_is_exact_symmetric_and_shared_by_methods() -> None:
   labels = np.arange(1000, dtype=np.int32) % 10
-  noisy = fm.symmetric_noise(labels, 0.4, np.random.default_rng(0))
+  noisy = fm.label_noise.symmetric_noise(labels, 0.4, np.random.default_rng(0))
   assert np.sum(noisy != labels) == 400  # every flipped label changes class
   # Every wrong class is used, in roughly equal amounts (about 44 each).
   wrong = (noisy - labels)[noisy != labels] % 10
