@@ -146,10 +146,10 @@ def base_optimizer() -> optax.GradientTransformation:
 
 
 class Variant(NamedTuple):
-  """An unjitted training step and the optimizer whose state it carries."""
+  """An unjitted training step and the initialiser of the state it carries."""
 
   step: Step
-  tx: optax.GradientTransformation
+  init: Callable[[Any], Any]
 
 
 def sgd_variant(loss_fn: Callable) -> Variant:
@@ -160,7 +160,7 @@ def sgd_variant(loss_fn: Callable) -> Variant:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return Variant(step, tx)
+  return Variant(step, tx.init)
 
 
 def hand_sam_variant(loss_fn: Callable) -> Variant:
@@ -175,7 +175,44 @@ def hand_sam_variant(loss_fn: Callable) -> Variant:
     updates, opt_state = tx.update(perturbed_grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return Variant(step, tx)
+  return Variant(step, tx.init)
+
+
+class HandFSAMState(NamedTuple):
+  """The state of the hand-written F-SAM step: step count, moving average, base state."""
+
+  count: jax.Array
+  ema: Any
+  base: optax.OptState
+
+
+def hand_fsam_variant(loss_fn: Callable) -> Variant:
+  """F-SAM written out in plain JAX, as the official step: the algorithm's own cost.
+
+  The first step perturbs along ``g`` and starts the average at ``g``; later
+  steps use ``d = g - sigma m`` and then ``m = lmbda m + (1 - lmbda) g``.
+  """
+  base = base_optimizer()
+
+  def init(params: Any) -> HandFSAMState:
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return HandFSAMState(jnp.zeros([], jnp.int32), zeros, base.init(params))
+
+  def step(params, state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    first = state.count == 0
+    d = jax.tree.map(lambda g, m: jnp.where(first, g, g - SIGMA * m), grads, state.ema)
+    scale = RHO / (optax.tree.norm(d) + EPS)
+    perturbed = jax.tree.map(lambda p, d: p + scale * d, params, d)
+    _, perturbed_grads = jax.value_and_grad(loss_fn)(perturbed, batch)
+    ema = jax.tree.map(
+      lambda m, g: jnp.where(first, g, LMBDA * m + (1 - LMBDA) * g), state.ema, grads
+    )
+    updates, base_state = base.update(perturbed_grads, state.base, params)
+    new_state = HandFSAMState(state.count + 1, ema, base_state)
+    return optax.apply_updates(params, updates), new_state, loss
+
+  return Variant(step, init)
 
 
 def contrib_sam_variant(loss_fn: Callable) -> Variant:
@@ -189,7 +226,7 @@ def contrib_sam_variant(loss_fn: Callable) -> Variant:
     updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return Variant(step, tx)
+  return Variant(step, tx.init)
 
 
 def fsam_variant(loss_fn: Callable, **schedule: Any) -> Variant:
@@ -203,11 +240,12 @@ def fsam_variant(loss_fn: Callable, **schedule: Any) -> Variant:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return Variant(step, tx)
+  return Variant(step, tx.init)
 
 
 VARIANTS: dict[str, Callable[[Callable], Variant]] = {
   "F-SAM (fsam_optax)": fsam_variant,
+  "F-SAM (hand-written)": hand_fsam_variant,
   "SAM (hand-written)": hand_sam_variant,
   "optax.contrib.sam (opaque)": contrib_sam_variant,
   "SGD (one pass)": sgd_variant,

@@ -26,7 +26,7 @@ TARGET = 1.2
 def sample(model: h.Model, make: h.Callable, params: object, batch: object) -> tuple[float, float]:
   """Seconds to trace and lower, and to compile, a freshly built step."""
   variant = make(h.make_loss(model))  # new closures: no tracing cache applies
-  opt_state = variant.tx.init(params)
+  opt_state = variant.init(params)
   start = time.perf_counter()
   lowered = h.jit_step(variant.step).lower(params, opt_state, batch)
   traced = time.perf_counter()

@@ -44,7 +44,7 @@ def step_memory(model: h.Model) -> str:
   stats = {}
   for name, make in {**h.VARIANTS, **h.SCHEDULED}.items():
     variant = make(loss_fn)
-    compiled = h.jit_step(variant.step).lower(params, variant.tx.init(params), batch).compile()
+    compiled = h.jit_step(variant.step).lower(params, variant.init(params), batch).compile()
     stats[name] = compiled.memory_analysis()
   ref = stats["SAM (hand-written)"]
   mib = lambda b: f"{b / 2**20:.2f}"

@@ -95,7 +95,7 @@ def agreement(steps: int = 3) -> float:
   x, y = h.make_batch(model)
   module = torch_mlp(params)
   variant = h.fsam_variant(h.make_loss(model))
-  runner = h.Runner(jax.jit(variant.step), params, variant.tx.init(params), (x, y))
+  runner = h.Runner(jax.jit(variant.step), params, variant.init(params), (x, y))
   runner(steps)
   TorchRunner(module, torch.from_numpy(x), torch.from_numpy(y).long())(steps)
   diffs = []
@@ -113,7 +113,7 @@ def measure(model: h.Model, module: nn.Module, rounds: int, steps_per_round: int
   x_torch = torch.from_numpy(x if x.ndim == 2 else x.transpose(0, 3, 1, 2).copy())
   runners = {
     "JAX F-SAM (fsam_optax, jit)": h.Runner(
-      h.jit_step(variant.step), params, variant.tx.init(params), batch
+      h.jit_step(variant.step), params, variant.init(params), batch
     ),
     "PyTorch FriendlySAM (eager)": TorchRunner(module, x_torch, torch.from_numpy(y).long()),
   }

@@ -38,7 +38,7 @@ def measure(model: h.Model, donate: bool, variants: dict[str, Any]) -> dict[str,
   for name, make in variants.items():
     variant = make(loss_fn)
     jitted = jax.jit(variant.step, donate_argnums=(0, 1) if donate else ())
-    compiled = jitted.lower(params, variant.tx.init(params), batch).compile()
+    compiled = jitted.lower(params, variant.init(params), batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # a list in older jaxlibs
     temp = compiled.memory_analysis().temp_size_in_bytes
