@@ -47,12 +47,13 @@ def fsam_over_sam(xla_flags: str) -> list[float]:
 
 
 @min_versions
-def test_fsam_reads_and_writes_at_most_five_parameter_sizes_more_than_sam():
-  # XLA:CPU's default fusion makes one array a kernel: the norm and theta + e
-  # each read the average (+2), and the average's own update reads g and m
-  # and writes m (+3). Measured +5.00 with and without donation.
+def test_fsam_reads_and_writes_at_most_six_parameter_sizes_more_than_sam():
+  # XLA:CPU's default fusion makes one array a kernel: d = g - sigma m is
+  # stored once (read g and m, write d: +3; the norm and theta + e then read d
+  # in place of g), and the average's update reads g and m and writes m (+3), with
+  # no copy of the donated average. Measured +6.00 with and without donation.
   for extra in fsam_over_sam(""):
-    assert extra <= 5.05
+    assert extra <= 6.05
 
 
 @min_versions
