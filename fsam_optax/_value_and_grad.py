@@ -203,16 +203,17 @@ def _ordered_after(tree: Any, after: Any) -> Any:
   """``tree`` unchanged, but data-dependent on ``after`` as XLA sees it.
 
   ``fsam`` updates the moving average in place (when the state is donated)
-  from the clean gradient. The perturbation reads the old average too. With
-  multi-output fusion XLA computes ``theta + e`` and the new average in one
-  kernel, and nothing is to be done. Without it, XLA cannot order the two
-  readers before scheduling, so it copies the whole average first (as it
-  must when a schedule puts the perturbation inside a ``lax.cond``). Tying
-  each leaf of the clean gradient to one element of the same leaf of the
-  perturbed gradient (computed after the perturbation) orders them, and keeps
-  the leaf's sharding type under ``shard_map``: ``never`` is always false (no
-  value is both finite and NaN), so the select returns ``tree`` bit for bit,
-  fused into the update at no cost.
+  from the clean gradient. When a schedule puts the perturbation, which reads
+  the old average, inside a ``lax.cond``, XLA cannot order the two before
+  scheduling, so it copies the whole average first. Tying each leaf of the
+  clean gradient to one element of the same leaf of the perturbed gradient
+  (computed after the perturbation) orders them, and keeps the leaf's
+  sharding type under ``shard_map``: ``never`` is always false (no value is
+  both finite and NaN), so the select returns ``tree`` bit for bit, fused
+  into the update at no cost. (Without a schedule XLA orders the update
+  itself where it can fuse it with ``theta + e``; where it cannot, on
+  XLA:CPU by default, the copy it makes instead timed no slower than the
+  tie, which keeps ``g`` alive through the second pass.)
   """
 
   def tie(x: jax.Array, anchor: jax.Array) -> jax.Array:
@@ -488,7 +489,7 @@ def sam_value_and_grad(
       sam_grads = jax.tree.map(lambda gp: SAMGrad(gp, None), perturbed_grads)
     else:
       clean = grads
-      if take is not None or not _multi_output_fusion():
+      if take is not None:
         clean = _ordered_after(grads, perturbed_grads)
       sam_grads = jax.tree.map(SAMGrad, perturbed_grads, clean)
     value = mean(out[0] if has_aux else out)

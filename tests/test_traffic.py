@@ -47,13 +47,15 @@ def fsam_over_sam(xla_flags: str) -> list[float]:
 
 
 @min_versions
-def test_fsam_reads_and_writes_at_most_six_parameter_sizes_more_than_sam():
+def test_fsam_reads_and_writes_six_parameter_sizes_more_than_sam_and_two_for_the_copy():
   # XLA:CPU's default fusion makes one array a kernel: d = g - sigma m is
   # stored once (read g and m, write d: +3; the norm and theta + e then read d
-  # in place of g), and the average's update reads g and m and writes m (+3), with
-  # no copy of the donated average. Measured +6.00 with and without donation.
-  for extra in fsam_over_sam(""):
-    assert extra <= 6.05
+  # in place of g), and the average's update reads g and m and writes m (+3).
+  # With donation XLA first copies the average that the update overwrites in
+  # place (+2). Measured +6.00 without donation and +8.00 with it.
+  no_donation, donation = fsam_over_sam("")
+  assert no_donation <= 6.05
+  assert donation <= 8.05
 
 
 @min_versions
