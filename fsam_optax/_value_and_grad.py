@@ -142,8 +142,8 @@ def perturb(
     # g + (-sigma) m the second time (bit for bit the same value in IEEE
     # arithmetic), it is recomputed inside each reader and never stored, so
     # that with multi-output fusion theta + e and the new average come from
-    # one kernel that reads m once. Without that fusion, storing d measured
-    # faster on the CPU (one more buffer written, but shorter kernels).
+    # one kernel that reads m once. Without that fusion (XLA:CPU by default),
+    # storing d timed faster, though it writes one more parameter-size buffer.
     d_leaves = [(g - sigma * m).astype(g.dtype) for g, m in zip(g_leaves, ema, strict=True)]
     e_dirs = d_leaves
     if _multi_output_fusion():
