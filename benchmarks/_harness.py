@@ -189,8 +189,9 @@ class HandFSAMState(NamedTuple):
 def hand_fsam_variant(loss_fn: Callable) -> Variant:
   """F-SAM written out in plain JAX, as the official step: the algorithm's own cost.
 
-  The first step perturbs along ``g`` and starts the average at ``g``; later
-  steps use ``d = g - sigma m`` and then ``m = lmbda m + (1 - lmbda) g``.
+  The first step perturbs along ``g`` (the average starts at zero) and sets the
+  average to ``g``; later steps use ``d = g - sigma m`` and then
+  ``m = lmbda m + (1 - lmbda) g``.
   """
   base = base_optimizer()
 
@@ -201,7 +202,7 @@ def hand_fsam_variant(loss_fn: Callable) -> Variant:
   def step(params, state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     first = state.count == 0
-    d = jax.tree.map(lambda g, m: jnp.where(first, g, g - SIGMA * m), grads, state.ema)
+    d = jax.tree.map(lambda g, m: g - SIGMA * m, grads, state.ema)  # m = 0 at first
     scale = RHO / (optax.tree.norm(d) + EPS)
     perturbed = jax.tree.map(lambda p, d: p + scale * d, params, d)
     _, perturbed_grads = jax.value_and_grad(loss_fn)(perturbed, batch)

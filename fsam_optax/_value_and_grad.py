@@ -144,6 +144,8 @@ def perturb(
     # that with multi-output fusion theta + e and the new average come from
     # one kernel that reads m once. Without that fusion (XLA:CPU by default),
     # storing d timed faster, though it writes one more parameter-size buffer.
+    # Both give d the same values; what XLA fuses downstream may round the
+    # step differently in the last bits.
     d_leaves = [(g - sigma * m).astype(g.dtype) for g, m in zip(g_leaves, ema, strict=True)]
     e_dirs = d_leaves
     if _multi_output_fusion():
@@ -210,10 +212,7 @@ def _ordered_after(tree: Any, after: Any) -> Any:
   (computed after the perturbation) orders them, and keeps the leaf's
   sharding type under ``shard_map``: ``never`` is always false (no value is
   both finite and NaN), so the select returns ``tree`` bit for bit, fused
-  into the update at no cost. (Without a schedule XLA orders the update
-  itself where it can fuse it with ``theta + e``; where it cannot, on
-  XLA:CPU by default, the copy it makes instead timed no slower than the
-  tie, which keeps ``g`` alive through the second pass.)
+  into the update at no cost.
   """
 
   def tie(x: jax.Array, anchor: jax.Array) -> jax.Array:
@@ -489,6 +488,9 @@ def sam_value_and_grad(
       sam_grads = jax.tree.map(lambda gp: SAMGrad(gp, None), perturbed_grads)
     else:
       clean = grads
+      # Without a schedule XLA orders the update itself where it can fuse it
+      # with theta + e; where it cannot (XLA:CPU by default) the copy it makes
+      # instead timed no slower than the tie, which keeps g alive longer.
       if take is not None:
         clean = _ordered_after(grads, perturbed_grads)
       sam_grads = jax.tree.map(SAMGrad, perturbed_grads, clean)

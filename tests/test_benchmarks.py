@@ -54,11 +54,13 @@ def test_schedule_tradeoff_smoke_run_prints_both_verdicts() -> None:
   assert "95% t-interval" in result.stdout
 
 
-def test_hand_written_fsam_takes_the_same_steps_as_the_library() -> None:
+def test_hand_written_fsam_takes_the_same_steps_as_the_library(
+  monkeypatch: pytest.MonkeyPatch,
+) -> None:
   # The step-time benchmark splits F-SAM's cost into the algorithm's and the
   # library's with a hand-written F-SAM; that split means something only if
   # both compute the same training steps.
-  sys.path.insert(0, str(BENCHMARKS))
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
   import _harness as h
 
   # The harness's models broadcast biases by rank promotion, as user code does.

@@ -66,8 +66,9 @@ def test_with_multi_output_fusion_fsam_is_at_the_floor_of_three():
     assert extra <= 3.05
 
 
-def test_the_layout_without_the_ordering_edge_equals_the_reference(monkeypatch):
-  # The layout traced where XLA has multi-output fusion (GPU, TPU), on the CPU.
+def test_the_multi_output_fusion_layout_equals_the_reference(monkeypatch):
+  # The layout traced where XLA has multi-output fusion (GPU, TPU), on the CPU:
+  # the direction spelled inside each of its readers.
   monkeypatch.setattr(_value_and_grad, "_multi_output_fusion", lambda: True)
   kwargs = dict(rho=0.2, sigma=1.0, lmbda=0.6)
   with jax.enable_x64(True):

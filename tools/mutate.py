@@ -3,7 +3,8 @@
 Each mutant replaces one exact piece of source in ``fsam_optax/`` with a plausible mistake
 (the moving average fed the direction, a per-tensor norm, no ``eps``, a flipped sign, ...).
 For each, the package is copied to a temporary folder, the mutant applied there, and only
-``tests/test_properties.py`` runs against it. A mutant is *killed* when a test fails.
+``tests/test_properties.py`` (and the reference test of the multi-output-fusion layout)
+runs against it. A mutant is *killed* when a test fails.
 
 A mutant whose source snippet is not found (or found more than once) is an error, not a
 survivor: after the code changes, update the snippet here. Run from the repository root::
@@ -32,7 +33,11 @@ FSAM = "fsam_optax/_fsam.py"
 PERTURB = "fsam_optax/_value_and_grad.py"
 PRECISION = "fsam_optax/_precision.py"
 SCHEDULE = "fsam_optax/_schedule.py"
-TESTS = "tests/test_properties.py"
+TESTS = [
+  "tests/test_properties.py",
+  # The layout traced where XLA has multi-output fusion, which the CPU does not use by default.
+  "tests/test_traffic.py::test_the_multi_output_fusion_layout_equals_the_reference",
+]
 
 
 class Mutant(NamedTuple):
@@ -42,18 +47,19 @@ class Mutant(NamedTuple):
   replace: str
 
 
-def directions(d: str, e: str) -> str:
-  """perturb's two spellings of the direction: ``d`` for the norm, ``e`` for the step.
+def directions(d: str, e: str = "d_leaves") -> str:
+  """perturb's direction: ``d`` for the norm, ``e`` for the step.
 
-  ``d = g - sigma m`` is written twice there (see the comment in perturb), so a
-  mistake in the direction is made in both lines, or in the one it names.
+  On XLA:CPU's default flags the step reuses the norm's list (``e_dirs = d_leaves``), so a
+  mistake in ``d`` reaches both; ``e`` names a different expression for the step alone.
   """
   tail = " for g, m in zip(g_leaves, ema, strict=True)]"
-  return f"    d_leaves = [{d}{tail}\n    e_dirs = [{e}{tail}"
+  step = e if e == "d_leaves" else f"[{e}{tail}"
+  return f"    d_leaves = [{d}{tail}\n    e_dirs = {step}\n"
 
 
-D, E = "(g - sigma * m).astype(g.dtype)", "(g + (-sigma) * m).astype(g.dtype)"
-BOTH = directions(D, E)
+D = "(g - sigma * m).astype(g.dtype)"
+BOTH = directions(D)
 
 MUTANTS = [
   # The moving average, fsam's update.
@@ -129,31 +135,37 @@ MUTANTS = [
     "direction adds the average (sign flip)",
     PERTURB,
     BOTH,
-    directions("(g + sigma * m).astype(g.dtype)", "(g + sigma * m).astype(g.dtype)"),
+    directions("(g + sigma * m).astype(g.dtype)"),
   ),
   Mutant(
     "sigma ignored",
     PERTURB,
     BOTH,
-    directions("(g - m).astype(g.dtype)", "(g - m).astype(g.dtype)"),
+    directions("(g - m).astype(g.dtype)"),
   ),
   Mutant(
     "direction from the current gradient instead of the old average",
     PERTURB,
     BOTH,
-    directions("(g - sigma * g).astype(g.dtype)", "(g - sigma * g).astype(g.dtype)"),
+    directions("(g - sigma * g).astype(g.dtype)"),
   ),
   Mutant(
     "norm of g instead of the direction d",
     PERTURB,
     BOTH,
-    directions("g", E),
+    directions("g", D),
   ),
   Mutant(
     "step along g + sigma m while the norm is of d",
     PERTURB,
     BOTH,
     directions(D, "(g + sigma * m).astype(g.dtype)"),
+  ),
+  Mutant(
+    "multi-output-fusion spelling of the step direction adds sigma m",
+    PERTURB,
+    "      e_dirs = [(g + (-sigma) * m).astype(g.dtype)",
+    "      e_dirs = [(g + sigma * m).astype(g.dtype)",
   ),
   Mutant(
     "perturbation subtracted (descent instead of ascent)",
@@ -255,7 +267,7 @@ def run(mutant: Mutant | None) -> tuple[bool, float]:
       path.write_text(mutated(mutant, path.read_text()))
     start = time.perf_counter()
     result = subprocess.run(
-      [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", TESTS],
+      [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
       cwd=root,
       env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
       capture_output=True,
@@ -283,7 +295,7 @@ def main() -> int:
     for m, (survived, seconds) in zip(mutants, pool.map(run, mutants), strict=True):
       killed += not survived
       print(f"{'SURVIVED' if survived else 'killed  '}  {seconds:5.0f} s  {m.path}: {m.name}")
-  print(f"\n{killed} of {len(mutants)} mutants killed by {TESTS} alone")
+  print(f"\n{killed} of {len(mutants)} mutants killed by {' '.join(TESTS)} alone")
   return 0 if killed >= args.min_killed * len(mutants) else 1
 
 
