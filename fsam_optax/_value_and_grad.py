@@ -101,7 +101,10 @@ def _multi_output_fusion() -> bool:
   """Whether XLA may compute several arrays in one kernel (a multi-output fusion).
 
   XLA:GPU and XLA:TPU do; XLA:CPU only with the backend option
-  ``--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``.
+  ``--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``. Decided
+  when the step is traced, from the default backend: a step compiled for
+  another backend than the default gets the other layout, which changes
+  its speed and possibly the last bits, never the maths.
   """
   if jax.default_backend() != "cpu":
     return True
