@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fsam_optax._sharding import vary, varying_axes
+from fsam_optax._layout import vary, varying_axes
 
 
 def split(micro_batches: int, args: Any) -> Any:

@@ -1,64 +1,31 @@
-"""Friendly Sharpness-Aware Minimization (F-SAM) as an Optax transformation."""
+"""Friendly Sharpness-Aware Minimization (F-SAM) as an Optax transformation.
+
+The state holds the moving average ``m`` of clean gradients; it tells the
+gradient helper the direction to perturb along (:meth:`FSAMState.direction`),
+and the update feeds it the clean gradient of the step.
+"""
 
 from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fsam_optax._config import PerturbationConfig
+from fsam_optax._hyperparams import at, check, default_float
+from fsam_optax._layout import Layout
+from fsam_optax._lookup import sam_state
+from fsam_optax._mask import Mask, check_mask_leaves, resolve_mask
+from fsam_optax._pairs import SAMGrad, split_grads
+from fsam_optax._perturbation import Direction
 from fsam_optax._schedule import check_schedule
 
-Mask = Any  # A pytree of bools (a prefix of the params), or a callable giving one.
 
-
-class SAMGrad(NamedTuple):
-  """The gradient pair that :func:`sam_value_and_grad` returns for one leaf.
-
-  Attributes:
-    perturbed: gradient of the loss at the perturbed weights ``theta + e``; it
-      is what the optimizers after :func:`fsam` in the chain receive.
-    clean: gradient at ``theta``, fed into the F-SAM moving average; ``None``
-      when the state keeps no average (plain SAM).
-  """
-
-  perturbed: jax.Array
-  clean: jax.Array | None
-
-  # Arithmetic on a pair would silently stack the two gradients into one
-  # array (jnp treats a tuple as a sequence), or repeat or concatenate the
-  # tuple: refuse it with what to do.
-  def __jax_array__(self, *args: Any, **kwargs: Any) -> NoReturn:
-    raise TypeError(_PAIR_AS_ARRAY)
-
-  def __array__(self, *args: Any, **kwargs: Any) -> NoReturn:
-    raise TypeError(_PAIR_AS_ARRAY)
-
-  def __add__(self, other: Any) -> NoReturn:
-    raise TypeError(_PAIR_AS_ARRAY)
-
-  def __radd__(self, other: Any) -> NoReturn:
-    raise TypeError(_PAIR_AS_ARRAY)
-
-  def __mul__(self, other: Any) -> NoReturn:
-    raise TypeError(_PAIR_AS_ARRAY)
-
-  def __rmul__(self, other: Any) -> NoReturn:
-    raise TypeError(_PAIR_AS_ARRAY)
-
-
-_PAIR_AS_ARRAY = (
-  "a fsam_optax.SAMGrad (perturbed, clean) pair was used as an array. Pass the "
-  "helper's gradients unchanged to an optimizer whose chain starts with fsam, or "
-  "take the plain trees with fsam_optax.perturbed_grads(grads) / "
-  "fsam_optax.clean_grads(grads)."
-)
-
-
+@sam_state
 class FSAMState(NamedTuple):
   """State of :func:`fsam`.
 
@@ -79,68 +46,46 @@ class FSAMState(NamedTuple):
   ema: optax.Updates | None
   config: PerturbationConfig
 
+  @property
+  def uses_clean_grad(self) -> bool:
+    """Whether the update needs the clean gradient (to feed the moving average)."""
+    return self.ema is not None
 
-def _concrete(value: Any) -> float | None:
-  """Returns ``value`` as a float when it is known now, else ``None``."""
-  if callable(value) or isinstance(value, jax.core.Tracer):
-    return None
-  if jnp.ndim(value) != 0:
-    raise ValueError(f"expected a scalar hyperparameter, got shape {jnp.shape(value)}")
-  return float(value)
+  def pairs(
+    self, perturbed: Any, clean: Any, layout: Layout, hyperparam: Callable[[str], jax.Array]
+  ) -> Any:
+    """The ``SAMGrad`` tree that the update consumes: ``(g', g)``, or ``(g', None)`` for SAM.
 
+    ``layout`` gives whole-tree norms and means and ``hyperparam(name)`` the live
+    value of a scalar, for rules that combine the two gradients; F-SAM needs neither.
+    """
+    del layout, hyperparam
+    if self.uses_clean_grad:
+      return jax.tree.map(SAMGrad, perturbed, clean)
+    return jax.tree.map(lambda g: SAMGrad(g, None), perturbed)
 
-def _check(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
-  if callable(value) and name != "rho":
-    raise ValueError(
-      f"fsam: `{name}` must be a number or a scalar array; only `rho` takes a schedule "
-      f"(use optax.inject_hyperparams to change `{name}` during training)."
-    )
-  v = _concrete(value)
-  if v is not None and not ok(v):
-    raise ValueError(f"fsam: `{name}` must be {allowed}, got {v!r}.")
+  def direction(self, grads: list[jax.Array], hyperparam: Callable[[str], jax.Array]) -> Direction:
+    """``d = g - sigma m`` (``g`` for plain SAM), leaf by leaf, in the gradients' dtypes.
 
-
-def _check_mask_leaves(leaves: list[Any]) -> None:
-  for leaf in leaves:
-    if isinstance(leaf, jax.core.Tracer) or jnp.ndim(leaf) != 0:
+    ``hyperparam(name)`` gives the live value of a scalar of this state.
+    """
+    if self.ema is None:
+      return Direction(grads, grads)
+    ema = jax.tree.leaves(self.ema)
+    if len(ema) != len(grads):
       raise ValueError(
-        "fsam: `mask` leaves must be concrete Python bools, one per parameter "
-        f"leaf (or per subtree), got {leaf!r}; mask whole arrays, not elements."
+        f"sam_value_and_grad: params have {len(grads)} leaves but the "
+        f"F-SAM state averages {len(ema)}; initialise the optimizer with "
+        "the same params you pass here."
       )
-
-
-def resolve_mask(mask: Mask | None, params: Any) -> tuple[bool, ...] | None:
-  """One Python bool per leaf of ``params`` (a callable mask is called on them)."""
-  if mask is None:
-    return None
-  tree = mask(params) if callable(mask) else mask
-  leaves = jax.tree.leaves(broadcast_mask(tree, params))
-  _check_mask_leaves(leaves)
-  return tuple(bool(leaf) for leaf in leaves)
-
-
-def broadcast_mask(mask_tree: Any, params: Any) -> Any:
-  """``mask_tree`` broadcast to the structure of ``params``, or a ValueError."""
-  try:
-    return jax.tree.broadcast(mask_tree, params)
-  except (ValueError, TypeError) as err:
-    raise ValueError(
-      f"fsam: `mask` must have the structure of the params (or a prefix of it): {err}"
-    ) from None
-
-
-def _default_float(x: Any) -> jax.Array:
-  # float64 when x64 is on, float32 otherwise; never weakly typed, so that the
-  # state keeps one dtype through init, update, scan and cond.
-  return jnp.asarray(x, dtype=jnp.result_type(float))
-
-
-def _at(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  if not callable(value):
-    return _default_float(value)
-  # An int32 count would make optax's schedules compute in float32 even when
-  # x64 is on; the default integer keeps the run's precision.
-  return _default_float(value(count.astype(jnp.result_type(int))))
+    sigma = hyperparam("sigma")
+    pairs = list(zip(grads, ema, strict=True))
+    # g + (-sigma) m is g - sigma m bit for bit; spelled apart, it is not stored
+    # once for both readers but computed inside each (see Direction).
+    return Direction(
+      [(g - sigma * m).astype(g.dtype) for g, m in pairs],
+      [(g + (-sigma) * m).astype(g.dtype) for g, m in pairs],
+    )
 
 
 def _zeros_for(param: Any, ema_dtype: jnp.dtype | None) -> jax.Array:
@@ -152,34 +97,37 @@ def _zeros_for(param: Any, ema_dtype: jnp.dtype | None) -> jax.Array:
   return jnp.zeros(param.shape, dtype)
 
 
-def _all_finite(leaves: list[jax.Array]) -> jax.Array:
-  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+def moving_average(ema: Any, grads: list[jax.Array], lmbda: Any, count: jax.Array) -> Any:
+  """``m = lmbda m + (1 - lmbda) g`` leaf by leaf, and ``m = g`` on the first step (count 0).
 
-
-def flatten_pairs(grads: Any, error: str) -> tuple[list[SAMGrad], Any]:
-  """The ``SAMGrad`` pairs of the helper's gradients and their treedef.
-
-  Raises ``ValueError(error)`` unless every leaf is a pair.
+  The first step's rule is the official code's initialisation, by decay 0.
   """
-  is_pair = lambda x: isinstance(x, SAMGrad)
-  pairs, treedef = jax.tree.flatten(grads, is_leaf=is_pair)
-  if not all(is_pair(p) for p in pairs):
-    raise ValueError(error)
-  return pairs, treedef
+  decay = jnp.where(count == 0, 0.0, lmbda)
+  leaves, treedef = jax.tree.flatten(ema)
+
+  def one(m: jax.Array, g: jax.Array) -> jax.Array:
+    # 1 - decay in at least the average's precision: a float32 lmbda (as
+    # inject_hyperparams stores it) would otherwise round it for float64.
+    a = decay.astype(jnp.promote_types(m.dtype, jnp.float32))
+    return (a * m + (1 - a) * g).astype(m.dtype)
+
+  return jax.tree.unflatten(treedef, [one(m, g) for m, g in zip(leaves, grads, strict=True)])
 
 
-_PLAIN_GRADS = (
-  "fsam received plain gradients. Compute them with "
-  "`fsam_optax.sam_value_and_grad(loss_fn)(params, opt_state, ...)`, "
-  "which returns the perturbed and clean gradients that fsam consumes, "
-  "and place fsam first in the chain."
-)
+def advance_if_finite(
+  skip_nonfinite: bool, advance: Callable[[], Any], state: Any, grads: list[jax.Array | None]
+) -> Any:
+  """``advance()``, or with ``skip_nonfinite`` ``state`` unchanged where a gradient is not finite.
 
-
-def split_grads(updates: optax.Updates) -> tuple[list[jax.Array], list[Any], Any]:
-  """Splits helper gradients into perturbed and clean leaves, and a treedef."""
-  pairs, treedef = flatten_pairs(updates, _PLAIN_GRADS)
-  return [p.perturbed for p in pairs], [p.clean for p in pairs], treedef
+  A non-finite step must not reach the moving average (it would never leave it).
+  """
+  if not skip_nonfinite:
+    return advance()
+  kept = [g for g in grads if g is not None]
+  finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in kept] or [True]))
+  # lax.cond, not a select per leaf: the selects make XLA's compile time
+  # grow steeply with the number of leaves.
+  return jax.lax.cond(finite, advance, lambda: state)
 
 
 def fsam(
@@ -270,13 +218,13 @@ def fsam(
     Li et al., `Friendly Sharpness-Aware Minimization
     <https://arxiv.org/abs/2403.12350>`_, CVPR 2024.
   """
-  _check("rho", rho, lambda v: v >= 0, "a radius >= 0")
-  _check("sigma", sigma, lambda v: v >= 0, ">= 0")
-  _check("lmbda", lmbda, lambda v: 0 <= v < 1, "in [0, 1)")
-  _check("eps", eps, lambda v: v > 0, "> 0")
+  check("rho", rho, lambda v: v >= 0, "a radius >= 0")
+  check("sigma", sigma, lambda v: v >= 0, ">= 0")
+  check("lmbda", lmbda, lambda v: 0 <= v < 1, "in [0, 1)")
+  check("eps", eps, lambda v: v > 0, "> 0")
   every, probability, seed = check_schedule(every, probability, seed)
   if mask is not None and not callable(mask):
-    _check_mask_leaves(jax.tree.leaves(mask))
+    check_mask_leaves(jax.tree.leaves(mask))
   if ema_dtype is not None:
     ema_dtype = jnp.dtype(ema_dtype)
   # Only a concrete Python zero drops the buffer: a traced sigma (for example
@@ -294,9 +242,9 @@ def fsam(
     )
     return FSAMState(
       count=jnp.zeros([], jnp.int32),
-      rho=_at(rho, jnp.zeros([], jnp.int32)),
-      sigma=_default_float(sigma),
-      eps=_default_float(eps),
+      rho=at(rho, jnp.zeros([], jnp.int32)),
+      sigma=default_float(sigma),
+      eps=default_float(eps),
       ema=jax.tree.map(lambda p: _zeros_for(p, ema_dtype), params) if keep_ema else None,
       config=config,
     )
@@ -317,45 +265,24 @@ def fsam(
           "for a state without a moving average. Pass the same opt_state to "
           "sam_value_and_grad and to tx.update."
         )
-      ema_leaves, ema_def = jax.tree.flatten(ema)
-      if len(ema_leaves) != len(clean):
+      if len(jax.tree.leaves(ema)) != len(clean):
         raise ValueError(
           f"fsam: the gradients have {len(clean)} leaves but the state's "
-          f"moving average has {len(ema_leaves)}; initialise the optimizer "
+          f"moving average has {len(jax.tree.leaves(ema))}; initialise the optimizer "
           "with the params you differentiate."
         )
 
     def advance() -> FSAMState:
-      new_ema = None
-      if ema is not None:
-        # First step: m = g (the official code's initialisation), by decay 0.
-        decay = jnp.where(state.count == 0, 0.0, lmbda)
-
-        def average(m: jax.Array, g: jax.Array) -> jax.Array:
-          # 1 - decay in at least the average's precision: a float32 lmbda (as
-          # inject_hyperparams stores it) would otherwise round it for float64.
-          a = decay.astype(jnp.promote_types(m.dtype, jnp.float32))
-          return (a * m + (1 - a) * g).astype(m.dtype)
-
-        new_ema = jax.tree.unflatten(
-          ema_def, [average(m, g) for m, g in zip(ema_leaves, clean, strict=True)]
-        )
       count = optax.safe_increment(state.count)
       return state._replace(
         count=count,
-        rho=_at(rho, count),
-        sigma=_default_float(sigma),
-        eps=_default_float(eps),
-        ema=new_ema,
+        rho=at(rho, count),
+        sigma=default_float(sigma),
+        eps=default_float(eps),
+        ema=None if ema is None else moving_average(ema, clean, lmbda, state.count),
       )
 
-    if not skip_nonfinite:
-      return jax.tree.unflatten(treedef, perturbed), advance()
-    # A non-finite step must not reach the average (it would never leave it).
-    # lax.cond, not a select per leaf: the selects make XLA's compile time
-    # grow steeply with the number of leaves.
-    finite = _all_finite([*perturbed, *(c for c in clean if c is not None)])
-    new_state = jax.lax.cond(finite, advance, lambda: state)
+    new_state = advance_if_finite(skip_nonfinite, advance, state, [*perturbed, *clean])
     return jax.tree.unflatten(treedef, perturbed), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

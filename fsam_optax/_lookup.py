@@ -1,4 +1,9 @@
-"""Finds the F-SAM state inside a (possibly nested) optimizer state."""
+"""Finds the SAM-family state inside a (possibly nested) optimizer state.
+
+The gradient helper reads the perturbation's settings from the state of the
+transformation at the front of the chain. A transformation takes part by
+registering its state type with :func:`sam_state`.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,8 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
-
-from fsam_optax._fsam import FSAMState
 
 _HOW_TO_BUILD = (
   "Build the optimizer as `optax.chain(fsam_optax.fsam(...), base_optimizer)` "
@@ -20,15 +24,45 @@ _HOW_TO_BUILD = (
 _INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
 
-class Found(NamedTuple):
-  """The F-SAM state and, under ``inject_hyperparams``, its live hyperparameters."""
+_STATE_TYPES: list[type] = []
 
-  state: FSAMState
+
+def sam_state(cls: type) -> type:
+  """Registers ``cls`` as the state of a SAM-family transformation (a class decorator)."""
+  _STATE_TYPES.append(cls)
+  return cls
+
+
+def _scalar(x: Any) -> jax.Array:
+  # Unwraps Flax NNX variables (nnx.Optimizer keeps its state in them).
+  return jnp.asarray(jax.tree.leaves(x)[0])
+
+
+class Found(NamedTuple):
+  """The SAM-family state and, under ``inject_hyperparams``, its live hyperparameters."""
+
+  state: Any
   hyperparams: Mapping[str, Any] | None
+
+  def hyperparam(self, name: str) -> jax.Array:
+    """The state's scalar ``name``, as the user set it last.
+
+    Under ``inject_hyperparams`` the dict holds the values the user set last;
+    the inner state only learns them at the next update.
+    """
+    value = getattr(self.state, name)
+    if self.hyperparams is not None and name in self.hyperparams:
+      value = jnp.asarray(_scalar(self.hyperparams[name]), dtype=_scalar(value).dtype)
+    return _scalar(value)
+
+  @property
+  def step(self) -> jax.Array:
+    """The state's count: the number of updates applied so far."""
+    return _scalar(self.state.count)
 
 
 class _Hit(NamedTuple):
-  state: FSAMState
+  state: Any
   hyperparams: Mapping[str, Any] | None
   problem: str | None
 
@@ -93,7 +127,7 @@ def _children(node: Any) -> list[tuple[Any, str | None]]:
 
 
 def _search(node: Any, hyperparams: Any, problem: str | None) -> list[_Hit]:
-  if isinstance(node, FSAMState):
+  if isinstance(node, tuple(_STATE_TYPES)):
     return [_Hit(node, hyperparams, problem)]
   if isinstance(node, _INJECT_STATES):
     return _search(node.inner_state, node.hyperparams, problem)
@@ -103,7 +137,7 @@ def _search(node: Any, hyperparams: Any, problem: str | None) -> list[_Hit]:
   return hits
 
 
-def find_fsam_state(opt_state: Any) -> Found:
+def find_sam_state(opt_state: Any) -> Found:
   """Returns the one F-SAM state in ``opt_state``, or raises a helpful error."""
   hits = _search(opt_state, None, None)
   if not hits:

@@ -1,12 +1,85 @@
-"""Plain gradient trees from the ``SAMGrad`` pairs that the helper returns."""
+"""The gradient pair that the helper returns and the transformation consumes.
+
+:func:`fsam_optax.sam_value_and_grad` returns, at each leaf of the params, a
+:class:`SAMGrad` holding the gradient at the perturbed weights and the clean
+gradient; the SAM-family transformation at the front of the chain turns the
+pairs into the plain gradients the rest of the chain receives.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
 import jax
 
-from fsam_optax._fsam import SAMGrad, flatten_pairs
+
+class SAMGrad(NamedTuple):
+  """The gradient pair that :func:`sam_value_and_grad` returns for one leaf.
+
+  Attributes:
+    perturbed: gradient of the loss at the perturbed weights ``theta + e``; it
+      is what the optimizers after :func:`fsam` in the chain receive.
+    clean: gradient at ``theta``, fed into the F-SAM moving average; ``None``
+      when the state keeps no average (plain SAM).
+  """
+
+  perturbed: jax.Array
+  clean: jax.Array | None
+
+  # Arithmetic on a pair would silently stack the two gradients into one
+  # array (jnp treats a tuple as a sequence), or repeat or concatenate the
+  # tuple: refuse it with what to do.
+  def __jax_array__(self, *args: Any, **kwargs: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
+
+  def __array__(self, *args: Any, **kwargs: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
+
+  def __add__(self, other: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
+
+  def __radd__(self, other: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
+
+  def __mul__(self, other: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
+
+  def __rmul__(self, other: Any) -> NoReturn:
+    raise TypeError(_PAIR_AS_ARRAY)
+
+
+_PAIR_AS_ARRAY = (
+  "a fsam_optax.SAMGrad (perturbed, clean) pair was used as an array. Pass the "
+  "helper's gradients unchanged to an optimizer whose chain starts with fsam, or "
+  "take the plain trees with fsam_optax.perturbed_grads(grads) / "
+  "fsam_optax.clean_grads(grads)."
+)
+
+
+def flatten_pairs(grads: Any, error: str) -> tuple[list[SAMGrad], Any]:
+  """The ``SAMGrad`` pairs of the helper's gradients and their treedef.
+
+  Raises ``ValueError(error)`` unless every leaf is a pair.
+  """
+  is_pair = lambda x: isinstance(x, SAMGrad)
+  pairs, treedef = jax.tree.flatten(grads, is_leaf=is_pair)
+  if not all(is_pair(p) for p in pairs):
+    raise ValueError(error)
+  return pairs, treedef
+
+
+_PLAIN_GRADS = (
+  "fsam received plain gradients. Compute them with "
+  "`fsam_optax.sam_value_and_grad(loss_fn)(params, opt_state, ...)`, "
+  "which returns the perturbed and clean gradients that fsam consumes, "
+  "and place fsam first in the chain."
+)
+
+
+def split_grads(updates: Any) -> tuple[list[jax.Array], list[Any], Any]:
+  """Splits helper gradients into perturbed and clean leaves, and a treedef."""
+  pairs, treedef = flatten_pairs(updates, _PLAIN_GRADS)
+  return [p.perturbed for p in pairs], [p.clean for p in pairs], treedef
 
 
 def _pairs(grads: Any, fn: str) -> tuple[list[SAMGrad], Any]:

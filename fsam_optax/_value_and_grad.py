@@ -1,234 +1,164 @@
-"""The two-pass gradient that :func:`fsam_optax.fsam` consumes."""
+"""The two-pass gradient that the SAM-family transformations consume.
+
+One call of the returned function is one SAM step, in named parts:
+
+1. :func:`_clean_pass`: the loss and gradient ``g`` at ``theta``, averaged
+   over the data axes.
+2. :func:`_perturb`: the state at the front of the chain gives the direction
+   ``d`` (:meth:`FSAMState.direction`), scaled to the radius: ``theta + e``.
+3. :func:`_sam_step`: the loss and gradient ``g'`` at ``theta + e``; or, on a
+   step that a schedule skips, :func:`_skipped_step` hands on ``g``.
+4. The state makes the pairs the update consumes (:meth:`FSAMState.pairs`:
+   ``SAMGrad(g', g)``), returned with :class:`SAMDiagnostics`; the
+   transformation's update turns them into the base optimizer's gradient.
+
+The parallel layout (:class:`fsam_optax._layout.Layout`) supplies every mean
+and norm; the maths is in :mod:`fsam_optax._perturbation`.
+"""
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fsam_optax._accumulate import accumulated
-from fsam_optax._fsam import FSAMState, SAMGrad
-from fsam_optax._lookup import find_fsam_state
-from fsam_optax._precision import acc_dtype, applied_norm, scaled_value_and_grad
+from fsam_optax._diagnostics import PerturbationNorms, SAMDiagnostics
+from fsam_optax._layout import Layout, Perturbation
+from fsam_optax._lookup import Found, find_sam_state
+from fsam_optax._loss_scale import scaled_value_and_grad
+from fsam_optax._mask import mask_leaves
+from fsam_optax._perturbation import (
+  acc_dtype,
+  applied_norm,
+  clip_by_global_norm,
+  perturbation,
+  shifted,
+)
 from fsam_optax._randomness import SecondPassRng, check_rng_options, second_pass_args
 from fsam_optax._schedule import is_sam_step
-from fsam_optax._sharding import (
-  Axes,
-  average_over_data,
-  axis_names,
-  check_layout,
-  leaf_axes,
-  sum_over_shards,
-  vary,
-)
-
-Perturbation = Literal["global", "per_device"]
 
 
-class SAMDiagnostics(NamedTuple):
-  """Per-step quantities that come for free with the two passes.
-
-  Attributes:
-    value: loss at the weights ``theta`` (the clean pass).
-    perturbed_value: loss at ``theta + e`` (the second pass); on a step
-      that a schedule (``every``, ``probability``) skips, the clean loss.
-    direction_norm: global norm ``n`` of the direction ``d`` (of ``|theta| d``
-      in adaptive mode), before scaling to the radius; 0 on a skipped step.
-    perturbation_norm: global norm of the perturbation ``e`` (``rho`` for
-      the non-adaptive perturbation); 0 on a skipped step.
-    applied_perturbation_norm: global norm of the perturbation actually
-      applied, ``(theta + e) - theta`` with ``theta + e`` rounded to the
-      params' dtype. When that dtype cannot resolve ``e`` (bfloat16 weights)
-      it differs from ``perturbation_norm``: lower where ``theta + e`` rounds
-      back to ``theta``, and possibly higher where a weight jumps a whole
-      step of its dtype instead of ``e_i``; 0 on a skipped step.
-    clean_grad_norm: global norm of the clean gradient ``g`` (averaged over
-      ``axis_name``; after ``clip_clean_grad``).
-    perturbed_grad_norm: global norm of the perturbed gradient ``g'``; on a
-      skipped step, of the clean gradient handed on in its place.
-  """
-
-  value: jax.Array
-  perturbed_value: jax.Array
-  direction_norm: jax.Array
-  perturbation_norm: jax.Array
-  applied_perturbation_norm: jax.Array
-  clean_grad_norm: jax.Array
-  perturbed_grad_norm: jax.Array
-
-  @property
-  def sharpness(self) -> jax.Array:
-    """Perturbed loss minus clean loss."""
-    return self.perturbed_value - self.value
+class _CleanPass(NamedTuple):
+  value: jax.Array  # this device's loss at theta
+  aux: Any
+  grads: Any  # g, averaged over the data axes (None where nothing needs it)
+  direction: Any  # what the perturbation is made from: g, or the local g per device
 
 
-def _scalar(x: Any) -> jax.Array:
-  # Unwraps Flax NNX variables (nnx.Optimizer keeps its state in them).
-  return jnp.asarray(jax.tree.leaves(x)[0])
+class _SecondPass(NamedTuple):
+  grads: Any  # g' averaged over the data axes (g on a skipped step)
+  value: jax.Array  # this device's loss at theta + e (at theta on a skipped step)
+  norms: PerturbationNorms | None  # with return_diagnostics only
 
 
-def _hyperparam(name: str, state: FSAMState, live: Any) -> jax.Array:
-  # Under inject_hyperparams the dict holds the values the user set last; the
-  # inner state only learns them at the next update.
-  value = getattr(state, name)
-  if live is not None and name in live:
-    value = jnp.asarray(_scalar(live[name]), dtype=_scalar(value).dtype)
-  return _scalar(value)
+def _clip(tree: Any, max_norm: float | None, layout: Layout) -> Any:
+  return tree if max_norm is None else clip_by_global_norm(tree, max_norm, layout.total)
 
 
-def _mask_leaves(mask: tuple[bool, ...] | None, n: int) -> list[bool]:
-  if mask is None:
-    return [True] * n
-  if len(mask) != n:
-    raise ValueError(
-      f"fsam: the state's `mask` covers {len(mask)} parameter leaves but the params "
-      f"have {n}; initialise the optimizer with the same params you pass here."
-    )
-  return list(mask)
+def _split(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
+  return (jnp.asarray(out[0]), out[1]) if has_aux else (jnp.asarray(out), None)
 
 
-def _add(squares: list[Any]) -> jax.Array:
-  # The squared norm of unsharded params: the sum of the leaves' squared sums.
-  kept = [s for s in squares if s is not None]
-  return sum(kept[1:], kept[0]) if kept else jnp.zeros([])
-
-
-def _multi_output_fusion() -> bool:
-  """Whether XLA may compute several arrays in one kernel (a multi-output fusion).
-
-  XLA:GPU and XLA:TPU do; XLA:CPU only with the backend option
-  ``--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``. Decided
-  when the step is traced, from the default backend: a step compiled for
-  another backend than the default gets the other layout, which changes
-  its speed and possibly the last bits, never the maths.
-  """
-  if jax.default_backend() != "cpu":
-    return True
-  return "xla_cpu_use_multi_output_fusion" in os.environ.get("XLA_FLAGS", "")
-
-
-def perturb(
+def _clean_pass(
+  value_and_grad: Callable[..., Any],
+  layout: Layout,
   params: Any,
-  grads: Any,
-  state: FSAMState,
-  live: Any,
-  total: Callable[[list[Any]], jax.Array] = _add,
-) -> tuple[Any, jax.Array, list]:
-  """Returns ``theta + e``, the direction norm ``n`` and the leaves of ``e``.
+  call: tuple[tuple, dict],
+  has_aux: bool,
+  clip: float | None,
+  needs_mean: bool,
+) -> _CleanPass:
+  """``g`` at ``theta`` (differentiated at params varying over the data axes: local gradients)."""
+  out, local = value_and_grad(layout.vary(params), *call[0], **call[1])
+  value, aux = _split(out, has_aux)
+  grads = _clip(layout.mean_grads(local), clip, layout) if needs_mean else None
+  return _CleanPass(value, aux, grads, _clip(local, clip, layout) if layout.per_device else grads)
 
-  Masked-out leaves get no perturbation, and ``None`` in place of theirs.
-  ``total`` maps the per-leaf squared sums (``None`` for masked-out leaves)
-  to the squared norm of the whole tree; on sharded params it adds them over
-  the devices that hold the shards.
-  """
-  p_leaves, treedef = jax.tree.flatten(params)
+
+def _perturb(
+  found: Found, layout: Layout, params: Any, direction: Any, diagnose: bool
+) -> tuple[Any, PerturbationNorms | None]:
+  """``theta + e`` from the params as given (so norms stay replicated unless per device)."""
+  theta, treedef = jax.tree.flatten(params)
   # Python-number leaves (a temperature, say) have no dtype until made arrays.
-  p_leaves = [jnp.asarray(p) for p in p_leaves]
-  g_leaves = jax.tree.leaves(grads)
-  # d for the norm, and d for the step: the same values, see below.
-  d_leaves = e_dirs = g_leaves
-  if state.ema is not None:
-    ema = jax.tree.leaves(state.ema)
-    if len(ema) != len(p_leaves):
-      raise ValueError(
-        f"sam_value_and_grad: params have {len(p_leaves)} leaves but the "
-        f"F-SAM state averages {len(ema)}; initialise the optimizer with "
-        "the same params you pass here."
-      )
-    sigma = _hyperparam("sigma", state, live)
-    # d = g - sigma m is read twice, by the norm and by theta + e. Spelled
-    # once, XLA computes it once and stores it for both readers. Spelled
-    # g + (-sigma) m the second time (bit for bit the same value in IEEE
-    # arithmetic), it is recomputed inside each reader and never stored, so
-    # that with multi-output fusion theta + e and the new average come from
-    # one kernel that reads m once. Without that fusion (XLA:CPU by default),
-    # storing d timed faster, though it writes one more parameter-size buffer.
-    # Both give d the same values; what XLA fuses downstream may round the
-    # step differently in the last bits.
-    d_leaves = [(g - sigma * m).astype(g.dtype) for g, m in zip(g_leaves, ema, strict=True)]
-    e_dirs = d_leaves
-    if _multi_output_fusion():
-      e_dirs = [(g + (-sigma) * m).astype(g.dtype) for g, m in zip(g_leaves, ema, strict=True)]
-  rho = _hyperparam("rho", state, live)
-  eps = _hyperparam("eps", state, live)
-  adaptive = state.config.adaptive
-  chosen = _mask_leaves(state.config.mask, len(p_leaves))
-
-  acc = acc_dtype(p_leaves)
-
-  def weighted(p: jax.Array, d: jax.Array, power: int) -> jax.Array:
-    # |theta|**power * d in `acc`, not in the params' dtype: in float16 the
-    # product overflows to inf (and e to NaN) already for |theta|, |d| ~ 300.
-    d = d.astype(acc)
-    return jnp.abs(p).astype(acc) ** power * d if adaptive else d
-
-  sq = [
-    jnp.sum(jnp.square(weighted(p, d, 1))) if keep else None
-    for p, d, keep in zip(p_leaves, d_leaves, chosen, strict=True)
-  ]
-  norm = jnp.sqrt(total(sq).astype(acc))
-  scale = rho.astype(acc) / (norm + eps.astype(acc))
-  e_leaves = [
-    (scale * weighted(p, d, 2)).astype(p.dtype) if keep else None
-    for p, d, keep in zip(p_leaves, e_dirs, chosen, strict=True)
-  ]
-  perturbed = [p if e is None else p + e for p, e in zip(p_leaves, e_leaves, strict=True)]
-  return jax.tree.unflatten(treedef, perturbed), norm, e_leaves
+  theta = [jnp.asarray(p) for p in theta]
+  config = found.state.config
+  d = found.state.direction(jax.tree.leaves(direction), found.hyperparam)
+  e, n = perturbation(
+    theta,
+    d,
+    found.hyperparam("rho"),
+    found.hyperparam("eps"),
+    adaptive=config.adaptive,
+    mask=mask_leaves(config.mask, len(theta)),
+    total=layout.total,
+  )
+  moved = shifted(theta, e)
+  norms = None
+  if diagnose:
+    e_norm, applied = layout.norm(e), applied_norm(theta, moved, layout.total)
+    norms = PerturbationNorms(n, e_norm.astype(n.dtype), applied.astype(n.dtype))
+  return jax.tree.unflatten(treedef, moved), norms
 
 
-def _norm(leaves: list, total: Callable[[list[Any]], jax.Array]) -> jax.Array:
-  acc = acc_dtype([x for x in leaves if x is not None])
-  squares = [None if x is None else jnp.sum(jnp.square(x.astype(acc))) for x in leaves]
-  return jnp.sqrt(total(squares).astype(acc))
+def _sam_step(
+  value_and_grad: Callable[..., Any],
+  layout: Layout,
+  perturbed: Any,
+  norms: PerturbationNorms | None,
+  call: tuple[tuple, dict],
+  has_aux: bool,
+  like: jax.Array,
+) -> _SecondPass:
+  """``g'`` at ``theta + e``, averaged over the data axes."""
+  out, local = value_and_grad(layout.vary(perturbed), *call[0], **call[1])
+  # In the clean loss's dtype (`like`): a Python-number leaf is weakly typed at
+  # theta but not at theta + e, and may promote a low-precision loss.
+  value = _split(out, has_aux)[0].astype(like.dtype)
+  return _SecondPass(layout.mean_grads(local), value, norms)
 
 
-def _average(tree: Any, axes: Axes) -> Any:
-  return jax.lax.pmean(tree, axes) if axes else tree
+def _skipped_step(clean: _CleanPass, layout: Layout, params: Any, diagnose: bool) -> _SecondPass:
+  """A step the schedule skips: ``g`` in place of ``g'``, and zero norms (nothing was perturbed)."""
+  norms = None
+  if diagnose:
+    zero = jnp.zeros([], acc_dtype([jnp.asarray(p) for p in jax.tree.leaves(params)]))
+    zero = layout.vary_if_per_device(zero)
+    norms = PerturbationNorms(zero, zero, zero)
+  return _SecondPass(clean.grads, clean.value, norms)
 
 
-def _average_aux(aux: Any, axes: Axes) -> Any:
-  def one(path: Any, x: Any) -> jax.Array:
-    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-      raise ValueError(
-        "sam_value_and_grad: average_aux=True averages every aux leaf over `axis_name`, "
-        f"but the aux leaf at {jax.tree_util.keystr(path)} is {jnp.result_type(x)}, "
-        "not floating point; return it as a float or leave average_aux off and reduce "
-        "it yourself."
-      )
-    return jax.lax.pmean(x, axes)
+def _diagnostics(clean: _CleanPass, second: _SecondPass, layout: Layout) -> SAMDiagnostics:
+  assert second.norms is not None
+  return SAMDiagnostics(
+    value=layout.mean(clean.value),
+    perturbed_value=layout.mean(second.value),
+    direction_norm=second.norms.direction,
+    perturbation_norm=second.norms.perturbation,
+    applied_perturbation_norm=second.norms.applied,
+    clean_grad_norm=layout.norm(jax.tree.leaves(clean.grads)),
+    perturbed_grad_norm=layout.norm(jax.tree.leaves(second.grads)),
+  )
 
-  return jax.tree_util.tree_map_with_path(one, aux)
 
-
-def _ordered_after(tree: Any, after: Any) -> Any:
-  """``tree`` unchanged, but data-dependent on ``after`` as XLA sees it.
-
-  ``fsam`` updates the moving average in place (when the state is donated)
-  from the clean gradient. When a schedule puts the perturbation, which reads
-  the old average, inside a ``lax.cond``, XLA cannot order the two before
-  scheduling, so it copies the whole average first. Tying each leaf of the
-  clean gradient to one element of the same leaf of the perturbed gradient
-  (computed after the perturbation) orders them, and keeps the leaf's
-  sharding type under ``shard_map``: ``never`` is always false (no value is
-  both finite and NaN), so the select returns ``tree`` bit for bit, fused
-  into the update at no cost.
-  """
-
-  def tie(x: jax.Array, anchor: jax.Array) -> jax.Array:
-    # Explicitly sharded arrays (Explicit mesh axes) refuse the element slice;
-    # they keep XLA's copy, which costs traffic, never correctness.
-    spec = getattr(getattr(jax.typeof(anchor), "sharding", None), "spec", ())
-    if not anchor.size or any(axis is not None for axis in spec):
-      return x
-    first = anchor.reshape(-1)[0]
-    never = jnp.isfinite(first) & jnp.isnan(first)
-    return jnp.where(never, jnp.zeros_like(x), x)
-
-  return jax.tree.map(tie, tree, after)
+def _check_micro_batches(micro_batches: int | None, rng_arg: int | str | None) -> None:
+  if micro_batches is not None and (
+    isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1
+  ):
+    raise ValueError(
+      "sam_value_and_grad: `micro_batches` must be a positive int (or None), "
+      f"got {micro_batches!r}."
+    )
+  if micro_batches is not None and rng_arg is not None:
+    raise ValueError(
+      "sam_value_and_grad: `micro_batches` splits every argument along its first "
+      "axis, a PRNG key (`rng_arg`) included; draw one key per example in the "
+      "batch instead, or leave micro_batches off."
+    )
 
 
 def sam_value_and_grad(
@@ -375,149 +305,48 @@ def sam_value_and_grad(
   """
   if not callable(fun):
     raise TypeError(f"sam_value_and_grad: `fun` must be callable, got {type(fun).__name__}.")
-  if perturbation not in ("global", "per_device"):
-    raise ValueError(
-      f"sam_value_and_grad: `perturbation` must be 'global' or 'per_device', got {perturbation!r}."
-    )
-  data_axes = axis_names(axis_name)
-  if perturbation == "per_device" and not data_axes:
-    raise ValueError(
-      "sam_value_and_grad: perturbation='per_device' needs `axis_name`, the "
-      "pmap or shard_map axis that splits the batch."
-    )
-  if average_aux and not (has_aux and data_axes):
-    raise ValueError(
-      "sam_value_and_grad: average_aux=True averages the aux over `axis_name`; it "
-      "needs has_aux=True and the data axes in `axis_name`."
-    )
-  if micro_batches is not None and (
-    isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1
-  ):
-    raise ValueError(
-      "sam_value_and_grad: `micro_batches` must be a positive int (or None), "
-      f"got {micro_batches!r}."
-    )
-  mean = functools.partial(_average, axes=data_axes)
+  layout = Layout.create(
+    axis_name, perturbation, param_specs, average_aux=average_aux, has_aux=has_aux
+  )
+  _check_micro_batches(micro_batches, rng_arg)
   check_rng_options(rng_arg, second_pass_rng)
   if clip_clean_grad is not None and not clip_clean_grad > 0:
     raise ValueError(
       f"sam_value_and_grad: `clip_clean_grad` must be a norm > 0, got {clip_clean_grad!r}."
-    )
-
-  if micro_batches is not None and rng_arg is not None:
-    raise ValueError(
-      "sam_value_and_grad: `micro_batches` splits every argument along its first "
-      "axis, a PRNG key (`rng_arg`) included; draw one key per example in the "
-      "batch instead, or leave micro_batches off."
     )
   scaled = scaled_value_and_grad(fun, has_aux)
 
   def grad_fn(
     params: Any, opt_state: Any, *args: Any, loss_scale: Any = None, **kwargs: Any
   ) -> Any:
-    found = find_fsam_state(opt_state)
-    state = found.state
-    config = state.config
-    axes_per_leaf = None if param_specs is None else leaf_axes(param_specs, params)
-    check_layout(params, axes_per_leaf, data_axes, per_device=perturbation == "per_device")
-    total = _add if axes_per_leaf is None else sum_over_shards(axes_per_leaf)
-
-    def clip(tree: Any) -> Any:
-      # optax.clip_by_global_norm's rule, with the norm of the whole tree.
-      if clip_clean_grad is None:
-        return tree
-      norm = _norm(jax.tree.leaves(tree), total)
-      return jax.tree.map(
-        lambda g: jnp.where(
-          norm < clip_clean_grad, g, (g / norm.astype(g.dtype)) * clip_clean_grad
-        ),
-        tree,
-      )
-
-    # The passes differentiate at params marked varying over the data axes (see
-    # vary); the perturbation is built from the params as given, so that its
-    # norms stay replicated unless they are per replica (per_device).
-    theta = params
-    if data_axes:
-      params = vary(params, data_axes)
+    found = find_sam_state(opt_state)
+    state, bound = found.state, layout.bind(params)
     value_and_grad: Callable[..., Any] = functools.partial(scaled, loss_scale)
     if micro_batches is not None:
       value_and_grad = accumulated(value_and_grad, micro_batches, has_aux)
-    out, local_grads = value_and_grad(params, *args, **kwargs)
-    take = is_sam_step(config.every, config.probability, config.seed, _scalar(state.count))
-    # The averaged clean gradient perturbs in global mode and feeds the moving
-    # average; per-device SAM needs neither, so it skips that all-reduce
-    # (unless skipped steps must hand it to the base optimizer).
-    grads = None
-    if perturbation == "global" or state.ema is not None or take is not None:
-      grads = clip(average_over_data(local_grads, data_axes, axes_per_leaf))
-    direction = grads if perturbation == "global" else clip(local_grads)
-    args_p, kwargs_p = second_pass_args(args, kwargs, rng_arg, second_pass_rng)
+    take = is_sam_step(state.config.every, state.config.probability, state.config.seed, found.step)
+    # Per-device SAM perturbs with local gradients: the all-reduce of g is made
+    # only where something reads it.
+    needs_mean = not bound.per_device or state.uses_clean_grad or take is not None
+    clean = _clean_pass(
+      value_and_grad, bound, params, (args, kwargs), has_aux, clip_clean_grad,
+      needs_mean or return_diagnostics,
+    )  # fmt: skip
+    second_call = second_pass_args(args, kwargs, rng_arg, second_pass_rng)
 
-    def sam_pass() -> tuple:
-      perturbed_params, norm, e_leaves = perturb(theta, direction, state, found.hyperparams, total)
-      diag: tuple[jax.Array, ...] = ()
-      if return_diagnostics:
-        e_norm = _norm(e_leaves, total).astype(norm.dtype)
-        applied = applied_norm(theta, perturbed_params, total).astype(norm.dtype)
-        diag = (norm, e_norm, applied)
-      if data_axes:
-        perturbed_params = vary(perturbed_params, data_axes)
-      out_p, perturbed_grads = value_and_grad(perturbed_params, *args_p, **kwargs_p)
-      perturbed_grads = average_over_data(perturbed_grads, data_axes, axes_per_leaf)
-      # In the clean loss's dtype: a Python-number leaf is weakly typed at theta
-      # but not at theta + e, and may promote a low-precision loss.
-      value_p = jnp.asarray(out_p[0] if has_aux else out_p)
-      value_dtype = jnp.asarray(out[0] if has_aux else out).dtype
-      return perturbed_grads, value_p.astype(value_dtype), diag
+    def sam_step() -> _SecondPass:
+      perturbed, norms = _perturb(found, bound, params, clean.direction, return_diagnostics)
+      return _sam_step(value_and_grad, bound, perturbed, norms, second_call, has_aux, clean.value)
 
-    def one_pass() -> tuple:
-      # Steps the schedule skips: the clean gradient in place of g', and
-      # zero norms (no perturbation was made).
-      zero = jnp.zeros([], acc_dtype([jnp.asarray(p) for p in jax.tree.leaves(params)]))
-      # As varying as the norms of sam_pass: per data replica only per_device.
-      if data_axes and perturbation == "per_device":
-        zero = vary(zero, data_axes)
-      diag = (zero, zero, zero) if return_diagnostics else ()
-      return grads, out[0] if has_aux else out, diag
+    def skipped_step() -> _SecondPass:
+      return _skipped_step(clean, bound, params, return_diagnostics)
 
-    if take is None:
-      perturbed_grads, local_value_p, diag = sam_pass()
-    else:
-      # A skipped step runs one pass: lax.cond executes one branch (under
-      # vmap of a batched count it becomes a select and runs both).
-      perturbed_grads, local_value_p, diag = jax.lax.cond(take, sam_pass, one_pass)
-    if state.ema is None:
-      sam_grads = jax.tree.map(lambda gp: SAMGrad(gp, None), perturbed_grads)
-    else:
-      clean = grads
-      # Without a schedule XLA orders the update itself where it can fuse it
-      # with theta + e; where it cannot (XLA:CPU by default) the copy it makes
-      # instead timed no slower than the tie, which keeps g alive longer.
-      if take is not None:
-        clean = _ordered_after(grads, perturbed_grads)
-      sam_grads = jax.tree.map(SAMGrad, perturbed_grads, clean)
-    value = mean(out[0] if has_aux else out)
-    if has_aux:
-      aux = _average_aux(out[1], data_axes) if average_aux else out[1]
-    result = ((value, aux) if has_aux else value), sam_grads
-    if not return_diagnostics:
-      return result
-    clean = (
-      grads if grads is not None else clip(average_over_data(local_grads, data_axes, axes_per_leaf))
-    )
-    direction_norm, perturbation_norm, applied_perturbation_norm = diag
-    return (
-      *result,
-      SAMDiagnostics(
-        value,
-        mean(local_value_p),
-        direction_norm,
-        perturbation_norm,
-        applied_perturbation_norm,
-        clean_grad_norm=_norm(jax.tree.leaves(clean), total),
-        perturbed_grad_norm=_norm(jax.tree.leaves(perturbed_grads), total),
-      ),
-    )
+    # A skipped step runs one pass: lax.cond executes one branch (under vmap of
+    # a batched count it becomes a select and runs both).
+    second = sam_step() if take is None else jax.lax.cond(take, sam_step, skipped_step)
+    grads = state.pairs(second.grads, clean.grads, bound, found.hyperparam)
+    value = bound.mean(clean.value)
+    result = ((value, bound.sync_aux(clean.aux)) if has_aux else value), grads
+    return (*result, _diagnostics(clean, second, bound)) if return_diagnostics else result
 
   return grad_fn

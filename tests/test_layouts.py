@@ -23,7 +23,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fsam_optax
-from fsam_optax._sharding import manual_axes, varying_axes
+from fsam_optax._layout import manual_axes, varying_axes
 from tests import reference as ref
 from tests.jax_mlp import mlp_loss
 

@@ -21,7 +21,6 @@ import optax
 import pytest
 
 import fsam_optax
-from fsam_optax import _value_and_grad
 from tests import reference as ref
 from tests.jax_mlp import run_library
 
@@ -66,10 +65,7 @@ def test_with_multi_output_fusion_fsam_is_at_the_floor_of_three():
     assert extra <= 3.05
 
 
-def test_the_multi_output_fusion_layout_equals_the_reference(monkeypatch):
-  # The layout traced where XLA has multi-output fusion (GPU, TPU), on the CPU:
-  # the direction spelled inside each of its readers.
-  monkeypatch.setattr(_value_and_grad, "_multi_output_fusion", lambda: True)
+def test_fsam_takes_the_reference_steps_leaf_by_leaf():
   kwargs = dict(rho=0.2, sigma=1.0, lmbda=0.6)
   with jax.enable_x64(True):
     data = ref.batches(seed=3, steps=8)
@@ -80,6 +76,20 @@ def test_the_multi_output_fusion_layout_equals_the_reference(monkeypatch):
   for got, w in zip(path, want, strict=True):
     for k in w:
       np.testing.assert_allclose(np.asarray(got[k]), w[k], rtol=1e-10, atol=1e-12)
+
+
+def test_the_multi_output_fusion_layout_equals_the_reference():
+  # The step compiled with multi-output fusion (as XLA:GPU and XLA:TPU compile
+  # it, reading the moving average once for theta + e and its update) takes
+  # the reference's steps too.
+  env = {**os.environ, "XLA_FLAGS": MULTI_OUTPUT_FUSION}
+  test = "tests/test_traffic.py::test_fsam_takes_the_reference_steps_leaf_by_leaf"
+  result = subprocess.run(
+    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", test],
+    capture_output=True, text=True, env=env, timeout=600, cwd=TRAFFIC.parent.parent,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stdout[-3000:]
+  assert "1 passed" in result.stdout, result.stdout[-3000:]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

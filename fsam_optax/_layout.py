@@ -1,22 +1,29 @@
-"""Where each parameter lives on the mesh, and the norm of the whole tree from its shards.
+"""Where the batch and the parameters live: the parallel layout of one gradient call.
 
-Inside ``shard_map`` a device holds a shard of every split parameter, so a sum
-of squares over its own leaves is the squared norm of its shards only. The
-whole tree's squared norm adds each leaf's local squared sum over exactly the
-mesh axes that leaf is split on: replicated leaves are already whole, and
-summing them too would count them once per device.
+Outside ``shard_map`` and ``pmap`` (one device, or ``jax.jit`` over sharded
+arrays) the program sees whole arrays and the layout is empty. Inside them a
+device holds one shard of the batch, split over the *data axes*
+(``axis_name``), and possibly one shard of each parameter, split over the axes
+of its ``PartitionSpec`` (``param_specs``). :class:`Layout` holds both, checks
+them against what JAX's types say, and provides the operations that make the
+single-device algorithm come out on every device: the mean over the data axes,
+and the squared norm of the whole tree, which adds each leaf's local squared
+sum over exactly the mesh axes that leaf is split on (replicated leaves are
+already whole, and summing them too would count them once per device).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
+
+from fsam_optax._perturbation import add, global_norm
 
 Axes = tuple[str, ...]
 
@@ -68,7 +75,7 @@ def vary(tree: Any, axes: Axes) -> Any:
   return jax.tree.map(one, tree)
 
 
-def _is_spec(x: Any) -> bool:
+def is_spec(x: Any) -> bool:
   return x is None or isinstance(x, PartitionSpec)
 
 
@@ -92,7 +99,7 @@ def leaf_axes(param_specs: Any, params: Any) -> list[Axes]:
   """
   paths, treedef = jax.tree_util.tree_flatten_with_path(params)
   try:
-    full = jax.tree.broadcast(param_specs, params, is_leaf=_is_spec)
+    full = jax.tree.broadcast(param_specs, params, is_leaf=is_spec)
     # jaxlib's compiled PyTreeDef has no type stubs.
     specs = treedef.flatten_up_to(full)  # type: ignore[attr-defined]
   except (ValueError, TypeError) as err:
@@ -103,7 +110,7 @@ def leaf_axes(param_specs: Any, params: Any) -> list[Axes]:
   out = []
   for (path, leaf), spec in zip(paths, specs, strict=True):
     name = jax.tree_util.keystr(path) or "params"
-    if not _is_spec(spec):
+    if not is_spec(spec):
       raise ValueError(
         f"sam_value_and_grad: `param_specs` gives {spec!r} for the parameter {name}; "
         "use a jax.sharding.PartitionSpec (P() for a replicated leaf)."
@@ -263,40 +270,108 @@ def sum_over_shards(axes_per_leaf: list[Axes]) -> Callable[[list[Any]], jax.Arra
   return total
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any) -> Any:
-  """The sharding of every leaf of ``tx.init(params)``, derived from the params'.
+Perturbation = Literal["global", "per_device"]
 
-  Buffers shaped like the params (the F-SAM moving average, momentum, Adam's
-  moments) are laid out like the params; every other leaf (counts,
-  hyperparameters) is replicated. ``param_shardings`` is a tree of
-  ``PartitionSpec`` (for ``shard_map``'s specs) or of ``NamedSharding`` (for
-  ``jit``'s ``out_shardings``, ``jax.device_put`` or an Orbax restore), with
-  the structure of ``params`` or a prefix of it; the result holds the same
-  kind. ``params`` may be abstract (``jax.ShapeDtypeStruct``).
 
-  Args:
-    tx: the optimizer.
-    params: the parameters, or their shapes.
-    param_shardings: how the parameters are split.
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """The data axes and parameter specs of one gradient call, checked, with their operations.
 
-  Returns:
-    A tree with the structure of ``tx.init(params)``.
+  Built once from ``sam_value_and_grad``'s options by :meth:`create` (which
+  checks what can be checked before tracing), then bound to the params of
+  each call by :meth:`bind` (which checks them against the mesh in scope).
 
-  Example:
-    >>> import jax, jax.numpy as jnp, optax, fsam_optax
-    >>> from jax.sharding import PartitionSpec as P
-    >>> params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}
-    >>> tx = optax.chain(fsam_optax.fsam(), optax.sgd(0.1, momentum=0.9))
-    >>> specs = fsam_optax.opt_state_shardings(tx, params, {"w": P("model"), "b": P()})
-    >>> tuple(specs[0].ema["w"]), tuple(specs[0].count), tuple(specs[1][0].trace["w"])
-    (('model',), (), ('model',))
+  Attributes:
+    data_axes: the mesh axes that split the batch (``axis_name``).
+    per_device: each data replica perturbs with its own gradient
+      (``perturbation="per_device"``).
+    average_aux: the clean pass's aux is averaged over the data axes.
+    param_specs: the ``PartitionSpec`` tree of the params inside ``shard_map``.
+    leaf_axes: the mesh axes each parameter leaf is split on, set by
+      :meth:`bind`; ``None`` when no parameter is split.
   """
-  state = jax.eval_shape(tx.init, params)
-  full = jax.tree.broadcast(param_shardings, params, is_leaf=_is_spec)
-  leaves = jax.tree.leaves(full, is_leaf=_is_spec)
-  named = [s for s in leaves if isinstance(s, NamedSharding)]
-  replicated = NamedSharding(named[0].mesh, PartitionSpec()) if named else PartitionSpec()
-  full = jax.tree.map(lambda s: replicated if s is None else s, full, is_leaf=_is_spec)
-  return optax.tree_map_params(
-    tx, lambda _, s: s, state, full, transform_non_params=lambda _: replicated
-  )
+
+  data_axes: Axes = ()
+  per_device: bool = False
+  average_aux: bool = False
+  param_specs: Any = None
+  leaf_axes: tuple[Axes, ...] | None = None
+
+  @classmethod
+  def create(
+    cls,
+    axis_name: str | Sequence[str] | None,
+    perturbation: str,
+    param_specs: Any,
+    *,
+    average_aux: bool,
+    has_aux: bool,
+  ) -> Layout:
+    """The layout of ``sam_value_and_grad``'s options, or a ValueError naming the argument."""
+    if perturbation not in ("global", "per_device"):
+      raise ValueError(
+        "sam_value_and_grad: `perturbation` must be 'global' or 'per_device', "
+        f"got {perturbation!r}."
+      )
+    data_axes = axis_names(axis_name)
+    if perturbation == "per_device" and not data_axes:
+      raise ValueError(
+        "sam_value_and_grad: perturbation='per_device' needs `axis_name`, the "
+        "pmap or shard_map axis that splits the batch."
+      )
+    if average_aux and not (has_aux and data_axes):
+      raise ValueError(
+        "sam_value_and_grad: average_aux=True averages the aux over `axis_name`; it "
+        "needs has_aux=True and the data axes in `axis_name`."
+      )
+    return cls(data_axes, perturbation == "per_device", average_aux, param_specs)
+
+  def bind(self, params: Any) -> Layout:
+    """This layout for ``params``: each leaf's split axes, checked against the mesh in scope."""
+    axes = None if self.param_specs is None else leaf_axes(self.param_specs, params)
+    check_layout(params, axes, self.data_axes, self.per_device)
+    return dataclasses.replace(self, leaf_axes=None if axes is None else tuple(axes))
+
+  def total(self, squares: list[Any]) -> jax.Array:
+    """The whole tree's squared norm from each leaf's local squared sum (``None``: left out)."""
+    if self.leaf_axes is None:
+      return add(squares)
+    return sum_over_shards(list(self.leaf_axes))(squares)
+
+  def norm(self, leaves: Sequence[jax.Array | None]) -> jax.Array:
+    """The norm of the whole (unsharded) tree of ``leaves``."""
+    return global_norm(leaves, self.total)
+
+  def mean(self, tree: Any) -> Any:
+    """The mean over the data axes of a per-device value (a loss, a statistic)."""
+    return jax.lax.pmean(tree, self.data_axes) if self.data_axes else tree
+
+  def mean_grads(self, grads: Any) -> Any:
+    """The global batch's gradient from each device's (see ``average_over_data``)."""
+    axes = None if self.leaf_axes is None else list(self.leaf_axes)
+    return average_over_data(grads, self.data_axes, axes)
+
+  def vary(self, tree: Any) -> Any:
+    """``tree`` marked as differing between data replicas, so autodiff gives local gradients."""
+    return vary(tree, self.data_axes) if self.data_axes else tree
+
+  def vary_if_per_device(self, tree: Any) -> Any:
+    """``tree`` as varying as the norms of a perturbation: per data replica only per device."""
+    return self.vary(tree) if self.per_device else tree
+
+  def sync_aux(self, aux: Any) -> Any:
+    """The aux of the clean pass, averaged over the data axes with ``average_aux``."""
+    if not self.average_aux:
+      return aux
+
+    def one(path: Any, x: Any) -> jax.Array:
+      if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        raise ValueError(
+          "sam_value_and_grad: average_aux=True averages every aux leaf over `axis_name`, "
+          f"but the aux leaf at {jax.tree_util.keystr(path)} is {jnp.result_type(x)}, "
+          "not floating point; return it as a float or leave average_aux off and reduce "
+          "it yourself."
+        )
+      return jax.lax.pmean(x, self.data_axes)
+
+    return jax.tree_util.tree_map_with_path(one, aux)
