@@ -36,6 +36,11 @@ class PerturbationConfig:
   probability: float = 1.0
   seed: int = 0
 
+  @property
+  def schedule(self) -> tuple[int, float, int]:
+    """``(every, probability, seed)``: which steps take the SAM step."""
+    return self.every, self.probability, self.seed
+
 
 jax.tree_util.register_static(PerturbationConfig)
 

@@ -17,9 +17,8 @@ import optax
 
 from fsam_optax._config import PerturbationConfig
 from fsam_optax._hyperparams import at, check, default_float
-from fsam_optax._layout import Layout
-from fsam_optax._lookup import sam_state
 from fsam_optax._mask import Mask, check_mask_leaves, resolve_mask
+from fsam_optax._method import Step, sam_state
 from fsam_optax._pairs import SAMGrad, split_grads
 from fsam_optax._perturbation import Direction
 from fsam_optax._schedule import check_schedule
@@ -47,28 +46,19 @@ class FSAMState(NamedTuple):
   config: PerturbationConfig
 
   @property
-  def uses_clean_grad(self) -> bool:
-    """Whether the update needs the clean gradient (to feed the moving average)."""
+  def needs_clean_grad(self) -> bool:
+    """Whether the update reads the clean gradient (to feed the moving average)."""
     return self.ema is not None
 
-  def pairs(
-    self, perturbed: Any, clean: Any, layout: Layout, hyperparam: Callable[[str], jax.Array]
-  ) -> Any:
-    """The ``SAMGrad`` tree that the update consumes: ``(g', g)``, or ``(g', None)`` for SAM.
-
-    ``layout`` gives whole-tree norms and means and ``hyperparam(name)`` the live
-    value of a scalar, for rules that combine the two gradients; F-SAM needs neither.
-    """
-    del layout, hyperparam
-    if self.uses_clean_grad:
+  def pairs(self, perturbed: Any, clean: Any, step: Step) -> Any:
+    """The ``SAMGrad`` tree that the update consumes: ``(g', g)``, or ``(g', None)`` for SAM."""
+    del step  # F-SAM hands both gradients on as they are.
+    if self.needs_clean_grad:
       return jax.tree.map(SAMGrad, perturbed, clean)
     return jax.tree.map(lambda g: SAMGrad(g, None), perturbed)
 
-  def direction(self, grads: list[jax.Array], hyperparam: Callable[[str], jax.Array]) -> Direction:
-    """``d = g - sigma m`` (``g`` for plain SAM), leaf by leaf, in the gradients' dtypes.
-
-    ``hyperparam(name)`` gives the live value of a scalar of this state.
-    """
+  def direction(self, grads: list[jax.Array], step: Step) -> Direction:
+    """``d = g - sigma m`` (``g`` for plain SAM), leaf by leaf, in the gradients' dtypes."""
     if self.ema is None:
       return Direction(grads, grads)
     ema = jax.tree.leaves(self.ema)
@@ -78,7 +68,7 @@ class FSAMState(NamedTuple):
         f"F-SAM state averages {len(ema)}; initialise the optimizer with "
         "the same params you pass here."
       )
-    sigma = hyperparam("sigma")
+    sigma = step.hyperparam("sigma")
     pairs = list(zip(grads, ema, strict=True))
     # g + (-sigma) m is g - sigma m bit for bit; spelled apart, it is not stored
     # once for both readers but computed inside each (see Direction).

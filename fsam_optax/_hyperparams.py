@@ -19,9 +19,7 @@ def _concrete(value: Any) -> float | None:
   return float(value)
 
 
-def check(
-  name: str, value: Any, ok: Callable[[float], bool], allowed: str, who: str = "fsam"
-) -> None:
+def check(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
   """Raises a ValueError naming ``name`` if its concrete value is not ``allowed``.
 
   Only ``rho`` may be a schedule; a traced value (``inject_hyperparams``) is
@@ -29,12 +27,12 @@ def check(
   """
   if callable(value) and name != "rho":
     raise ValueError(
-      f"{who}: `{name}` must be a number or a scalar array; only `rho` takes a schedule "
+      f"fsam: `{name}` must be a number or a scalar array; only `rho` takes a schedule "
       f"(use optax.inject_hyperparams to change `{name}` during training)."
     )
   v = _concrete(value)
   if v is not None and not ok(v):
-    raise ValueError(f"{who}: `{name}` must be {allowed}, got {v!r}.")
+    raise ValueError(f"fsam: `{name}` must be {allowed}, got {v!r}.")
 
 
 def default_float(x: Any) -> jax.Array:

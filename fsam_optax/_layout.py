@@ -273,7 +273,7 @@ def sum_over_shards(axes_per_leaf: list[Axes]) -> Callable[[list[Any]], jax.Arra
 Perturbation = Literal["global", "per_device"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Layout:
   """The data axes and parameter specs of one gradient call, checked, with their operations.
 

@@ -2,7 +2,7 @@
 
 The gradient helper reads the perturbation's settings from the state of the
 transformation at the front of the chain. A transformation takes part by
-registering its state type with :func:`sam_state`.
+registering its state type with :func:`fsam_optax._method.sam_state`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fsam_optax._method import STATE_TYPES
+
 _HOW_TO_BUILD = (
   "Build the optimizer as `optax.chain(fsam_optax.fsam(...), base_optimizer)` "
   "(or `fsam_optax.sam(...)`) and pass the state that its init/update return."
@@ -22,15 +24,6 @@ _HOW_TO_BUILD = (
 
 # inject_hyperparams returns the stateful variant's state in recent optax.
 _INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
-
-
-_STATE_TYPES: list[type] = []
-
-
-def sam_state(cls: type) -> type:
-  """Registers ``cls`` as the state of a SAM-family transformation (a class decorator)."""
-  _STATE_TYPES.append(cls)
-  return cls
 
 
 def _scalar(x: Any) -> jax.Array:
@@ -127,7 +120,7 @@ def _children(node: Any) -> list[tuple[Any, str | None]]:
 
 
 def _search(node: Any, hyperparams: Any, problem: str | None) -> list[_Hit]:
-  if isinstance(node, tuple(_STATE_TYPES)):
+  if isinstance(node, tuple(STATE_TYPES)):
     return [_Hit(node, hyperparams, problem)]
   if isinstance(node, _INJECT_STATES):
     return _search(node.inner_state, node.hyperparams, problem)

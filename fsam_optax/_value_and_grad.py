@@ -6,7 +6,7 @@ One call of the returned function is one SAM step, in named parts:
    over the data axes.
 2. :func:`_perturb`: the state at the front of the chain gives the direction
    ``d`` (:meth:`FSAMState.direction`), scaled to the radius: ``theta + e``.
-3. :func:`_sam_step`: the loss and gradient ``g'`` at ``theta + e``; or, on a
+3. :func:`_perturbed_pass`: the loss and gradient ``g'`` at ``theta + e``; or, on a
    step that a schedule skips, :func:`_skipped_step` hands on ``g``.
 4. The state makes the pairs the update consumes (:meth:`FSAMState.pairs`:
    ``SAMGrad(g', g)``), returned with :class:`SAMDiagnostics`; the
@@ -28,9 +28,10 @@ import jax.numpy as jnp
 from fsam_optax._accumulate import accumulated
 from fsam_optax._diagnostics import PerturbationNorms, SAMDiagnostics
 from fsam_optax._layout import Layout, Perturbation
-from fsam_optax._lookup import Found, find_sam_state
+from fsam_optax._lookup import find_sam_state
 from fsam_optax._loss_scale import scaled_value_and_grad
 from fsam_optax._mask import mask_leaves
+from fsam_optax._method import SAMState, Step
 from fsam_optax._perturbation import (
   acc_dtype,
   applied_norm,
@@ -68,6 +69,7 @@ def _clean_pass(
   layout: Layout,
   params: Any,
   call: tuple[tuple, dict],
+  *,
   has_aux: bool,
   clip: float | None,
   needs_mean: bool,
@@ -80,38 +82,38 @@ def _clean_pass(
 
 
 def _perturb(
-  found: Found, layout: Layout, params: Any, direction: Any, diagnose: bool
+  state: SAMState, step: Step, params: Any, direction: Any, diagnose: bool
 ) -> tuple[Any, PerturbationNorms | None]:
   """``theta + e`` from the params as given (so norms stay replicated unless per device)."""
   theta, treedef = jax.tree.flatten(params)
   # Python-number leaves (a temperature, say) have no dtype until made arrays.
   theta = [jnp.asarray(p) for p in theta]
-  config = found.state.config
-  d = found.state.direction(jax.tree.leaves(direction), found.hyperparam)
   e, n = perturbation(
     theta,
-    d,
-    found.hyperparam("rho"),
-    found.hyperparam("eps"),
-    adaptive=config.adaptive,
-    mask=mask_leaves(config.mask, len(theta)),
-    total=layout.total,
+    state.direction(jax.tree.leaves(direction), step),
+    step.hyperparam("rho"),
+    step.hyperparam("eps"),
+    adaptive=state.config.adaptive,
+    mask=mask_leaves(state.config.mask, len(theta)),
+    total=step.layout.total,
   )
   moved = shifted(theta, e)
   norms = None
   if diagnose:
+    layout = step.layout
     e_norm, applied = layout.norm(e), applied_norm(theta, moved, layout.total)
     norms = PerturbationNorms(n, e_norm.astype(n.dtype), applied.astype(n.dtype))
   return jax.tree.unflatten(treedef, moved), norms
 
 
-def _sam_step(
+def _perturbed_pass(
   value_and_grad: Callable[..., Any],
   layout: Layout,
   perturbed: Any,
   norms: PerturbationNorms | None,
   call: tuple[tuple, dict],
   has_aux: bool,
+  *,
   like: jax.Array,
 ) -> _SecondPass:
   """``g'`` at ``theta + e``, averaged over the data axes."""
@@ -145,13 +147,23 @@ def _diagnostics(clean: _CleanPass, second: _SecondPass, layout: Layout) -> SAMD
   )
 
 
-def _check_micro_batches(micro_batches: int | None, rng_arg: int | str | None) -> None:
+def _check_options(
+  micro_batches: int | None,
+  rng_arg: int | str | None,
+  second_pass_rng: str,
+  clip_clean_grad: float | None,
+) -> None:
   if micro_batches is not None and (
     isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1
   ):
     raise ValueError(
       "sam_value_and_grad: `micro_batches` must be a positive int (or None), "
       f"got {micro_batches!r}."
+    )
+  check_rng_options(rng_arg, second_pass_rng)
+  if clip_clean_grad is not None and not clip_clean_grad > 0:
+    raise ValueError(
+      f"sam_value_and_grad: `clip_clean_grad` must be a norm > 0, got {clip_clean_grad!r}."
     )
   if micro_batches is not None and rng_arg is not None:
     raise ValueError(
@@ -308,43 +320,48 @@ def sam_value_and_grad(
   layout = Layout.create(
     axis_name, perturbation, param_specs, average_aux=average_aux, has_aux=has_aux
   )
-  _check_micro_batches(micro_batches, rng_arg)
-  check_rng_options(rng_arg, second_pass_rng)
-  if clip_clean_grad is not None and not clip_clean_grad > 0:
-    raise ValueError(
-      f"sam_value_and_grad: `clip_clean_grad` must be a norm > 0, got {clip_clean_grad!r}."
-    )
+  _check_options(micro_batches, rng_arg, second_pass_rng, clip_clean_grad)
   scaled = scaled_value_and_grad(fun, has_aux)
 
   def grad_fn(
     params: Any, opt_state: Any, *args: Any, loss_scale: Any = None, **kwargs: Any
   ) -> Any:
     found = find_sam_state(opt_state)
-    state, bound = found.state, layout.bind(params)
+    state: SAMState = found.state
+    bound = layout.bind(params)
     value_and_grad: Callable[..., Any] = functools.partial(scaled, loss_scale)
     if micro_batches is not None:
       value_and_grad = accumulated(value_and_grad, micro_batches, has_aux)
-    take = is_sam_step(state.config.every, state.config.probability, state.config.seed, found.step)
+    config = state.config
+    step = Step(bound, found.hyperparam, is_sam_step(*config.schedule, found.step))
     # Per-device SAM perturbs with local gradients: the all-reduce of g is made
     # only where something reads it.
-    needs_mean = not bound.per_device or state.uses_clean_grad or take is not None
+    needs_mean = not bound.per_device or state.needs_clean_grad or step.sam_step is not None
     clean = _clean_pass(
-      value_and_grad, bound, params, (args, kwargs), has_aux, clip_clean_grad,
-      needs_mean or return_diagnostics,
-    )  # fmt: skip
+      value_and_grad,
+      bound,
+      params,
+      (args, kwargs),
+      has_aux=has_aux,
+      clip=clip_clean_grad,
+      needs_mean=needs_mean or return_diagnostics,
+    )
     second_call = second_pass_args(args, kwargs, rng_arg, second_pass_rng)
 
     def sam_step() -> _SecondPass:
-      perturbed, norms = _perturb(found, bound, params, clean.direction, return_diagnostics)
-      return _sam_step(value_and_grad, bound, perturbed, norms, second_call, has_aux, clean.value)
+      perturbed, norms = _perturb(state, step, params, clean.direction, return_diagnostics)
+      return _perturbed_pass(
+        value_and_grad, bound, perturbed, norms, second_call, has_aux, like=clean.value
+      )
 
     def skipped_step() -> _SecondPass:
       return _skipped_step(clean, bound, params, return_diagnostics)
 
     # A skipped step runs one pass: lax.cond executes one branch (under vmap of
     # a batched count it becomes a select and runs both).
+    take = step.sam_step
     second = sam_step() if take is None else jax.lax.cond(take, sam_step, skipped_step)
-    grads = state.pairs(second.grads, clean.grads, bound, found.hyperparam)
+    grads = state.pairs(second.grads, clean.grads, step)
     value = bound.mean(clean.value)
     result = ((value, bound.sync_aux(clean.aux)) if has_aux else value), grads
     return (*result, _diagnostics(clean, second, bound)) if return_diagnostics else result
