@@ -191,8 +191,8 @@ def hand_fsam_variant(loss_fn: Callable) -> Variant:
 
   The first step perturbs along ``g`` and starts the average at ``g``; later
   steps use ``d = g - sigma m`` and then ``m = lmbda m + (1 - lmbda) g``. Both
-  rules are written out, as in the official step, so this is the step timed in
-  benchmarks/RESULTS.md.
+  rules are written out, as in the official step, so this is the step whose
+  times docs/results/step_time.md reports.
   """
   base = base_optimizer()
 
@@ -343,7 +343,7 @@ def header(title: str, packages: Sequence[str] = ("jax", "jaxlib", "optax", "fsa
 
 
 def table(rows: Sequence[Sequence[str]], headings: Sequence[str]) -> str:
-  """A Markdown table (it prints readably and pastes into RESULTS.md)."""
+  """A Markdown table (it prints readably and pastes into the docs' results pages)."""
   cells = [list(headings), *[list(r) for r in rows]]
   widths = [max(len(row[i]) for row in cells) for i in range(len(headings))]
   fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"

@@ -299,7 +299,7 @@ MUTANTS = [
     Replace(F_SAM_STEP, "(g + sigma * m).astype(g.dtype)"),
   ),
   mutant(
-    "multi-output-fusion spelling of the step direction adds sigma m",
+    "the step's spelling of the direction adds sigma m",
     "FSAMState.direction",
     SwapOp(ast.USub, ast.UAdd, within=F_SAM_STEP),
   ),
