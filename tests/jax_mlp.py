@@ -1,10 +1,12 @@
-"""The JAX twin of ``tests/reference.py``'s MLP, and F-SAM's g' by hand from it.
+"""The JAX twins of ``tests/reference.py``'s losses, and F-SAM's g' by hand from them.
 
 The reference side uses only NumPy (``reference.mlp_loss_and_grad``), so a
 test that compares the library with it compares two independent computations.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,3 +52,19 @@ def perturbed_grad(opt: ref.FSAMReference, theta: dict, x: np.ndarray, y: np.nda
 
 def max_abs_diff(a: dict, b: dict) -> float:
   return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in b)
+
+
+def quadratic_loss(params: Any, a: Any, c: Any) -> jax.Array:
+  """``sum(a * p + c * p**2 / 2)`` over all leaves; ``a`` and ``c`` mirror ``params``.
+
+  Its gradient ``a + c * p`` is known in closed form (``reference.fsam_steps``) and
+  each leaf's depends on that leaf alone.
+  """
+  terms = [
+    jnp.sum(ai * p + 0.5 * ci * p * p)
+    for p, ai, ci in zip(
+      jax.tree.leaves(params), jax.tree.leaves(a), jax.tree.leaves(c), strict=True
+    )
+  ]
+  # The float32 start makes an empty tree a differentiable float scalar.
+  return sum(terms, jnp.zeros([], jnp.float32))

@@ -1,4 +1,5 @@
-"""A plain NumPy, float64 statement of the official F-SAM code, and a small network.
+"""A plain NumPy, float64 statement of the official F-SAM code, a small network, and
+the algorithm driven on the separable quadratic loss of ``tests.jax_mlp.quadratic_loss``.
 
 Nothing here imports fsam_optax: it is the independent reference the library
 is checked against.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -121,3 +124,71 @@ def train(opt: FSAMReference, base: SGDReference, theta: dict, data: list) -> li
     theta = base.step(theta, g_p)
     path.append(theta)
   return path
+
+
+class Step(NamedTuple):
+  """What one reference step produced (lists follow the params' leaf order)."""
+
+  params: list[np.ndarray]
+  ema: list[np.ndarray]
+  clean: list[np.ndarray]
+  perturbed: list[np.ndarray]
+  direction_norm: float
+
+
+def fsam_steps(
+  params: Sequence[np.ndarray],
+  a_per_step: Sequence[Sequence[np.ndarray]],
+  c: Sequence[np.ndarray],
+  *,
+  rho: float,
+  sigma: float,
+  lmbda: float,
+  lr: float,
+  adaptive: bool = False,
+  mask: Sequence[bool] | None = None,
+  per_step: Sequence[dict[str, float]] | None = None,
+  clip_clean: float | None = None,
+  base: Callable[[dict, dict], dict] | None = None,
+  take: Sequence[bool] | None = None,
+) -> list[Step]:
+  """Runs F-SAM then plain SGD(``lr``) on :func:`quadratic_loss`, in float64.
+
+  The algorithm is :class:`FSAMReference` on the leaves keyed by
+  position; a mask restricts the perturbation, and so its norm, to the chosen
+  leaves, while the moving average still covers every leaf. ``per_step[i]``
+  overrides hyperparameters (``rho``, ``sigma``, ``lmbda``) at step ``i``;
+  ``clip_clean`` clips the clean gradient to that global norm before it forms
+  the direction and feeds the average;
+  ``base(theta, g_pert)`` replaces the SGD step (``lr`` is then unused).
+  ``take[i] = False`` skips the SAM step at step ``i`` (a schedule's choice, which the
+  tests observe from the library: this reference does not draw it): no
+  perturbation (``g' = g``, direction norm 0), while the average is still fed ``g``.
+  """
+  as64 = lambda xs: dict(enumerate(np.asarray(x, np.float64) for x in xs))
+  theta, c = as64(params), as64(c)
+  kept = [k for k in theta if mask is None or mask[k]]
+  opt = FSAMReference(rho=rho, sigma=sigma, lmbda=lmbda, adaptive=adaptive)
+  steps = []
+  for i, a in enumerate(map(as64, a_per_step)):
+    for name, value in (per_step[i] if per_step is not None else {}).items():
+      setattr(opt, name, value)
+    g = {k: a[k] + c[k] * theta[k] for k in theta}
+    if clip_clean is not None:
+      g_norm = np.sqrt(sum(np.sum(v**2) for v in g.values()))
+      g = {k: v * min(1.0, clip_clean / g_norm) for k, v in g.items()}
+    d = opt.direction(g)  # advances the moving average on every step
+    e = {k: np.zeros_like(v) for k, v in theta.items()}
+    n = 0.0
+    if take is None or take[i]:
+      e.update(opt.perturbation({k: theta[k] for k in kept}, {k: d[k] for k in kept}))
+      n = np.sqrt(sum(np.sum((np.abs(theta[k]) * d[k] if adaptive else d[k]) ** 2) for k in kept))
+    g_pert = {k: a[k] + c[k] * (theta[k] + e[k]) for k in theta}
+    if base is None:
+      theta = {k: theta[k] - lr * g_pert[k] for k in theta}
+    else:
+      theta = base(theta, g_pert)
+    steps.append(
+      Step(*map(list, (theta.values(), opt.m.values(), g.values(), g_pert.values())), float(n))
+    )
+  return steps

@@ -16,6 +16,7 @@ import pytest
 import fsam_optax
 from tests import reference as ref
 from tests.jax_mlp import max_abs_diff, mlp_loss, perturbed_grad
+from tests.train_step import sam_step
 
 FSAM = dict(rho=0.2, sigma=1.0, lmbda=0.6)
 LR, MOMENTUM = 0.05, 0.9
@@ -34,14 +35,7 @@ def test_multisteps_after_fsam_steps_every_k_micro_batches_with_mean_perturbed_g
       optax.sgd(LR, momentum=MOMENTUM), every_k_schedule=K, accumulator_dtype=jnp.float64
     )
     tx = optax.chain(fsam_optax.fsam(**FSAM), base.gradient_transformation())
-    grad_fn = fsam_optax.sam_value_and_grad(mlp_loss)
-
-    @jax.jit
-    def step(params, opt_state, x, y):
-      _, grads = grad_fn(params, opt_state, x, y)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, updates
-
+    step = sam_step(tx, mlp_loss, outputs=("updates",))
     params = jax.tree.map(jnp.asarray, theta)
     opt_state = tx.init(params)
     for i, (x, y) in enumerate(data, start=1):

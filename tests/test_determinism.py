@@ -6,8 +6,6 @@ shared between them but the seeds.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import fsam_optax
+from tests.train_step import sam_step
 
 
 def loss_fn(params: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Array:
@@ -33,13 +32,7 @@ def run(seed: int, sharded: bool) -> list[jax.Array]:
   }
   tx = optax.chain(fsam_optax.fsam(rho=0.2, sigma=1.0, lmbda=0.6), optax.adamw(1e-2))
   opt_state = tx.init(params)
-  grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
-
-  @jax.jit
-  def step(params: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> tuple[Any, Any, jax.Array]:
-    loss, grads = grad_fn(params, opt_state, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  step = sam_step(tx, loss_fn, outputs=("loss",))
 
   losses = []
   for i in range(6):

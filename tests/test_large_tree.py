@@ -11,7 +11,8 @@ import numpy as np
 import optax
 
 import fsam_optax
-from tests.reliability_reference import fsam_steps, quadratic_loss
+from tests.jax_mlp import quadratic_loss
+from tests.reference import fsam_steps
 from tests.train_step import sam_step
 
 LEAVES, LR = 1000, 0.1

@@ -16,7 +16,9 @@ import optax
 import pytest
 
 import fsam_optax
-from tests.reliability_reference import fsam_steps, quadratic_loss
+from tests.jax_mlp import quadratic_loss
+from tests.reference import fsam_steps
+from tests.train_step import sam_step
 
 LR = 0.1
 HYPER = {"rho": 0.2, "sigma": 1.0, "lmbda": 0.6}
@@ -50,12 +52,10 @@ def _run(mask: Any, steps: int = 2, adaptive: bool = False) -> list[tuple]:
   params, a1, c = _params(0), _params(1), jax.tree.map(lambda x: 0.1 * jnp.abs(x), _params(2))
   tx = optax.chain(fsam_optax.fsam(**HYPER, adaptive=adaptive, mask=mask), optax.sgd(LR))
   state = tx.init(params)
-  grad_fn = jax.jit(fsam_optax.sam_value_and_grad(quadratic_loss, return_diagnostics=True))
+  step = sam_step(tx, quadratic_loss, outputs=("grads", "diag"), return_diagnostics=True)
   out = []
   for a in [a1, jax.tree.map(jnp.negative, a1)][:steps]:
-    _, grads, diag = grad_fn(params, state, a, c)
-    updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
+    params, state, grads, diag = step(params, state, a, c)
     out.append((params, state[0], grads, diag))
   return out
 

@@ -11,8 +11,6 @@ hand works too; these tests pin these facts and what happens with no guard.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +18,7 @@ import optax
 import pytest
 
 import fsam_optax
+from tests.train_step import sam_step
 
 BAD_STEP = 2
 
@@ -45,26 +44,6 @@ def loss_fn(params: dict[str, jax.Array], x: jax.Array, scale: jax.Array) -> jax
   return jnp.mean(out**2) + 0.0 * jnp.sum(params["b"]) * scale
 
 
-def all_finite(tree: Any) -> jax.Array:
-  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def guarded_step(tx: optax.GradientTransformation):
-  """The README recipe: keep the old params and state when a gradient is not finite."""
-  grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
-
-  @jax.jit
-  def step(params: Any, opt_state: Any, *batch: jax.Array) -> tuple[Any, Any, jax.Array]:
-    _, grads = grad_fn(params, opt_state, *batch)
-    updates, new_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    finite = all_finite(grads)
-    params, opt_state = optax.tree.where(finite, (new_params, new_state), (params, opt_state))
-    return params, opt_state, finite
-
-  return step
-
-
 def test_bad_batch_makes_only_the_bias_gradient_nan():
   params = init_params()
   grads = jax.grad(loss_fn)(params, *batch(0, bad=True))
@@ -73,7 +52,7 @@ def test_bad_batch_makes_only_the_bias_gradient_nan():
 
 def test_guarded_step_skips_a_nonfinite_batch_and_training_continues():
   tx = make_tx()
-  step = guarded_step(tx)
+  step = sam_step(tx, loss_fn, guard=True, outputs=("finite",))  # the README recipe
   params, state = init_params(), tx.init(init_params())
   skipped_params, skipped_state = params, state  # a run that never sees the bad batch
   for i in range(5):
@@ -98,12 +77,10 @@ def test_guarded_step_skips_a_nonfinite_batch_and_training_continues():
 def test_without_a_guard_nan_in_one_leaf_spreads_to_every_param_and_the_ema():
   """One NaN leaf poisons the global norm, hence everything."""
   tx = make_tx()
-  grad_fn = jax.jit(fsam_optax.sam_value_and_grad(loss_fn))
+  step = sam_step(tx, loss_fn, outputs=("grads",))
   params, state = init_params(), tx.init(init_params())
   for i in range(BAD_STEP + 1):
-    _, grads = grad_fn(params, state, *batch(i, bad=i == BAD_STEP))
-    updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
+    params, state, grads = step(params, state, *batch(i, bad=i == BAD_STEP))
   # The perturbation of every leaf is rho * d / ||d|| with ||d|| = NaN.
   assert all(
     np.all(np.isnan(g.perturbed))
@@ -115,8 +92,7 @@ def test_without_a_guard_nan_in_one_leaf_spreads_to_every_param_and_the_ema():
   ema = state[0].ema
   assert np.all(np.isnan(ema["b"])) and np.all(np.isfinite(ema["w"]))
   # ... until the next step, taken at NaN params, makes it NaN everywhere.
-  _, grads = grad_fn(params, state, *batch(BAD_STEP + 1))
-  _, state = tx.update(grads, state, params)
+  _, state, _ = step(params, state, *batch(BAD_STEP + 1))
   assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(state[0].ema))
 
 
@@ -126,13 +102,11 @@ def test_skip_nonfinite_keeps_fsam_state_while_the_params_still_take_the_nan():
     fsam_optax.fsam(rho=0.2, sigma=1.0, lmbda=0.6, skip_nonfinite=True),
     optax.sgd(0.05, momentum=0.9),
   )
-  grad_fn = jax.jit(fsam_optax.sam_value_and_grad(loss_fn))
+  step = sam_step(tx, loss_fn)
   params, state = init_params(), tx.init(init_params())
   for i in range(BAD_STEP + 1):
     before = state[0]
-    _, grads = grad_fn(params, state, *batch(i, bad=i == BAD_STEP))
-    updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
+    params, state = step(params, state, *batch(i, bad=i == BAD_STEP))
   assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(params))
   # fsam kept its state: the moving average and the count are those before the step.
   for x, y in zip(jax.tree.leaves(state[0]), jax.tree.leaves(before), strict=True):

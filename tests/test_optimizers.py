@@ -16,6 +16,7 @@ import pytest
 import fsam_optax
 from tests import reference as ref
 from tests.jax_mlp import max_abs_diff, mlp_loss, perturbed_grad, run_library
+from tests.train_step import sam_step
 
 STEPS = 8
 LR = 0.05
@@ -152,14 +153,8 @@ def test_injected_learning_rate_change_takes_effect_and_ema_still_advances():
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), ref.init_mlp(0))
   opt_state = tx.init(params)
   opt_state[1].hyperparams["learning_rate"] = jnp.zeros([])
-  grad_fn = fsam_optax.sam_value_and_grad(mlp_loss)
-
-  @jax.jit
-  def step(opt_state):
-    _, grads = grad_fn(params, opt_state, x, y)
-    return grads, *tx.update(grads, opt_state, params)
-
-  grads, updates, opt_state = step(opt_state)
+  step = sam_step(tx, mlp_loss, outputs=("grads", "updates"))
+  _, opt_state, grads, updates = step(params, opt_state, x, y)
   # A zero learning rate gives exactly zero updates, and fsam still saw g.
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
   assert int(opt_state[0].count) == 1

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 import fsam_optax
-from tests.reliability_reference import fsam_steps, quadratic_loss
+from tests.jax_mlp import quadratic_loss
+from tests.reference import fsam_steps
 
 HYPER = {"rho": 0.2, "sigma": 1.0, "lmbda": 0.6}
 

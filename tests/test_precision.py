@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import fsam_optax
+from tests.train_step import sam_step
 
 
 def ema_after(params, grads_per_step, **kwargs):
@@ -112,18 +113,14 @@ def scaled_run(dtype, scales):
     fsam_optax.fsam(rho=0.05, sigma=1.0, lmbda=0.6, skip_nonfinite=True),
     optax.apply_if_finite(optax.sgd(2.0**17), 3),
   )
-  grad_fn = fsam_optax.sam_value_and_grad(small_loss, return_diagnostics=True)
-
-  @jax.jit
-  def step(params, state, x, scale):
-    _, grads, diag = grad_fn(params, state, x, x @ target, dtype, loss_scale=scale)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, diag
+  loss = lambda p, x, y: small_loss(p, x, y, dtype)
+  step = sam_step(tx, loss, outputs=("diag",), return_diagnostics=True)
 
   state, out = tx.init(params), []
   for i, scale in enumerate(scales):
     x = jax.random.normal(jax.random.fold_in(k3, i), (64, 8))
-    params, state, diag = step(params, state, x, None if scale is None else jnp.float32(scale))
+    scale = None if scale is None else jnp.float32(scale)
+    params, state, diag = step(params, state, x, x @ target, loss_scale=scale)
     out.append((params, state, diag))
   return out, step
 

@@ -21,7 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fsam_optax
-from tests.reliability_reference import drawn, fsam_steps, quadratic_loss
+from tests.jax_mlp import quadratic_loss
+from tests.reference import fsam_steps
+from tests.train_step import sam_steps_taken
 
 LR = 0.1
 # Relative tolerance per dtype, a few roundings of its epsilon; the values
@@ -71,11 +73,11 @@ SCHEDULES = [{}, {"every": 2}, {"probability": 0.5, "seed": 3}]
 
 
 def _taken(schedule: dict[str, Any], steps: int) -> list[bool] | None:
-  """The steps ``schedule`` takes, as documented (``None``: every step)."""
+  """The steps ``schedule`` takes (``None``: every step); draws as the library reports them."""
   if "every" in schedule:
     return [t % schedule["every"] == 0 for t in range(steps)]
   if "probability" in schedule:
-    return drawn(schedule["probability"], schedule["seed"], steps)
+    return sam_steps_taken(steps, **schedule)
   return None
 
 

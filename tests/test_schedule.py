@@ -20,8 +20,7 @@ import fsam_optax
 from fsam_optax._schedule import is_sam_step
 from tests import reference as ref
 from tests.jax_mlp import mlp_loss, run_library
-from tests.reliability_reference import drawn
-from tests.train_step import sam_step
+from tests.train_step import sam_step, sam_steps_taken
 
 STEPS = 12
 LR, MOMENTUM = 0.05, 0.9
@@ -53,11 +52,28 @@ def max_rel_error(path, ref_path) -> float:
   )
 
 
+def documented_draw(p: float, seed: int, steps: int) -> list[bool]:
+  """The documented draw: ``uniform(fold_in(key(seed), t)) < p`` at step count ``t``."""
+  key = lambda t: jax.random.fold_in(jax.random.key(seed), t)
+  return [bool(jax.random.uniform(key(t), dtype=jnp.float32) < p) for t in range(steps)]
+
+
+# The reference is told which steps were taken; the draw is the library's, as it reports it.
 CASES = [
   (dict(every=2), [t % 2 == 0 for t in range(STEPS)]),
   (dict(every=3), [t % 3 == 0 for t in range(STEPS)]),
-  (dict(probability=0.5, seed=7), drawn(0.5, 7, STEPS)),
+  (dict(probability=0.5, seed=7), sam_steps_taken(STEPS, probability=0.5, seed=7)),
 ]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_every_k_takes_steps_0_k_2k(k):
+  assert sam_steps_taken(4 * k, every=k) == [t % k == 0 for t in range(4 * k)]
+
+
+@pytest.mark.parametrize(("p", "seed"), [(0.5, 7), (0.5, 21), (0.3, 3)])
+def test_probability_takes_the_documented_draw(p, seed):
+  assert sam_steps_taken(40, probability=p, seed=seed) == documented_draw(p, seed, 40)
 
 
 @pytest.mark.parametrize("sigma", [1.0, 0.0], ids=["fsam", "sam"])
@@ -180,7 +196,7 @@ def check_same_choice_everywhere(choices: list[np.ndarray], rho: float) -> None:
     on = np.isclose(norms, rho, rtol=1e-5)
     assert on.all() or (norms == 0).all(), norms
     taken.append(bool(on.all()))
-  assert taken == drawn(0.5, 21, len(choices))
+  assert taken == documented_draw(0.5, 21, len(choices))
 
 
 def test_random_choice_is_the_same_on_every_device_under_pmap():
