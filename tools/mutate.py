@@ -52,6 +52,9 @@ TESTS = [
   "tests/test_properties.py",
   # The layout traced where XLA has multi-output fusion, which the CPU does not use by default.
   "tests/test_traffic.py::test_the_multi_output_fusion_layout_equals_the_reference",
+  # The float64 references take the SAM steps the library reports; these pin which ones.
+  "tests/test_schedule.py::test_every_k_takes_steps_0_k_2k",
+  "tests/test_schedule.py::test_probability_takes_the_documented_draw",
 ]
 
 Function = ast.FunctionDef | ast.AsyncFunctionDef
