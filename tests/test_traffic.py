@@ -46,15 +46,14 @@ def fsam_over_sam(xla_flags: str) -> list[float]:
 
 
 @min_versions
-def test_fsam_reads_and_writes_six_parameter_sizes_more_than_sam_and_two_for_the_copy():
-  # XLA:CPU's default fusion makes one array a kernel: d = g - sigma m is
-  # stored once (read g and m, write d: +3; the norm and theta + e then read d
-  # in place of g), and the average's update reads g and m and writes m (+3).
-  # With donation XLA first copies the average that the update overwrites in
-  # place (+2). Measured +6.00 without donation and +8.00 with it.
+def test_fsam_reads_and_writes_five_parameter_sizes_more_than_sam_and_two_for_the_copy():
+  # XLA:CPU's default fusion makes one array a kernel, so the reads of m by the
+  # norm, by theta + e and by the average's update are separate kernels; d is
+  # not stored. With donation XLA first copies the average that the update
+  # overwrites in place (+2). Measured +5.00 without donation and +7.00 with it.
   no_donation, donation = fsam_over_sam("")
-  assert no_donation <= 6.05
-  assert donation <= 8.05
+  assert no_donation <= 5.05
+  assert donation <= 7.05
 
 
 @min_versions
