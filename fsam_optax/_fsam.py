@@ -8,7 +8,7 @@ and the update feeds it the clean gradient of the step.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -45,15 +45,10 @@ class FSAMState(NamedTuple):
   ema: optax.Updates | None
   config: PerturbationConfig
 
-  @property
-  def needs_clean_grad(self) -> bool:
-    """Whether the update reads the clean gradient (to feed the moving average)."""
-    return self.ema is not None
-
   def pairs(self, perturbed: Any, clean: Any, step: Step) -> Any:
     """The ``SAMGrad`` tree that the update consumes: ``(g', g)``, or ``(g', None)`` for SAM."""
     del step  # F-SAM hands both gradients on as they are.
-    if self.needs_clean_grad:
+    if self.ema is not None:
       return jax.tree.map(SAMGrad, perturbed, clean)
     return jax.tree.map(lambda g: SAMGrad(g, None), perturbed)
 
@@ -105,7 +100,7 @@ def moving_average(ema: Any, grads: list[jax.Array], lmbda: Any, count: jax.Arra
 
 
 def advance_if_finite(
-  skip_nonfinite: bool, advance: Callable[[], Any], state: Any, grads: list[jax.Array | None]
+  skip_nonfinite: bool, advance: Callable[[], Any], state: Any, grads: Sequence[jax.Array | None]
 ) -> Any:
   """``advance()``, or with ``skip_nonfinite`` ``state`` unchanged where a gradient is not finite.
 
@@ -246,7 +241,7 @@ def fsam(
     **extra_args: Any,
   ) -> tuple[optax.Updates, FSAMState]:
     del params, extra_args
-    perturbed, clean, treedef = split_grads(updates)
+    perturbed, clean, _, treedef = split_grads(updates, "fsam")
     ema = state.ema
     if ema is not None:
       if any(c is None for c in clean):

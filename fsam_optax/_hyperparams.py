@@ -19,7 +19,9 @@ def _concrete(value: Any) -> float | None:
   return float(value)
 
 
-def check(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
+def check(
+  name: str, value: Any, ok: Callable[[float], bool], allowed: str, method: str = "fsam"
+) -> None:
   """Raises a ValueError naming ``name`` if its concrete value is not ``allowed``.
 
   Only ``rho`` may be a schedule; a traced value (``inject_hyperparams``) is
@@ -27,12 +29,12 @@ def check(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> N
   """
   if callable(value) and name != "rho":
     raise ValueError(
-      f"fsam: `{name}` must be a number or a scalar array; only `rho` takes a schedule "
+      f"{method}: `{name}` must be a number or a scalar array; only `rho` takes a schedule "
       f"(use optax.inject_hyperparams to change `{name}` during training)."
     )
   v = _concrete(value)
   if v is not None and not ok(v):
-    raise ValueError(f"fsam: `{name}` must be {allowed}, got {v!r}.")
+    raise ValueError(f"{method}: `{name}` must be {allowed}, got {v!r}.")
 
 
 def default_float(x: Any) -> jax.Array:

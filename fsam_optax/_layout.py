@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from fsam_optax._perturbation import add, global_norm
+from fsam_optax._perturbation import add, global_inner, global_norm
 
 Axes = tuple[str, ...]
 
@@ -341,6 +341,10 @@ class Layout:
   def norm(self, leaves: Sequence[jax.Array | None]) -> jax.Array:
     """The norm of the whole (unsharded) tree of ``leaves``."""
     return global_norm(leaves, self.total)
+
+  def inner(self, a: Sequence[jax.Array | None], b: Sequence[jax.Array | None]) -> jax.Array:
+    """The inner product of the whole (unsharded) trees of leaves ``a`` and ``b``."""
+    return global_inner(a, b, self.total)
 
   def mean(self, tree: Any) -> Any:
     """The mean over the data axes of a per-device value (a loss, a statistic)."""

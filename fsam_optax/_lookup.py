@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fsam_optax._method import STATE_TYPES
+from fsam_optax._method import STATE_TYPES, method_name
 
 _HOW_TO_BUILD = (
   "Build the optimizer as `optax.chain(fsam_optax.fsam(...), base_optimizer)` "
-  "(or `fsam_optax.sam(...)`) and pass the state that its init/update return."
+  "(or with `fsam_optax.sam`, `gsam`, `vasso`, `looksam` first) and pass the state "
+  "that its init/update return."
 )
 
 
@@ -61,34 +62,35 @@ class _Hit(NamedTuple):
 
 
 def _not_first(where: str) -> str:
+  where = where.replace("{", "{{").replace("}", "}}")  # the message is formatted later
   return (
-    "fsam must be the first transformation of the chain, because the "
+    "{method} must be the first transformation of the chain, because the "
     "transformations before it would receive (perturbed, clean) gradient "
     f"pairs; found it at {where}. Move it to the front: "
-    "`optax.chain(fsam_optax.fsam(...), ...)`."
+    "`optax.chain(fsam_optax.{method}(...), ...)`."
   )
 
 
 _INSIDE_APPLY_IF_FINITE = (
-  "fsam cannot sit inside optax.apply_if_finite: on a skipped step it returns "
+  "{method} cannot sit inside optax.apply_if_finite: on a skipped step it returns "
   "zeros shaped like the (perturbed, clean) pairs it received, which the rest "
   "of the chain cannot take. Wrap the base optimizer instead: "
-  "`optax.chain(fsam_optax.fsam(...), optax.apply_if_finite(base, "
-  "max_consecutive_errors))` with `fsam(..., skip_nonfinite=True)`, which "
+  "`optax.chain(fsam_optax.{method}(...), optax.apply_if_finite(base, "
+  "max_consecutive_errors))` with `{method}(..., skip_nonfinite=True)`, which "
   "leaves its state unchanged on a non-finite step, so the whole step is skipped."
 )
 
 _APPLY_IF_FINITE_NEEDS_SKIP = (
-  "optax.apply_if_finite after fsam skips the base optimizer on a non-finite "
-  "step, but fsam would still fold that step into its moving average. Build "
-  "it with `fsam_optax.fsam(..., skip_nonfinite=True)`."
+  "optax.apply_if_finite after {method} skips the base optimizer on a non-finite "
+  "step, but {method} would still fold that step into its moving average. Build "
+  "it with `fsam_optax.{method}(..., skip_nonfinite=True)`."
 )
 
 _INSIDE_MASK = (
-  "fsam cannot sit inside optax.masked or optax.multi_transform: the gradient "
-  "helper perturbs every parameter with one global norm. Keep fsam first and "
+  "{method} cannot sit inside optax.masked or optax.multi_transform: the gradient "
+  "helper perturbs every parameter with one global norm. Keep {method} first and "
   "unmasked, exclude parameters from the perturbation with its own `mask=`, "
-  "and mask the base optimizer after it: `optax.chain(fsam_optax.fsam(mask=...), "
+  "and mask the base optimizer after it: `optax.chain(fsam_optax.{method}(mask=...), "
   "optax.multi_transform(transforms, labels))`."
 )
 
@@ -101,9 +103,9 @@ def _children(node: Any) -> list[tuple[Any, str | None]]:
     return [(c, _INSIDE_MASK) for c in jax.tree.leaves(node, is_leaf=lambda x: x is not node)]
   if isinstance(node, optax.MultiStepsState):
     problem = (
-      "fsam cannot sit inside optax.MultiSteps, which accumulates plain "
+      "{method} cannot sit inside optax.MultiSteps, which accumulates plain "
       "gradients. Accumulate after it instead: `optax.chain(fsam_optax."
-      "fsam(...), optax.MultiSteps(base, every_k_schedule=k)."
+      "{method}(...), optax.MultiSteps(base, every_k_schedule=k)."
       "gradient_transformation())`."
     )
     return [(c, problem) for c in node]
@@ -131,20 +133,22 @@ def _search(node: Any, hyperparams: Any, problem: str | None) -> list[_Hit]:
 
 
 def find_sam_state(opt_state: Any) -> Found:
-  """Returns the one F-SAM state in ``opt_state``, or raises a helpful error."""
+  """Returns the one SAM-family state in ``opt_state``, or raises a helpful error."""
   hits = _search(opt_state, None, None)
   if not hits:
     raise ValueError(f"sam_value_and_grad: opt_state holds no F-SAM state. {_HOW_TO_BUILD}")
   if len(hits) > 1:
     raise ValueError(
       f"sam_value_and_grad: opt_state holds {len(hits)} F-SAM states; a "
-      "chain must contain exactly one fsam (or sam)."
+      "chain must contain exactly one SAM-family transformation (fsam, sam, gsam, "
+      "vasso or looksam)."
     )
   hit = hits[0]
+  method = method_name(hit.state)
   if hit.problem is not None:
-    raise ValueError(hit.problem)
+    raise ValueError(hit.problem.format(method=method))
   if not hit.state.config.skip_nonfinite and _has_apply_if_finite(opt_state):
-    raise ValueError(_APPLY_IF_FINITE_NEEDS_SKIP)
+    raise ValueError(_APPLY_IF_FINITE_NEEDS_SKIP.format(method=method))
   return Found(hit.state, hit.hyperparams)
 
 

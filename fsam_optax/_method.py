@@ -55,14 +55,6 @@ class SAMState(Protocol):
   def config(self) -> PerturbationConfig:
     """Adaptive mode, mask, non-finite guard and schedule."""
 
-  @property
-  def needs_clean_grad(self) -> bool:
-    """Whether ``pairs`` or the update read the clean gradient averaged over the data axes.
-
-    When ``False``, ``pairs`` may receive ``None`` for it (per-device SAM skips
-    that all-reduce).
-    """
-
   def direction(self, grads: list[jax.Array], step: Step) -> Direction:
     """The direction to perturb along, from the clean gradient's leaves.
 
@@ -74,12 +66,19 @@ class SAMState(Protocol):
     """The tree of ``SAMGrad`` pairs that the method's update consumes.
 
     ``perturbed`` is ``g'`` (on a step the schedule skips, ``g``) and ``clean``
-    is ``g``, both averaged over the data axes.
+    is ``g``, both averaged over the data axes; with
+    ``perturbation="per_device"`` both are the data replica's own, and the
+    helper averages the pairs this returns.
     """
 
 
-_REQUIRED = ("count", "rho", "eps", "config", "needs_clean_grad", "direction", "pairs")
+_REQUIRED = ("count", "rho", "eps", "config", "direction", "pairs")
 STATE_TYPES: list[type] = []
+
+
+def method_name(state: Any) -> str:
+  """The transformation a state belongs to, for error messages: ``FSAMState`` -> ``fsam``."""
+  return type(state).__name__.removesuffix("State").lower()
 
 
 def sam_state(cls: type) -> type:

@@ -1,9 +1,10 @@
 """The gradient pair that the helper returns and the transformation consumes.
 
 :func:`fsam_optax.sam_value_and_grad` returns, at each leaf of the params, a
-:class:`SAMGrad` holding the gradient at the perturbed weights and the clean
-gradient; the SAM-family transformation at the front of the chain turns the
-pairs into the plain gradients the rest of the chain receives.
+:class:`SAMGrad` holding the gradient the rest of the chain receives (for
+most methods the gradient at the perturbed weights) and what the method's
+state is fed; the SAM-family transformation at the front of the chain turns
+the pairs into the plain gradients the rest of the chain receives.
 """
 
 from __future__ import annotations
@@ -17,14 +18,19 @@ class SAMGrad(NamedTuple):
   """The gradient pair that :func:`sam_value_and_grad` returns for one leaf.
 
   Attributes:
-    perturbed: gradient of the loss at the perturbed weights ``theta + e``; it
-      is what the optimizers after :func:`fsam` in the chain receive.
-    clean: gradient at ``theta``, fed into the F-SAM moving average; ``None``
-      when the state keeps no average (plain SAM).
+    perturbed: what the optimizers after the method in the chain receive:
+      the gradient ``g'`` at the perturbed weights ``theta + e`` (SAM, F-SAM,
+      VaSSO, LookSAM's SAM steps), GSAM's ``g' - alpha * vertical``, LookSAM's
+      reconstructed gradient on its one-pass steps.
+    clean: gradient ``g`` at ``theta``, fed into a moving average (F-SAM,
+      VaSSO); ``None`` when the method's update does not read it.
+    carry: what the method keeps from this step for the next ones (LookSAM's
+      component ``g_v``); ``None`` for the others.
   """
 
   perturbed: jax.Array
   clean: jax.Array | None
+  carry: jax.Array | None = None
 
   # Arithmetic on a pair would silently stack the two gradients into one
   # array (jnp treats a tuple as a sequence), or repeat or concatenate the
@@ -68,18 +74,20 @@ def flatten_pairs(grads: Any, error: str) -> tuple[list[SAMGrad], Any]:
   return pairs, treedef
 
 
-_PLAIN_GRADS = (
-  "fsam received plain gradients. Compute them with "
-  "`fsam_optax.sam_value_and_grad(loss_fn)(params, opt_state, ...)`, "
-  "which returns the perturbed and clean gradients that fsam consumes, "
-  "and place fsam first in the chain."
-)
+def split_grads(updates: Any, method: str) -> tuple[list[jax.Array], list[Any], list[Any], Any]:
+  """The helper's gradients: lists of their ``perturbed``, ``clean``, ``carry`` leaves; a treedef.
 
-
-def split_grads(updates: Any) -> tuple[list[jax.Array], list[Any], Any]:
-  """Splits helper gradients into perturbed and clean leaves, and a treedef."""
-  pairs, treedef = flatten_pairs(updates, _PLAIN_GRADS)
-  return [p.perturbed for p in pairs], [p.clean for p in pairs], treedef
+  ``method`` names the transformation in the error raised for plain gradients.
+  """
+  pairs, treedef = flatten_pairs(
+    updates,
+    f"{method} received plain gradients. Compute them with "
+    "`fsam_optax.sam_value_and_grad(loss_fn)(params, opt_state, ...)`, "
+    f"which returns the (perturbed, clean) pairs that {method} consumes, "
+    f"and place {method} first in the chain.",
+  )
+  fields = ([p.perturbed for p in pairs], [p.clean for p in pairs], [p.carry for p in pairs])
+  return (*fields, treedef)
 
 
 def _pairs(grads: Any, fn: str) -> tuple[list[SAMGrad], Any]:
@@ -93,7 +101,8 @@ def _pairs(grads: Any, fn: str) -> tuple[list[SAMGrad], Any]:
 def perturbed_grads(grads: Any) -> Any:
   """The gradients at the perturbed weights, ``g'``, as a plain tree.
 
-  This is what the optimizers after :func:`fsam_optax.fsam` receive. Use it
+  This is what the optimizers after :func:`fsam_optax.fsam` receive (after
+  :func:`fsam_optax.gsam`, the combined gradient it hands them). Use it
   (not the pair tree) wherever a plain gradient tree is expected, e.g.
   ``optax.global_norm``, which would otherwise mix both gradients of each pair.
 
@@ -115,8 +124,8 @@ def clean_grads(grads: Any) -> Any:
 
   This is the gradient that feeds the moving average (after the helper's
   optional ``clip_clean_grad``). Plain SAM keeps no moving average, so its
-  pairs carry no clean gradient: ask for ``return_diagnostics=True`` for its
-  norm instead.
+  pairs carry no clean gradient (nor do GSAM's and LookSAM's, whose updates do
+  not read it): ask for ``return_diagnostics=True`` for its norm instead.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, fsam_optax
@@ -131,7 +140,8 @@ def clean_grads(grads: Any) -> Any:
   if any(p.clean is None for p in pairs):
     raise ValueError(
       "fsam_optax.clean_grads: these pairs carry no clean gradient, because the "
-      "state keeps no moving average (plain SAM, or fsam with sigma=0). Its norm "
-      "is in the diagnostics: sam_value_and_grad(..., return_diagnostics=True)."
+      "method's update does not read it (plain SAM, fsam with sigma=0, gsam, "
+      "looksam). Its norm is in the diagnostics: "
+      "sam_value_and_grad(..., return_diagnostics=True)."
     )
   return jax.tree.unflatten(treedef, [p.clean for p in pairs])

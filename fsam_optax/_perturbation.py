@@ -68,6 +68,29 @@ def global_norm(
   return jnp.sqrt(total(squares).astype(acc))
 
 
+def global_inner(
+  a: Sequence[jax.Array | None], b: Sequence[jax.Array | None], total: Total = add
+) -> jax.Array:
+  """The inner product ``<a, b>`` of two whole trees, leaf by leaf (``None`` leaves left out).
+
+  It is computed in the leaves' ``acc_dtype``; ``total`` adds the per-leaf
+  sums as it adds squared sums for :func:`global_norm`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fsam_optax._perturbation import global_inner
+    >>> float(global_inner([jnp.array([1.0, 2.0]), None], [jnp.array([3.0, 4.0]), None]))
+    11.0
+  """
+  pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+  acc = acc_dtype([x for pair in pairs for x in pair])
+  products = [
+    None if x is None or y is None else jnp.sum(x.astype(acc) * y.astype(acc))
+    for x, y in zip(a, b, strict=True)
+  ]
+  return total(products).astype(acc)
+
+
 def clip_by_global_norm(tree: Any, max_norm: float, total: Total = add) -> Any:
   """``optax.clip_by_global_norm``'s rule, with the norm of the whole (possibly sharded) tree."""
   norm = global_norm(jax.tree.leaves(tree), total)

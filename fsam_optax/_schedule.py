@@ -22,7 +22,7 @@ _STATIC = (
 
 
 def check_schedule(
-  every: int | None, probability: float | None, seed: int | None
+  every: int | None, probability: float | None, seed: int | None, method: str = "fsam"
 ) -> tuple[int, float, int]:
   """``(every, probability, seed)`` as plain Python numbers, or a ValueError.
 
@@ -31,27 +31,27 @@ def check_schedule(
   for name, value in (("every", every), ("probability", probability), ("seed", seed)):
     if value is not None and not isinstance(value, numbers.Real):
       raise ValueError(
-        f"fsam: `{name}` must be a Python number, got {type(value).__name__}: {_STATIC}."
+        f"{method}: `{name}` must be a Python number, got {type(value).__name__}: {_STATIC}."
       )
   if every is not None and (
     isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1
   ):
-    raise ValueError(f"fsam: `every` must be an integer >= 1 (1: every step), got {every!r}.")
+    raise ValueError(f"{method}: `every` must be an integer >= 1 (1: every step), got {every!r}.")
   if probability is not None and (isinstance(probability, bool) or not 0 < probability <= 1):
     raise ValueError(
-      f"fsam: `probability` must be in (0, 1] (1: every step), got {probability!r}; "
+      f"{method}: `probability` must be in (0, 1] (1: every step), got {probability!r}; "
       "for no SAM step at all, use the base optimizer alone."
     )
   if every is not None and probability is not None:
     raise ValueError(
-      "fsam: give `every` or `probability`, not both "
+      f"{method}: give `every` or `probability`, not both "
       f"(got every={every}, probability={probability})."
     )
   if seed is not None:
     if probability is None:
-      raise ValueError("fsam: `seed` seeds the `probability` draws; give `probability` too.")
+      raise ValueError(f"{method}: `seed` seeds the `probability` draws; give `probability` too.")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
-      raise ValueError(f"fsam: `seed` must be an integer in [0, 2**32), got {seed!r}.")
+      raise ValueError(f"{method}: `seed` must be an integer in [0, 2**32), got {seed!r}.")
   return (
     1 if every is None else int(every),
     1.0 if probability is None else float(probability),

@@ -12,6 +12,9 @@ One call of the returned function is one SAM step, in named parts:
    ``SAMGrad(g', g)``), returned with :class:`SAMDiagnostics`; the
    transformation's update turns them into the base optimizer's gradient.
 
+With ``perturbation="per_device"`` the direction and the pairs are made from
+each data replica's own ``g`` and ``g'``, and the pairs are then averaged.
+
 The parallel layout (:class:`fsam_optax._layout.Layout`) supplies every mean
 and norm; the maths is in :mod:`fsam_optax._perturbation`.
 """
@@ -47,11 +50,11 @@ class _CleanPass(NamedTuple):
   value: jax.Array  # this device's loss at theta
   aux: Any
   grads: Any  # g, averaged over the data axes (None where nothing needs it)
-  direction: Any  # what the perturbation is made from: g, or the local g per device
+  for_rules: Any  # g as the method's rules take it: averaged, or the replica's own per device
 
 
 class _SecondPass(NamedTuple):
-  grads: Any  # g' averaged over the data axes (g on a skipped step)
+  grads: Any  # g' (g on a skipped step), averaged, or the replica's own per device
   value: jax.Array  # this device's loss at theta + e (at theta on a skipped step)
   norms: PerturbationNorms | None  # with return_diagnostics only
 
@@ -116,12 +119,12 @@ def _perturbed_pass(
   *,
   like: jax.Array,
 ) -> _SecondPass:
-  """``g'`` at ``theta + e``, averaged over the data axes."""
+  """``g'`` at ``theta + e``: averaged over the data axes, or the replica's own per device."""
   out, local = value_and_grad(layout.vary(perturbed), *call[0], **call[1])
   # In the clean loss's dtype (`like`): a Python-number leaf is weakly typed at
   # theta but not at theta + e, and may promote a low-precision loss.
   value = _split(out, has_aux)[0].astype(like.dtype)
-  return _SecondPass(layout.mean_grads(local), value, norms)
+  return _SecondPass(local if layout.per_device else layout.mean_grads(local), value, norms)
 
 
 def _skipped_step(clean: _CleanPass, layout: Layout, params: Any, diagnose: bool) -> _SecondPass:
@@ -131,7 +134,12 @@ def _skipped_step(clean: _CleanPass, layout: Layout, params: Any, diagnose: bool
     zero = jnp.zeros([], acc_dtype([jnp.asarray(p) for p in jax.tree.leaves(params)]))
     zero = layout.vary_if_per_device(zero)
     norms = PerturbationNorms(zero, zero, zero)
-  return _SecondPass(clean.grads, clean.value, norms)
+  return _SecondPass(clean.for_rules, clean.value, norms)
+
+
+def _averaged(grads: Any, layout: Layout) -> Any:
+  """Gradients averaged over the data axes (per device, each replica holds its own)."""
+  return layout.mean_grads(grads) if layout.per_device else grads
 
 
 def _diagnostics(clean: _CleanPass, second: _SecondPass, layout: Layout) -> SAMDiagnostics:
@@ -143,7 +151,7 @@ def _diagnostics(clean: _CleanPass, second: _SecondPass, layout: Layout) -> SAMD
     perturbation_norm=second.norms.perturbation,
     applied_perturbation_norm=second.norms.applied,
     clean_grad_norm=layout.norm(jax.tree.leaves(clean.grads)),
-    perturbed_grad_norm=layout.norm(jax.tree.leaves(second.grads)),
+    perturbed_grad_norm=layout.norm(jax.tree.leaves(_averaged(second.grads, layout))),
   )
 
 
@@ -334,9 +342,8 @@ def sam_value_and_grad(
       value_and_grad = accumulated(value_and_grad, micro_batches, has_aux)
     config = state.config
     step = Step(bound, found.hyperparam, is_sam_step(*config.schedule, found.step))
-    # Per-device SAM perturbs with local gradients: the all-reduce of g is made
-    # only where something reads it.
-    needs_mean = not bound.per_device or state.needs_clean_grad or step.sam_step is not None
+    # Per device, the method's rules run on each replica's own gradients and
+    # only what they hand on is averaged: g itself is averaged only to report it.
     clean = _clean_pass(
       value_and_grad,
       bound,
@@ -344,12 +351,12 @@ def sam_value_and_grad(
       (args, kwargs),
       has_aux=has_aux,
       clip=clip_clean_grad,
-      needs_mean=needs_mean or return_diagnostics,
+      needs_mean=not bound.per_device or return_diagnostics,
     )
     second_call = second_pass_args(args, kwargs, rng_arg, second_pass_rng)
 
     def sam_step() -> _SecondPass:
-      perturbed, norms = _perturb(state, step, params, clean.direction, return_diagnostics)
+      perturbed, norms = _perturb(state, step, params, clean.for_rules, return_diagnostics)
       return _perturbed_pass(
         value_and_grad, bound, perturbed, norms, second_call, has_aux, like=clean.value
       )
@@ -361,7 +368,11 @@ def sam_value_and_grad(
     # a batched count it becomes a select and runs both).
     take = step.sam_step
     second = sam_step() if take is None else jax.lax.cond(take, sam_step, skipped_step)
-    grads = state.pairs(second.grads, clean.grads, step)
+    grads = state.pairs(second.grads, clean.for_rules, step)
+    if bound.per_device:
+      # No parameter is split over a data axis per device (the layout refuses
+      # FSDP then), so a plain mean averages every leaf of the pairs.
+      grads = bound.mean(grads)
     value = bound.mean(clean.value)
     result = ((value, bound.sync_aux(clean.aux)) if has_aux else value), grads
     return (*result, _diagnostics(clean, second, bound)) if return_diagnostics else result

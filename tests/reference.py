@@ -192,3 +192,119 @@ def fsam_steps(
       Step(*map(list, (theta.values(), opt.m.values(), g.values(), g_pert.values())), float(n))
     )
   return steps
+
+
+# The SAM family beside F-SAM, each as its authors' code (or, for LookSAM, the
+# paper's Algorithm 1) computes one step, on dicts of float64 arrays. Each
+# returns the gradient its base optimizer receives; ``grad_at(theta)`` is the
+# gradient on the step's minibatch. ``kept`` (all keys by default) restricts
+# the perturbation, norms and inner products to the unmasked leaves.
+
+
+def norm(t: dict, keys=None) -> float:
+  return float(np.sqrt(sum(np.sum(t[k] ** 2) for k in (t if keys is None else keys))))
+
+
+def inner(a: dict, b: dict, keys=None) -> float:
+  return float(sum(np.sum(a[k] * b[k]) for k in (a if keys is None else keys)))
+
+
+def sam_perturbation(theta: dict, d: dict, rho: float, eps: float, adaptive=False, kept=None):
+  """``rho d / (||d|| + eps)`` (ASAM: ``rho theta^2 d / (||theta d|| + eps)``) on kept leaves."""
+  kept = list(theta) if kept is None else kept
+  n = norm({k: np.abs(theta[k]) * d[k] if adaptive else d[k] for k in kept})
+  e = {k: np.zeros_like(v) for k, v in theta.items()}
+  for k in kept:
+    e[k] = rho * (theta[k] ** 2 if adaptive else 1.0) * d[k] / (n + eps)
+  return e
+
+
+def shift(theta: dict, e: dict) -> dict:
+  return {k: theta[k] + e[k] for k in theta}
+
+
+@dataclasses.dataclass
+class GSAMReference:
+  """GSAM (official gsam.py): SAM's g', minus alpha times g's part orthogonal to g'."""
+
+  rho: float
+  alpha: float
+  adaptive: bool = False
+  eps: float = EPS
+  kept: list | None = None
+
+  def gradient(self, theta: dict, grad_at: Callable[[dict], dict]) -> dict:
+    g = grad_at(theta)
+    e = sam_perturbation(theta, g, self.rho, self.eps, self.adaptive, self.kept)
+    return self.decompose(g, grad_at(shift(theta, e)))
+
+  def decompose(self, g: dict, gp: dict) -> dict:
+    keys = list(g) if self.kept is None else self.kept
+    n_g, n_gp = norm(g, keys), norm(gp, keys)
+    cos = inner(g, gp, keys) / (n_gp * n_g + self.eps)
+    out = dict(gp)
+    for k in keys:
+      vertical = g[k] - cos * n_g * gp[k] / (n_gp + self.eps)
+      out[k] = gp[k] - self.alpha * vertical
+    return out
+
+
+@dataclasses.dataclass
+class VaSSOReference:
+  """VaSSO (official vasso.py): the moving average updated first, the perturbation along it."""
+
+  rho: float
+  theta: float
+  eps: float = 1e-7
+  kept: list | None = None
+  m: dict | None = None
+
+  def gradient(self, w: dict, grad_at: Callable[[dict], dict]) -> dict:
+    g = grad_at(w)
+    if self.m is None:
+      self.m = dict(g)
+    else:
+      self.m = {k: (1 - self.theta) * self.m[k] + self.theta * g[k] for k in g}
+    return grad_at(shift(w, sam_perturbation(w, self.m, self.rho, self.eps, kept=self.kept)))
+
+
+@dataclasses.dataclass
+class LookSAMReference:
+  """LookSAM (Algorithm 1): SAM on steps 0, k, 2k, ..., its orthogonal part reused between."""
+
+  rho: float
+  k: int
+  alpha: float
+  eps: float = EPS
+  kept: list | None = None
+  t: int = 0
+  g_v: dict | None = None
+
+  def gradient(self, theta: dict, grad_at: Callable[[dict], dict]) -> dict:
+    g = grad_at(theta)
+    keys = list(g) if self.kept is None else self.kept
+    sam_step = self.t % self.k == 0
+    self.t += 1
+    if sam_step:
+      gp = grad_at(shift(theta, sam_perturbation(theta, g, self.rho, self.eps, kept=keys)))
+      scale = inner(g, gp, keys) / (norm(g, keys) ** 2 + self.eps)
+      self.g_v = {k: gp[k] - scale * g[k] if k in keys else np.zeros_like(g[k]) for k in g}
+      return gp
+    assert self.g_v is not None
+    scale = self.alpha * norm(g, keys) / (norm(self.g_v, keys) + self.eps)
+    return {k: g[k] + scale * self.g_v[k] if k in keys else g[k] for k in g}
+
+
+def train_family(method, base: SGDReference, theta: dict, data: list, rho_at=None) -> list[dict]:
+  """The MLP trained with ``method`` then ``base``: the weights after each step.
+
+  ``rho_at(t)``, if given, sets the method's radius at step ``t`` (a schedule).
+  """
+  path = []
+  for t, (x, y) in enumerate(data):
+    if rho_at is not None:
+      method.rho = rho_at(t)
+    grad = method.gradient(theta, lambda w, x=x, y=y: mlp_loss_and_grad(w, x, y)[1])
+    theta = base.step(theta, grad)
+    path.append(theta)
+  return path

@@ -1,0 +1,251 @@
+"""LookSAM as an Optax transformation: SAM every ``k`` steps, its correction reused between.
+
+On a SAM step the state keeps ``g_v``, the part of the perturbed gradient
+``g'`` orthogonal to the clean gradient ``g``; on the steps between, which
+cost one forward-backward pass, the base optimizer receives ``g`` plus that
+component rescaled to ``g``'s norm (:meth:`LookSAMState.pairs`).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fsam_optax._config import PerturbationConfig
+from fsam_optax._fsam import _zeros_for, advance_if_finite
+from fsam_optax._hyperparams import at, check, default_float
+from fsam_optax._layout import Layout
+from fsam_optax._mask import Mask, check_mask_leaves, mask_leaves, resolve_mask
+from fsam_optax._method import Step, sam_state
+from fsam_optax._pairs import SAMGrad, split_grads
+from fsam_optax._perturbation import Direction
+
+
+@sam_state
+class LookSAMState(NamedTuple):
+  """State of :func:`looksam`.
+
+  Attributes:
+    count: number of updates applied so far (int32).
+    rho: perturbation radius for the next SAM step (a schedule is evaluated here).
+    alpha: weight of the reused component on the steps between SAM steps.
+    eps: added to the norms before dividing by them.
+    g_v: the component of the last SAM step's ``g'`` orthogonal to its ``g``
+      (float32 for narrower params).
+    config: static settings (mask, and ``every``: the SAM steps).
+  """
+
+  count: jax.Array  # type: ignore[assignment]
+  rho: jax.Array
+  alpha: jax.Array
+  eps: jax.Array
+  g_v: optax.Updates
+  config: PerturbationConfig
+
+  def direction(self, grads: list[jax.Array], step: Step) -> Direction:
+    """``g`` itself, as SAM."""
+    del step
+    return Direction(grads, grads)
+
+  def pairs(self, perturbed: Any, clean: Any, step: Step) -> Any:
+    """``SAMGrad(g', None, g_v)`` on a SAM step; between, the reused gradient, old ``g_v``."""
+    first, treedef = jax.tree.flatten(perturbed)
+    g = jax.tree.leaves(clean)
+    g_v = jax.tree.leaves(self.g_v)
+    if len(g_v) != len(g):
+      raise ValueError(
+        f"sam_value_and_grad: params have {len(g)} leaves but the LookSAM state keeps "
+        f"{len(g_v)}; initialise the optimizer with the same params you pass here."
+      )
+    mask = mask_leaves(self.config.mask, len(g))
+    eps = step.hyperparam("eps")
+
+    def sam_step() -> tuple[list[jax.Array], list[jax.Array]]:
+      return first, orthogonal_part(first, g, g_v, eps, mask, step.layout)
+
+    def between() -> tuple[list[jax.Array], list[jax.Array]]:
+      alpha = step.hyperparam("alpha")
+      # Per device, g_v is averaged with what the SAM step's replicas compute.
+      return reuse(g, g_v, alpha, eps, mask, step.layout), step.layout.vary_if_per_device(g_v)
+
+    if step.sam_step is None:
+      base, kept = sam_step()
+    else:
+      base, kept = jax.lax.cond(step.sam_step, sam_step, between)
+    pairs = [SAMGrad(b, None, v) for b, v in zip(base, kept, strict=True)]
+    return jax.tree.unflatten(treedef, pairs)
+
+
+def _kept(leaves: list[Any], mask: list[bool]) -> list[Any]:
+  return [x if k else None for x, k in zip(leaves, mask, strict=True)]
+
+
+def orthogonal_part(
+  g_prime: list[jax.Array],
+  g: list[jax.Array],
+  g_v: list[jax.Array],
+  eps: jax.Array,
+  mask: list[bool],
+  layout: Layout,
+) -> list[jax.Array]:
+  """``g_v = g' - (<g, g'> / (||g||^2 + eps)) g`` in ``g_v``'s dtypes; masked leaves keep theirs."""
+  norm_g = layout.norm(_kept(g, mask))
+  acc = norm_g.dtype
+  scale = layout.inner(_kept(g, mask), _kept(g_prime, mask)) / (norm_g**2 + eps.astype(acc))
+
+  def one(gp: jax.Array, gc: jax.Array, old: jax.Array) -> jax.Array:
+    return (gp.astype(acc) - scale * gc.astype(acc)).astype(old.dtype)
+
+  return [
+    one(gp, gc, old) if k else old for gp, gc, old, k in zip(g_prime, g, g_v, mask, strict=True)
+  ]
+
+
+def reuse(
+  g: list[jax.Array],
+  g_v: list[jax.Array],
+  alpha: jax.Array,
+  eps: jax.Array,
+  mask: list[bool],
+  layout: Layout,
+) -> list[jax.Array]:
+  """``g + alpha (||g|| / (||g_v|| + eps)) g_v`` in ``g``'s dtypes; masked leaves get ``g``."""
+  norm_g, norm_v = layout.norm(_kept(g, mask)), layout.norm(_kept(g_v, mask))
+  acc = jnp.promote_types(norm_g.dtype, norm_v.dtype)
+  scale = alpha.astype(acc) * (norm_g.astype(acc) / (norm_v.astype(acc) + eps.astype(acc)))
+
+  def one(gc: jax.Array, v: jax.Array) -> jax.Array:
+    return (gc.astype(acc) + scale * v.astype(acc)).astype(gc.dtype)
+
+  return [one(gc, v) if k else gc for gc, v, k in zip(g, g_v, mask, strict=True)]
+
+
+def looksam(
+  rho: optax.ScalarOrSchedule = 0.05,
+  every: int = 5,
+  alpha: float | jax.Array = 0.7,
+  *,
+  eps: float | jax.Array = 1e-12,
+  mask: Mask | None = None,
+  g_v_dtype: Any | None = None,
+  skip_nonfinite: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LookSAM: the SAM step every ``every`` steps, its correction reused in between.
+
+  As the paper's Algorithm 1, with whole-model vectors. On steps
+  ``0, every, 2 every, ...`` it takes SAM's step and keeps the part of the
+  perturbed gradient orthogonal to the clean one:
+
+  .. math::
+    g' &= \nabla L(\theta + \rho\, g / (\lVert g \rVert + \epsilon)) \\
+    g_v &= g' - \frac{\langle g, g' \rangle}{\lVert g \rVert^2 + \epsilon}\, g
+
+  and the optimizers after ``looksam`` receive ``g'``. On the other steps
+  :func:`fsam_optax.sam_value_and_grad` makes one forward-backward pass and
+  they receive ``g + alpha (\lVert g \rVert / (\lVert g_v \rVert + \epsilon))
+  g_v``. ``every = 1`` is SAM; ``alpha = 0`` is SAM every ``every`` steps
+  with plain gradients between. The weights are always the current ones (a
+  one-pass step never goes back to the weights of the last SAM step).
+
+  ``looksam`` must be first in the chain and be fed by
+  :func:`fsam_optax.sam_value_and_grad`. With ``perturbation="per_device"``
+  each data replica computes ``g_v`` and the reused gradient from its own
+  gradients, and both are averaged.
+
+  Args:
+    rho: perturbation radius, ``>= 0``; a scalar or a schedule of the step.
+    every: take the SAM step every ``every`` steps (``k`` in the paper), an
+      integer ``>= 1``. Static: under ``optax.inject_hyperparams`` name it in
+      ``static_args``.
+    alpha: weight of the reused component, ``>= 0``.
+    eps: added to the norms before dividing, ``> 0``.
+    mask: pytree of bools (or a callable of the params returning one); leaves
+      that are ``False`` are not perturbed, are left out of the norms, and
+      receive the gradient unchanged.
+    g_v_dtype: dtype of the kept component. By default float32 for params
+      narrower than float32, and the param's dtype otherwise.
+    skip_nonfinite: leave the state unchanged on a step whose gradients are
+      not all finite (see :func:`fsam`).
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, fsam_optax
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> loss = lambda p: jnp.sum(p["w"] ** 4)
+    >>> tx = optax.chain(fsam_optax.looksam(rho=0.1, every=5), optax.sgd(0.01))
+    >>> opt_state = tx.init(params)
+    >>> grad_fn = fsam_optax.sam_value_and_grad(loss, return_diagnostics=True)
+    >>> steps = []
+    >>> for _ in range(6):
+    ...   value, grads, diag = grad_fn(params, opt_state)
+    ...   updates, opt_state = tx.update(grads, opt_state, params)
+    ...   params = optax.apply_updates(params, updates)
+    ...   steps.append(bool(diag.perturbation_norm > 0))
+    >>> steps
+    [True, False, False, False, False, True]
+
+  References:
+    Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
+  """
+  check("rho", rho, lambda v: v >= 0, "a radius >= 0", "looksam")
+  if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+    raise ValueError(
+      f"looksam: `every` must be an integer >= 1 (1: SAM on every step), got {every!r}; "
+      "it is static: under optax.inject_hyperparams pass static_args=('every',)."
+    )
+  check("alpha", alpha, lambda v: v >= 0, ">= 0 (0: plain gradients between SAM steps)", "looksam")
+  check("eps", eps, lambda v: v > 0, "> 0", "looksam")
+  if mask is not None and not callable(mask):
+    check_mask_leaves(jax.tree.leaves(mask))
+  if g_v_dtype is not None:
+    g_v_dtype = jnp.dtype(g_v_dtype)
+
+  def init_fn(params: optax.Params) -> LookSAMState:
+    config = PerturbationConfig(
+      mask=resolve_mask(mask, params), skip_nonfinite=bool(skip_nonfinite), every=int(every)
+    )
+    return LookSAMState(
+      count=jnp.zeros([], jnp.int32),
+      rho=at(rho, jnp.zeros([], jnp.int32)),
+      alpha=default_float(alpha),
+      eps=default_float(eps),
+      g_v=jax.tree.map(lambda p: _zeros_for(p, g_v_dtype), params),
+      config=config,
+    )
+
+  def update_fn(
+    updates: optax.Updates,
+    state: LookSAMState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, LookSAMState]:
+    del params, extra_args
+    base, _, g_v, treedef = split_grads(updates, "looksam")
+    g_v_def = jax.tree.structure(state.g_v)
+    if any(v is None for v in g_v) or len(g_v) != g_v_def.num_leaves:
+      raise ValueError(
+        "looksam: these gradients carry no component g_v for the state; compute them with "
+        "sam_value_and_grad from the same opt_state you pass to tx.update."
+      )
+
+    def advance() -> LookSAMState:
+      count = optax.safe_increment(state.count)
+      return state._replace(
+        count=count,
+        rho=at(rho, count),
+        alpha=default_float(alpha),
+        eps=default_float(eps),
+        g_v=jax.tree.unflatten(g_v_def, g_v),
+      )
+
+    new_state = advance_if_finite(skip_nonfinite, advance, state, [*base, *g_v])
+    return jax.tree.unflatten(treedef, base), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
