@@ -1,4 +1,4 @@
-"""One of two processes training data-parallel F-SAM; run by tests/test_multi_process.py.
+"""One of two processes training data-parallel F-SAM; run by tests/test_layouts.py.
 
 Usage: python -m tests.multi_process_worker COORDINATOR_ADDRESS PROCESS_ID OUT_FILE.npz
 The parent sets the environment: 2 CPU devices (XLA_FLAGS) and float64 (JAX_ENABLE_X64).
@@ -7,6 +7,7 @@ Importing this module (as pytest's doctest collection does) changes nothing.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import jax
@@ -15,7 +16,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tests.jax_mlp import mlp_loss
-from tests.test_layouts import data, init, make_step, make_tx
+from tests.test_layouts import data, init, make_tx
+from tests.train_step import sam_step
 
 
 def main(address: str, process_id: int, out: str) -> None:
@@ -32,24 +34,21 @@ def main(address: str, process_id: int, out: str) -> None:
     return tuple(jax.make_array_from_process_local_data(split, a[rows]) for a in batch)
 
   tx = make_tx()
+  specs = dict(mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=P())
   steps = {
-    "jit": jax.jit(make_step(mlp_loss, tx), out_shardings=replicated),
-    "shard_map": jax.jit(
-      jax.shard_map(
-        make_step(mlp_loss, tx, axis_name="data"),
-        mesh=mesh,
-        in_specs=(P(), P(), P("data"), P("data")),
-        out_specs=P(),
-      )
+    "jit": jax.jit(sam_step(tx, mlp_loss, outputs=("loss",), jit=False), out_shardings=replicated),
+    "shard_map": sam_step(
+      tx, mlp_loss, outputs=("loss",), mapped=functools.partial(jax.shard_map, **specs),
+      axis_name="data",
     ),
-  }
+  }  # fmt: skip
   results = {}
   for name, step in steps.items():
     params = jax.device_put(init(), replicated)
     opt_state = jax.device_put(tx.init(params), replicated)
     losses = []
     for batch in data():
-      params, opt_state, loss, _ = step(params, opt_state, *local_rows(batch))
+      params, opt_state, loss = step(params, opt_state, *local_rows(batch))
       losses.append(loss)
     leaves = jax.tree.leaves((params, opt_state, losses))
     results |= {f"{name}_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}

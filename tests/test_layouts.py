@@ -1,16 +1,25 @@
 """F-SAM on every parallel layout equals its reference, step for step.
 
-Each layout trains the same MLP for 5 float64 steps on 8 simulated CPU
-devices. Its params, optimizer state and losses must match, within 1e-9, one
-device running the whole batch (or, for m-sharpness, a NumPy loop over the
-data replicas). The model-parallel layouts split the MLP Megatron-style: the
-hidden units over ``"model"``, with a ``psum`` after the second matmul.
+Each layout trains the same MLP for 5 float64 steps on 8 simulated CPU devices (or two
+processes of 2): ``pmap``, ``shard_map`` over a data axis, a model axis or both, a
+batch-sharded ``jit``, FSDP under ``jit`` or inside ``shard_map``, with micro-batches or
+a schedule. Its params after every step, optimizer state, losses and norms must match,
+within 1e-12, one device running the whole batch (or, for m-sharpness, a NumPy loop over
+the data replicas). The model-parallel layouts split the MLP Megatron-style: the hidden
+units over ``"model"``, with a ``psum`` after the second matmul.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import os
+import pathlib
+import socket
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -26,18 +35,28 @@ import fsam_optax
 from fsam_optax._layout import manual_axes, varying_axes
 from tests import reference as ref
 from tests.jax_mlp import mlp_loss
+from tests.train_step import sam_step
 
 STEPS = 5
-TOL = 1e-9
+TOL = 1e-12  # float64; only the order of the cross-device sums differs
 SIZES = (5, 8, 3)
-BATCH = 16
+BATCH = 16  # two examples per device
 FSAM = dict(rho=0.2, sigma=1.0, lmbda=0.6)
 LR, MOMENTUM = 0.1, 0.9
+OUTPUTS = ("loss", "norms")
 AUTO, EXPLICIT = AxisType.Auto, AxisType.Explicit
+MESHES = {"data": ((8,), ("data",)), "model": ((4,), ("model",))}
+MESHES["data_by_model"] = ((2, 4), ("data", "model"))
 # Megatron-style: hidden units split over "model"; the output bias replicated.
 MODEL_SPECS = {"w0": P(None, "model"), "b0": P("model"), "w1": P("model", None), "b1": P()}
 # FSDP: every large leaf split over the data axis; jit gathers it for the matmuls.
 FSDP_SPECS = {"w0": P(None, "data"), "b0": P("data"), "w1": P("data", None), "b1": P()}
+
+
+@pytest.fixture(autouse=True)
+def x64() -> Iterator[None]:
+  with jax.enable_x64(True):
+    yield
 
 
 def megatron_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -51,22 +70,13 @@ def fsdp_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
   return mlp_loss(jax.tree.map(lambda w: jax.sharding.reshard(w, P()), params), x, y)
 
 
-def make_tx(adaptive: bool = False) -> optax.GradientTransformation:
-  return optax.chain(fsam_optax.fsam(**FSAM, adaptive=adaptive), optax.sgd(LR, momentum=MOMENTUM))
-
-
-def make_step(loss, tx, **grad_kwargs):
-  grad_fn = fsam_optax.sam_value_and_grad(loss, return_diagnostics=True, **grad_kwargs)
-
-  def step(params, opt_state, x, y):
-    value, grads, diag = grad_fn(params, opt_state, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    # Both norms of the diagnostics, shaped (2,) so that shard_map can also
-    # return them once per data replica.
-    norm = jnp.stack([diag.direction_norm, diag.perturbation_norm])
-    return optax.apply_updates(params, updates), opt_state, value, norm
-
-  return step
+def make_tx(sam=False, adaptive=False, every=1) -> optax.GradientTransformation:
+  schedule = {} if every == 1 else dict(every=every)
+  if sam:
+    first = fsam_optax.sam(FSAM["rho"], adaptive=adaptive, **schedule)
+  else:
+    first = fsam_optax.fsam(**FSAM, adaptive=adaptive, **schedule)
+  return optax.chain(first, optax.sgd(LR, momentum=MOMENTUM))
 
 
 def init() -> dict:
@@ -78,19 +88,24 @@ def data() -> list:
 
 
 class Run(NamedTuple):
-  params: Any
+  path: list  # the params after every step
   opt_state: Any
   losses: np.ndarray
-  norms: np.ndarray
+  norms: np.ndarray  # the direction's and the perturbation's, per step (and replica)
+
+  @property
+  def params(self) -> Any:
+    return self.path[-1]
 
 
 def train(step, params, opt_state, place=lambda batch: batch) -> Run:
-  losses, norms = [], []
+  path, losses, norms = [], [], []
   for batch in data():
     params, opt_state, loss, norm = step(params, opt_state, *place(batch))
+    path.append(params)
     losses.append(np.asarray(loss))
     norms.append(np.asarray(norm))
-  return Run(params, opt_state, np.array(losses), np.array(norms))
+  return Run(path, opt_state, np.array(losses), np.array(norms))
 
 
 def assert_close(got: Any, want: Any) -> None:
@@ -100,10 +115,8 @@ def assert_close(got: Any, want: Any) -> None:
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=TOL)
 
 
-def assert_same_run(got: Run, want: Run, norms: bool = True) -> None:
-  assert_close((got.params, got.opt_state, got.losses), (want.params, want.opt_state, want.losses))
-  if norms:
-    assert_close(got.norms, want.norms)
+def assert_same_run(got: Run, want: Run) -> None:
+  assert_close(tuple(got), tuple(want))
 
 
 def mesh_of(shape: tuple, names: tuple, axis_type: AxisType) -> jax.sharding.Mesh:
@@ -119,59 +132,101 @@ def _is_spec(x: Any) -> bool:
   return isinstance(x, P)
 
 
-@functools.cache
-def single_device(adaptive: bool = False) -> Run:
-  tx = make_tx(adaptive)
-  params = init()
-  return train(jax.jit(make_step(mlp_loss, tx)), params, tx.init(params))
+def cached(run):
+  """``functools.cache`` with the defaults bound, so that ``f()`` and ``f(every=1)`` share."""
+  signature, cache = inspect.signature(run), functools.cache(run)
+
+  @functools.wraps(run)
+  def wrapper(*args, **kwargs):
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return cache(*bound.args, **bound.kwargs)
+
+  return wrapper
 
 
-@functools.cache
+@cached
+def one_device(micro_batches: int | None = None, sam=False, adaptive=False, every=1) -> Run:
+  tx = make_tx(sam, adaptive, every)
+  step = sam_step(tx, mlp_loss, outputs=OUTPUTS, micro_batches=micro_batches)
+  return train(step, init(), tx.init(init()))
+
+
+@cached
+def run_pmap(perturbation: str = "global", sam: bool = False) -> Run:
+  """pmap over the 8 devices; every device must hold the same run, which this returns."""
+  n, tx = jax.device_count(), make_tx(sam)
+  pmap = functools.partial(jax.pmap, axis_name="data")
+  step = sam_step(tx, mlp_loss, outputs=OUTPUTS, mapped=pmap, jit=False, axis_name="data",
+                  perturbation=perturbation)  # fmt: skip
+  replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), tree)
+  split = lambda batch: tuple(a.reshape(n, -1, a.shape[-1]) for a in batch)
+  run = train(step, replicate(init()), replicate(tx.init(init())), split)
+  # Devices on axis 0 of the params and state, 1 of the losses and norms.
+  for leaf in jax.tree.leaves((run.path, run.opt_state)):
+    np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[:1], leaf.shape))
+  for leaf in [run.losses] + [run.norms] * (perturbation == "global"):
+    np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[:, :1], leaf.shape))
+  # m-sharpness: one norm per replica.
+  norms = run.norms[:, 0] if perturbation == "global" else run.norms.reshape(STEPS, -1)
+  first = lambda tree: jax.tree.map(lambda a: a[0], tree)
+  return Run(first(run.path), first(run.opt_state), run.losses[:, 0], norms)
+
+
+@cached
 def run_shard_map(
-  shape: tuple,
-  names: tuple,
+  layout: str,
   axis_type: AxisType = EXPLICIT,
   perturbation: str = "global",
-  adaptive: bool = False,
   micro_batches: int | None = None,
+  sam: bool = False,
+  adaptive: bool = False,
+  every: int = 1,
 ) -> Run:
   """shard_map over a mesh with a "model" axis (params split) and/or a "data" axis (batch split)."""
-  mesh = mesh_of(shape, names, axis_type)
+  mesh = mesh_of(*MESHES[layout], axis_type)
+  names = mesh.axis_names
   model_parallel = "model" in names
-  tx = make_tx(adaptive)
+  tx = make_tx(sam, adaptive, every)
   params = init()
   specs = MODEL_SPECS if model_parallel else P()
   state_specs = fsam_optax.opt_state_shardings(tx, params, specs)
   data_axis = "data" if "data" in names else None
-  batch_spec = P(data_axis)
+  batch = P(data_axis)
+  # m-sharpness normalises each replica's own direction: one norm per replica.
+  norm_spec = P() if perturbation == "global" else P(data_axis)
+  shard_map = functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(specs, state_specs, batch, batch),
+    out_specs=(specs, state_specs, P(), norm_spec),
+  )
   grad_kwargs = dict(axis_name=data_axis, perturbation=perturbation, micro_batches=micro_batches)
   if model_parallel:
     grad_kwargs["param_specs"] = MODEL_SPECS
-  step = make_step(megatron_loss if model_parallel else mlp_loss, tx, **grad_kwargs)
-  # m-sharpness normalises each replica's own direction: one norm per replica.
-  norm_spec = P() if perturbation == "global" else P(data_axis)
-  step = jax.jit(
-    jax.shard_map(
-      step,
-      mesh=mesh,
-      in_specs=(specs, state_specs, batch_spec, batch_spec),
-      out_specs=(specs, state_specs, P(), norm_spec),
-    )
-  )
+  loss = megatron_loss if model_parallel else mlp_loss
+  step = sam_step(tx, loss, outputs=OUTPUTS, mapped=shard_map, **grad_kwargs)
   params = place_tree(mesh, params, specs)
   opt_state = place_tree(mesh, tx.init(params), state_specs)
-  run = train(step, params, opt_state, lambda b: place_tree(mesh, b, batch_spec))
+  run = train(step, params, opt_state, lambda b: place_tree(mesh, b, batch))
   if model_parallel:
     assert run.params["w0"].sharding.spec == MODEL_SPECS["w0"]
     assert run.opt_state[0].ema["w0"].sharding.spec == MODEL_SPECS["w0"]
   return run
 
 
-@functools.cache
-def per_replica_by_hand(replicas: int) -> Run:
+def run(layout: str, **options) -> Run:
+  if layout == "one_device":
+    return one_device(**options)
+  return run_pmap(**options) if layout == "pmap" else run_shard_map(layout, **options)
+
+
+@cached
+def per_replica_by_hand(replicas: int, sam: bool = False) -> Run:
   """m-sharpness in NumPy: each replica perturbs along its own d; g' is their mean."""
-  opt, sgd = ref.FSAMReference(**FSAM), ref.SGDReference(LR, MOMENTUM, weight_decay=0.0)
-  theta, losses, norms = ref.init_mlp(0, SIZES), [], []
+  opt = ref.FSAMReference(**{**FSAM, "sigma": 0.0} if sam else FSAM)
+  sgd = ref.SGDReference(LR, MOMENTUM, weight_decay=0.0)
+  theta, path, losses, norms = ref.init_mlp(0, SIZES), [], [], []
   for x, y in data():
     shards = list(zip(np.split(x, replicas), np.split(y, replicas), strict=True))
     clean = [ref.mlp_loss_and_grad(theta, xs, ys) for xs, ys in shards]
@@ -180,99 +235,107 @@ def per_replica_by_hand(replicas: int) -> Run:
       d = g if opt.m is None else {k: g[k] - opt.sigma * opt.m[k] for k in g}
       e = opt.perturbation(theta, d)
       g_perturbed.append(ref.mlp_loss_and_grad({k: theta[k] + e[k] for k in theta}, xs, ys)[1])
-      norms.append(np.sqrt(sum(np.sum(v**2) for v in d.values())))
-      norms.append(np.sqrt(sum(np.sum(v**2) for v in e.values())))
-    opt.direction({k: np.mean([g[k] for _, g in clean], axis=0) for k in theta})
+      norms += [np.sqrt(sum(np.sum(v**2) for v in t.values())) for t in (d, e)]
+    opt.direction(
+      {k: np.mean([g[k] for _, g in clean], axis=0) for k in theta}
+    )  # the EMA sees mean g
     theta = sgd.step(theta, {k: np.mean([g[k] for g in g_perturbed], axis=0) for k in theta})
+    path.append(theta)
     losses.append(np.mean([value for value, _ in clean]))
-  state = (opt.m, (sgd.trace,))
-  return Run(theta, state, np.array(losses), np.reshape(norms, (-1, 2 * replicas)))
+  state = (None if sam else opt.m, sgd.trace)
+  return Run(path, state, np.array(losses), np.reshape(norms, (STEPS, 2 * replicas)))
 
 
-def test_model_parallel_mesh_equals_one_device():
-  with jax.enable_x64(True):
-    assert_same_run(run_shard_map((4,), ("model",)), single_device())
+def test_eight_devices_are_simulated():
+  assert jax.device_count() == 8
 
 
-def test_model_parallel_mesh_adaptive_norm_equals_one_device():
-  with jax.enable_x64(True):
-    assert_same_run(run_shard_map((4,), ("model",), adaptive=True), single_device(adaptive=True))
-
-
-@pytest.mark.parametrize("axis_type", [AUTO, EXPLICIT], ids=["auto", "explicit"])
-def test_data_by_model_mesh_global_equals_one_device_on_global_batch(axis_type):
-  with jax.enable_x64(True):
-    assert_same_run(run_shard_map((2, 4), ("data", "model"), axis_type), single_device())
-
-
-@pytest.mark.parametrize("adaptive", [False, True], ids=["fsam", "adaptive"])
-def test_every_second_step_on_the_data_by_model_mesh_equals_one_device(monkeypatch, adaptive):
+# layout: options of the layout (axis types, micro-batches) and of the optimizer.
+GLOBAL = {
+  "pmap": ("pmap", {}),
+  "data-auto": ("data", dict(axis_type=AUTO)),
+  "data-explicit": ("data", {}),
+  "data-micro_batches": ("data", dict(micro_batches=2)),
+  "model": ("model", {}),
+  "model-adaptive": ("model", dict(adaptive=True)),
+  "data_by_model-auto": ("data_by_model", dict(axis_type=AUTO)),
+  "data_by_model-explicit": ("data_by_model", {}),
+  "data_by_model-micro_batches": ("data_by_model", dict(micro_batches=2)),
   # The schedule's lax.cond around the sharded norm: both branches keep the same
   # sharding types, and skipped steps hand on the averaged clean gradient.
-  monkeypatch.setitem(FSAM, "every", 2)
-  with jax.enable_x64(True):
-    got = run_shard_map.__wrapped__((2, 4), ("data", "model"), adaptive=adaptive)
-    want = single_device.__wrapped__(adaptive)
-    assert_same_run(got, want)
+  "data_by_model-every2": ("data_by_model", dict(every=2)),
+  "data_by_model-every2-adaptive": ("data_by_model", dict(every=2, adaptive=True)),
+  # One perturbation from the whole batch's gradient, each pass a scan over 4 micro-batches.
+  "one_device-micro_batches": ("one_device", dict(micro_batches=4)),
+}
+
+
+@pytest.mark.parametrize("case", GLOBAL)
+def test_global_perturbation_equals_one_device_on_the_global_batch(case):
+  layout, options = GLOBAL[case]
+  tx_options = {k: v for k, v in options.items() if k in ("adaptive", "every")}
+  want = one_device(**tx_options)
+  assert_same_run(run(layout, **options), want)
+  if "every" in options:
     assert np.all(want.norms[1::2] == 0) and np.all(want.norms[::2] > 0)
 
 
-def test_data_by_model_mesh_per_device_equals_a_loop_over_replicas():
-  with jax.enable_x64(True):
-    got = run_shard_map((2, 4), ("data", "model"), perturbation="per_device")
-    want = per_replica_by_hand(replicas=2)
-    assert_close(
-      (got.params, got.opt_state[0].ema, got.opt_state[1][0].trace, got.losses, got.norms),
-      (want.params, *want.opt_state, want.losses, want.norms),
-    )
-    # m-sharpness is another algorithm, not a rounding of the global one.
-    assert np.max(np.abs(got.params["w0"] - single_device().params["w0"])) > 1e-4
+REPLICAS = {"pmap": 8, "data": 8, "data_by_model": 2}
 
 
-@pytest.mark.parametrize("axis_type", [AUTO, EXPLICIT], ids=["auto", "explicit"])
-def test_shard_map_data_parallel_with_replicated_params_equals_one_device(axis_type):
-  with jax.enable_x64(True):
-    assert_same_run(run_shard_map((8,), ("data",), axis_type), single_device())
+@pytest.mark.parametrize(
+  ("layout", "sam"),
+  [("pmap", False), ("pmap", True), ("data", False), ("data", True), ("data_by_model", False)],
+)
+def test_per_device_perturbation_equals_a_loop_over_replicas(layout, sam):
+  got = run(layout, perturbation="per_device", sam=sam)
+  state = (got.opt_state[0].ema, got.opt_state[1][0].trace)
+  assert_same_run(got._replace(opt_state=state), per_replica_by_hand(REPLICAS[layout], sam))
+  # m-sharpness is another algorithm, not a rounding of the global one.
+  assert np.max(np.abs(got.params["w0"] - one_device(sam=sam).params["w0"])) > 1e-4
 
 
-def test_pmap_equals_one_device():
-  n = jax.device_count()
-  tx = make_tx()
-  step = jax.pmap(make_step(mlp_loss, tx, axis_name="data"), "data")
-  replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), tree)
-  split = lambda batch: tuple(a.reshape(n, -1, a.shape[-1]) for a in batch)
-  with jax.enable_x64(True):
-    params = init()
-    run = train(step, replicate(params), replicate(tx.init(params)), split)
-    want = single_device()
-  # Every device holds the same result (devices on axis 0 of the state, 1 of the losses).
-  for leaf in jax.tree.leaves(run[:2]):
-    np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[:1], leaf.shape))
-  for leaf in run[2:]:
-    np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[:, :1], leaf.shape))
-  first = Run(*jax.tree.map(lambda a: a[0], run[:2]), run.losses[:, 0], run.norms[:, 0])
-  assert_same_run(first, want)
+def test_batch_sharded_jit_equals_one_device_and_compiles_once():
+  mesh = mesh_of((8,), ("data",), EXPLICIT)
+  traces, tx = 0, make_tx()
+  inner = sam_step(tx, mlp_loss, outputs=OUTPUTS, jit=False)
+
+  def counted(*args):
+    nonlocal traces
+    traces += 1
+    return inner(*args)
+
+  step = jax.jit(counted)
+  # Replicated, spelt as jit spells its outputs' sharding (P(None, None) for
+  # a matrix, not P()), so that step 2's inputs match step 1's exactly.
+  replicated = lambda a: jax.device_put(a, NamedSharding(mesh, P(*(None,) * a.ndim)))
+  params, opt_state = jax.tree.map(replicated, (init(), tx.init(init())))
+  place = lambda batch: place_tree(mesh, batch, P("data"))
+  run = train(step, params, opt_state, place)
+  assert_same_run(run, one_device())
+  assert place(data()[0])[0].sharding.num_devices == 8
+  # One trace and one compiled executable: steps 2 and later reuse step 1's.
+  assert traces == 1
+  assert step._cache_size() == 1
 
 
 @pytest.mark.parametrize("axis_type", [AUTO, EXPLICIT], ids=["auto", "explicit"])
 def test_jit_fsdp_equals_one_device(axis_type):
   mesh = mesh_of((8,), ("data",), axis_type)
   tx = make_tx()
-  with jax.enable_x64(True), jax.set_mesh(mesh):
+  with jax.set_mesh(mesh):
     params = init()
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), FSDP_SPECS, is_leaf=_is_spec)
     state_shardings = fsam_optax.opt_state_shardings(tx, params, shardings)
     replicated = NamedSharding(mesh, P())
     step = jax.jit(
-      make_step(fsdp_loss, tx),
+      sam_step(tx, fsdp_loss, outputs=OUTPUTS, jit=False),
       out_shardings=(shardings, state_shardings, replicated, replicated),
     )
     params = jax.device_put(params, shardings)
     opt_state = jax.device_put(tx.init(params), state_shardings)
-    run = train(
-      step, params, opt_state, lambda b: jax.device_put(b, NamedSharding(mesh, P("data")))
-    )
-    assert_same_run(run, single_device())
+    run = train(step, params, opt_state, lambda b: place_tree(mesh, b, P("data")))
+    assert_same_run(run, one_device())
   assert run.params["w0"].sharding.spec == P(None, "data")
   assert run.opt_state[0].ema["w0"].sharding.spec == P(None, "data")
   assert run.opt_state[1][0].trace["b0"].sharding.spec == P("data")
@@ -289,48 +352,103 @@ def gathering_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
 def test_fsdp_inside_shard_map_equals_one_device():
   mesh = mesh_of((8,), ("data",), EXPLICIT)
   tx = make_tx()
-  with jax.enable_x64(True):
-    params = init()
-    state_specs = fsam_optax.opt_state_shardings(tx, params, FSDP_SPECS)
-    step = make_step(gathering_loss, tx, axis_name="data", param_specs=FSDP_SPECS)
-    step = jax.jit(
-      jax.shard_map(
-        step,
-        mesh=mesh,
-        in_specs=(FSDP_SPECS, state_specs, P("data"), P("data")),
-        out_specs=(FSDP_SPECS, state_specs, P(), P()),
-      )
-    )
-    run = train(
-      step,
-      place_tree(mesh, params, FSDP_SPECS),
-      place_tree(mesh, tx.init(params), state_specs),
-      lambda b: place_tree(mesh, b, P("data")),
-    )
-    assert_same_run(run, single_device())
+  params = init()
+  state_specs = fsam_optax.opt_state_shardings(tx, params, FSDP_SPECS)
+  shard_map = functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(FSDP_SPECS, state_specs, P("data"), P("data")),
+    out_specs=(FSDP_SPECS, state_specs, P(), P()),
+  )
+  step = sam_step(tx, gathering_loss, outputs=OUTPUTS, mapped=shard_map, axis_name="data",
+                  param_specs=FSDP_SPECS)  # fmt: skip
+  run = train(
+    step,
+    place_tree(mesh, params, FSDP_SPECS),
+    place_tree(mesh, tx.init(params), state_specs),
+    lambda b: place_tree(mesh, b, P("data")),
+  )
+  assert_same_run(run, one_device())
   assert run.opt_state[0].ema["b0"].sharding.spec == P("data")
 
 
 def test_orbax_restores_the_model_split_state_straight_onto_the_mesh():
   mesh = mesh_of((4,), ("model",), EXPLICIT)
   tx = make_tx()
-  with jax.enable_x64(True):
-    run = run_shard_map((4,), ("model",))
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), MODEL_SPECS, is_leaf=_is_spec)
-    target = jax.tree.map(
-      lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
-      jax.eval_shape(tx.init, init()),
-      fsam_optax.opt_state_shardings(tx, init(), shardings),
-    )
-    with tempfile.TemporaryDirectory() as tmp, ocp.StandardCheckpointer() as ckpt:
-      ckpt.save(f"{tmp}/state", run.opt_state)
-      ckpt.wait_until_finished()
-      restored = ckpt.restore(f"{tmp}/state", target)
+  run = run_shard_map("model")
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), MODEL_SPECS, is_leaf=_is_spec)
+  target = jax.tree.map(
+    lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+    jax.eval_shape(tx.init, init()),
+    fsam_optax.opt_state_shardings(tx, init(), shardings),
+  )
+  with tempfile.TemporaryDirectory() as tmp, ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(f"{tmp}/state", run.opt_state)
+    ckpt.wait_until_finished()
+    restored = ckpt.restore(f"{tmp}/state", target)
   assert_close(restored, run.opt_state)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(target), strict=True):
     assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
   assert restored[0].ema["w0"].sharding.spec == P(None, "model")
   assert restored[0].ema["w0"].addressable_shards[0].data.shape == (5, 2)
+
+
+# ---- two processes, 2 CPU devices each (run by tests/multi_process_worker.py) ----
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT_S = 120
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one():
+  # Each process feeds its half of every batch; data-parallel F-SAM under jit and
+  # under shard_map must give, in both processes, the params, optimizer state and
+  # losses of one process running the whole batch, within 1e-9.
+  address = f"127.0.0.1:{free_port()}"
+  env = {
+    **os.environ,
+    "PYTHONPATH": str(REPO),
+    "JAX_PLATFORMS": "cpu",
+    "JAX_ENABLE_X64": "1",
+    # Replaces the 8 devices of this process's XLA_FLAGS: 2 per process, 4 in all.
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  }
+  with tempfile.TemporaryDirectory() as tmp:
+    outs = [pathlib.Path(tmp, f"process{i}.npz") for i in range(2)]
+    procs = [
+      subprocess.Popen(
+        [sys.executable, "-m", "tests.multi_process_worker", address, str(i), str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+      for i, out in enumerate(outs)
+    ]
+    logs = []
+    try:
+      for proc in procs:
+        logs.append(proc.communicate(timeout=TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+      for proc in procs:
+        proc.kill()
+      pytest.fail(f"the two processes did not finish within {TIMEOUT_S} s")
+    for proc, log in zip(procs, logs, strict=True):
+      assert proc.returncode == 0, log
+    results = [dict(np.load(out)) for out in outs]
+  want = one_device()
+  want_leaves = jax.tree.leaves((want.params, want.opt_state, list(want.losses)))
+  for result in results:
+    assert len(result) == 2 * len(want_leaves)
+    for layout in ("jit", "shard_map"):
+      for i, w in enumerate(want_leaves):
+        np.testing.assert_allclose(result[f"{layout}_{i}"], np.asarray(w), rtol=0, atol=1e-9)
 
 
 # ---- batch statistics from the clean pass ----
@@ -379,16 +497,14 @@ def stats_of(average_aux: bool, mapped: str) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("mapped", ["pmap", "shard_map"])
 def test_average_aux_gives_the_batch_statistics_of_the_global_batch(mapped):
-  with jax.enable_x64(True):
-    got, whole, _ = stats_of(average_aux=True, mapped=mapped)
+  got, whole, _ = stats_of(average_aux=True, mapped=mapped)
   got = got.reshape(-1, SIZES[1])
   np.testing.assert_allclose(got, np.broadcast_to(whole, got.shape), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("mapped", ["pmap", "shard_map"])
 def test_aux_is_per_device_without_average_aux(mapped):
-  with jax.enable_x64(True):
-    got, whole, per_device = stats_of(average_aux=False, mapped=mapped)
+  got, whole, per_device = stats_of(average_aux=False, mapped=mapped)
   np.testing.assert_allclose(got, per_device, rtol=0, atol=1e-12)
   assert np.max(np.abs(got - whole)) > 1e-3
 
