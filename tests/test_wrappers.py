@@ -1,15 +1,17 @@
-"""Optax wrappers around or after fsam, each against the float64 NumPy reference.
+"""Optax wrappers around or after fsam, non-finite guards and gradient accumulation.
 
-The loss is ``tests.jax_mlp.quadratic_loss``, whose gradients are
-known in closed form; ``fsam_steps`` runs the algorithm on it in NumPy, with the
-base optimizer's step given as a function where it is not plain SGD. Forms that
-cannot work are refused by the helper with the supported form in the message.
+The wrappers are checked against the float64 NumPy reference on
+``tests.jax_mlp.quadratic_loss``, whose gradients are known in closed form;
+``fsam_steps`` runs the algorithm on it in NumPy, with the base optimizer's step
+given as a function where it is not plain SGD. Forms that cannot work are refused
+by the helper with the supported form in the message.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,12 +19,12 @@ import optax
 import pytest
 
 import fsam_optax
-from tests.jax_mlp import quadratic_loss
-from tests.reference import fsam_steps
+from tests.jax_mlp import max_abs_diff, mlp_loss, perturbed_grad, quadratic_loss
+from tests.reference import FSAMReference, SGDReference, batches, fsam_steps, init_mlp
 from tests.train_step import sam_step
 
 HYPER = {"rho": 0.2, "sigma": 1.0, "lmbda": 0.6}
-LR, STEPS = 0.1, 6
+LR, MOMENTUM, STEPS = 0.1, 0.9, 6
 # Sorted keys: jax's leaf order is the dicts' order, so NumPy lists line up.
 SHAPES = {"b": (2,), "s": (), "w": (3, 2)}
 
@@ -252,3 +254,154 @@ def test_fsam_inside_masked_or_multi_transform_is_refused_with_the_supported_for
   tx = wrap(optax.chain(fsam_optax.fsam(**HYPER), optax.sgd(LR)))
   with pytest.raises(ValueError, match=r"own `mask=`.*optax.chain\(fsam_optax.fsam\(mask=...\), "):
     fsam_optax.sam_value_and_grad(quadratic_loss)(params, tx.init(params), a_steps[0], c)
+
+
+# ---- non-finite gradients ----
+# ``fsam(..., skip_nonfinite=True)`` never folds a non-finite step into its state, so
+# ``optax.chain(fsam, optax.apply_if_finite(base))`` skips such a step entirely (above).
+# ``optax.apply_if_finite(optax.chain(fsam, base))`` cannot work (on a bad step it returns
+# zeros shaped like the (perturbed, clean) pairs, while the chain returns plain updates)
+# and the helper refuses it. Guarding the whole step by hand works too.
+
+BAD_STEP = 2
+
+
+def make_tx(**options) -> optax.GradientTransformation:
+  return optax.chain(fsam_optax.fsam(**HYPER, **options), optax.sgd(0.05, momentum=MOMENTUM))
+
+
+def init_params() -> dict[str, jax.Array]:
+  k1, k2 = jax.random.split(jax.random.key(0))
+  return {"w": jax.random.normal(k1, (3, 2)), "b": jax.random.normal(k2, (1, 2))}
+
+
+def batch(step: int, bad: bool = False) -> tuple[jax.Array, jax.Array]:
+  x = jax.random.normal(jax.random.fold_in(jax.random.key(1), step), (8, 3))
+  # The bad batch makes only the bias's gradient NaN (0 * inf), not the rest.
+  scale = jnp.array(jnp.inf if bad else 1.0)
+  return x, scale
+
+
+def loss_fn(params: dict[str, jax.Array], x: jax.Array, scale: jax.Array) -> jax.Array:
+  out = x @ params["w"] + params["b"] * jnp.minimum(scale, 1.0)
+  return jnp.mean(out**2) + 0.0 * jnp.sum(params["b"]) * scale
+
+
+def test_bad_batch_makes_only_the_bias_gradient_nan():
+  params = init_params()
+  grads = jax.grad(loss_fn)(params, *batch(0, bad=True))
+  assert np.all(np.isnan(grads["b"])) and np.all(np.isfinite(grads["w"]))
+
+
+def test_guarded_step_skips_a_nonfinite_batch_and_training_continues():
+  tx = make_tx()
+  step = sam_step(tx, loss_fn, guard=True, outputs=("finite",))  # the README recipe
+  params, state = init_params(), tx.init(init_params())
+  skipped_params, skipped_state = params, state  # a run that never sees the bad batch
+  for i in range(5):
+    before = (params, state)
+    params, state, finite = step(params, state, *batch(i, bad=i == BAD_STEP))
+    assert bool(finite) == (i != BAD_STEP)
+    if i == BAD_STEP:
+      chex.assert_trees_all_equal((params, state), before)  # the EMA, count, momentum too
+      assert int(state[0].count) == BAD_STEP
+    else:
+      skipped_params, skipped_state, _ = step(skipped_params, skipped_state, *batch(i))
+  assert int(state[0].count) == 4
+  # Afterwards, exactly the run that skipped the batch.
+  chex.assert_trees_all_equal((params, state), (skipped_params, skipped_state))
+
+
+def test_without_a_guard_nan_in_one_leaf_spreads_to_every_param_and_the_ema():
+  """One NaN leaf poisons the global norm, hence everything."""
+  tx = make_tx()
+  step = sam_step(tx, loss_fn, outputs=("grads",))
+  params, state = init_params(), tx.init(init_params())
+  for i in range(BAD_STEP + 1):
+    params, state, grads = step(params, state, *batch(i, bad=i == BAD_STEP))
+  # The perturbation of every leaf is rho * d / ||d|| with ||d|| = NaN.
+  assert all(
+    np.all(np.isnan(g.perturbed))
+    for g in jax.tree.leaves(grads, is_leaf=lambda x: isinstance(x, fsam_optax.SAMGrad))
+  )
+  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(params))
+  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(state[1]))  # momentum
+  # The EMA is fed the clean gradient: NaN only where that gradient was NaN ...
+  ema = state[0].ema
+  assert np.all(np.isnan(ema["b"])) and np.all(np.isfinite(ema["w"]))
+  # ... until the next step, taken at NaN params, makes it NaN everywhere.
+  _, state, _ = step(params, state, *batch(BAD_STEP + 1))
+  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(state[0].ema))
+
+
+def test_skip_nonfinite_keeps_fsam_state_while_the_params_still_take_the_nan():
+  """skip_nonfinite protects fsam's state; the base optimizer needs its own guard."""
+  tx = make_tx(skip_nonfinite=True)
+  step = sam_step(tx, loss_fn)
+  params, state = init_params(), tx.init(init_params())
+  for i in range(BAD_STEP + 1):
+    before = state[0]
+    params, state = step(params, state, *batch(i, bad=i == BAD_STEP))
+  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(params))
+  # fsam kept its state: the moving average and the count are those before the step.
+  chex.assert_trees_all_equal(state[0], before)
+  assert int(state[0].count) == BAD_STEP
+
+
+def test_apply_if_finite_around_the_chain_is_refused_with_the_supported_form():
+  params = init_params()
+  tx = optax.apply_if_finite(make_tx(), max_consecutive_errors=3)
+  grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
+  with pytest.raises(
+    ValueError,
+    match=r"inside optax.apply_if_finite.*`optax.chain\(fsam_optax.fsam\(...\), "
+    r"optax.apply_if_finite\(base",
+  ):
+    grad_fn(params, tx.init(params), *batch(0))
+
+
+# ---- gradient accumulation: optax.MultiSteps after fsam, never around it ----
+# Each micro-batch is perturbed with its own gradient and feeds the moving average; the
+# base optimizer steps once per k micro-batches with the mean g', and the chain gives
+# exact zeros in between.
+
+K = 2
+MICRO_STEPS = 3 * K
+
+
+def test_multisteps_after_fsam_steps_every_k_micro_batches_with_mean_perturbed_gradient():
+  data = batches(seed=13, steps=MICRO_STEPS, batch=8)
+  opt, sgd = FSAMReference(**HYPER), SGDReference(LR, MOMENTUM, weight_decay=0.0)
+  theta, pending = init_mlp(0), []
+  with jax.enable_x64(True):
+    # MultiSteps accumulates in float32 unless told otherwise (and
+    # canonicalises float64 to float32 outside the x64 context).
+    base = optax.MultiSteps(
+      optax.sgd(LR, momentum=MOMENTUM), every_k_schedule=K, accumulator_dtype=jnp.float64
+    )
+    tx = optax.chain(fsam_optax.fsam(**HYPER), base.gradient_transformation())
+    step = sam_step(tx, mlp_loss, outputs=("updates",))
+    params = jax.tree.map(jnp.asarray, theta)
+    opt_state = tx.init(params)
+    for i, (x, y) in enumerate(data, start=1):
+      params, opt_state, updates = step(params, opt_state, x, y)
+      # By hand: every micro-batch is perturbed at the same theta and feeds the EMA.
+      pending.append(perturbed_grad(opt, theta, x, y))
+      if i % K:
+        assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+      else:
+        theta = sgd.step(theta, {k: np.mean([g[k] for g in pending], axis=0) for k in theta})
+        pending = []
+        assert any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates))
+      assert max_abs_diff(params, theta) < 1e-12
+    assert int(opt_state[0].count) == MICRO_STEPS
+
+
+def test_multisteps_around_fsam_raises_with_the_fix():
+  tx = optax.MultiSteps(optax.chain(fsam_optax.fsam(), optax.sgd(LR)), every_k_schedule=K)
+  params = jax.tree.map(jnp.asarray, init_mlp(0))
+  x, y = batches(seed=14, steps=1)[0]
+  grad_fn = fsam_optax.sam_value_and_grad(mlp_loss)
+  fix = r"inside optax\.MultiSteps.*MultiSteps\(base.*gradient_transformation\(\)"
+  with pytest.raises(ValueError, match=fix):
+    grad_fn(params, tx.init(params), x, y)
