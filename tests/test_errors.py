@@ -1,4 +1,8 @@
-"""Bad input gets a ValueError that names the argument and says what to do."""
+"""Bad input gets a ValueError that names the argument and says what to do.
+
+A layout that F-SAM cannot honour, or that the arguments misdescribe, is refused by name.
+(Misplaced Optax wrappers are refused in tests/test_wrappers.py, beside the supported forms.)
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,12 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import fsam_optax
+from tests.jax_mlp import mlp_loss
+from tests.test_layouts import MODEL_SPECS, init, megatron_loss
 
 
 def loss(params):
@@ -87,12 +95,6 @@ def test_fsam_not_first_in_named_chain_is_caught():
     fsam_optax.sam_value_and_grad(loss)(PARAMS, tx.init(PARAMS))
 
 
-def test_fsam_inside_multisteps_says_to_accumulate_after_it():
-  tx = optax.MultiSteps(optax.chain(fsam_optax.fsam(), optax.sgd(0.1)), every_k_schedule=2)
-  with pytest.raises(ValueError, match=r"inside optax.MultiSteps.*MultiSteps\(base"):
-    fsam_optax.sam_value_and_grad(loss)(PARAMS, tx.init(PARAMS))
-
-
 def test_two_fsam_states_are_refused():
   tx = optax.chain(fsam_optax.fsam(), fsam_optax.sam())
   with pytest.raises(ValueError, match="holds 2 F-SAM states"):
@@ -130,3 +132,127 @@ def test_helper_arguments_are_checked(kwargs, error, message):
 def test_helper_needs_a_callable():
   with pytest.raises(TypeError, match="`fun` must be callable"):
     fsam_optax.sam_value_and_grad(3.0)
+
+
+# ---- layouts ----
+
+MESH = jax.make_mesh((2, 4), ("data", "model"))
+
+
+def grads_on_mesh(loss, specs, check_vma=True, **grad_kwargs):
+  """One F-SAM gradient inside shard_map on MESH, params laid out by ``specs``."""
+  tx = optax.chain(fsam_optax.fsam(), optax.sgd(0.1))
+  params = init()
+  opt_state = tx.init(params)
+  grad_fn = fsam_optax.sam_value_and_grad(loss, **grad_kwargs)
+  x, y = jnp.ones((8, 5)), jnp.ones((8, 3))
+  put = lambda tree, s: jax.device_put(tree, NamedSharding(MESH, s))
+  params = jax.tree.map(put, params, specs)
+  body = lambda p, s, x, y: grad_fn(p, s, x, y)[0]
+  mapped = jax.shard_map(
+    body,
+    mesh=MESH,
+    in_specs=(specs, P(), P("data"), P("data")),
+    out_specs=P(),
+    check_vma=check_vma,
+  )
+  return jax.jit(mapped)(params, opt_state, put(x, P("data")), put(y, P("data")))
+
+
+def test_split_params_without_param_specs_are_refused():
+  with pytest.raises(ValueError, match=r"manual mesh axes \['model'\].*`param_specs`"):
+    grads_on_mesh(megatron_loss, MODEL_SPECS, axis_name="data")
+
+
+def test_a_leaf_split_on_an_axis_its_spec_omits_is_named():
+  wrong = {**MODEL_SPECS, "b0": P()}
+  with pytest.raises(
+    ValueError, match=r"\['b0'\] differs between devices along \['model'\].*splits it over \[\]"
+  ):
+    grads_on_mesh(megatron_loss, MODEL_SPECS, axis_name="data", param_specs=wrong)
+
+
+def test_a_replicated_leaf_given_a_split_spec_is_named():
+  wrong = {**MODEL_SPECS, "b1": P("model")}
+  with pytest.raises(ValueError, match=r"splits the parameter \['b1'\].*same on every device"):
+    grads_on_mesh(megatron_loss, MODEL_SPECS, axis_name="data", param_specs=wrong)
+
+
+def test_an_axis_not_in_the_mesh_is_named():
+  wrong = {**MODEL_SPECS, "w0": P(None, "tensor")}
+  with pytest.raises(ValueError, match=r"\['w0'\] over 'tensor', which is not a mapped axis"):
+    grads_on_mesh(megatron_loss, MODEL_SPECS, axis_name="data", param_specs=wrong)
+
+
+def test_a_data_axis_not_in_scope_is_named():
+  with pytest.raises(ValueError, match=r"`axis_name` names 'batch', which is not a mapped axis"):
+    grads_on_mesh(megatron_loss, MODEL_SPECS, axis_name="batch", param_specs=MODEL_SPECS)
+
+
+def test_a_spec_tree_that_does_not_match_the_params_is_refused():
+  with pytest.raises(ValueError, match=r"`param_specs` must be a tree of PartitionSpec"):
+    grads_on_mesh(megatron_loss, MODEL_SPECS, axis_name="data", param_specs={"w0": P()})
+
+
+def test_a_spec_longer_than_its_leaf_is_named():
+  wrong = {**MODEL_SPECS, "b1": P(None, None)}
+  with pytest.raises(ValueError, match=r"\['b1'\] of shape \(3,\): more entries"):
+    grads_on_mesh(megatron_loss, MODEL_SPECS, axis_name="data", param_specs=wrong)
+
+
+def test_check_vma_false_is_refused_with_split_params():
+  with pytest.raises(ValueError, match=r"check_vma=False.*use check_vma=True"):
+    grads_on_mesh(
+      megatron_loss, MODEL_SPECS, check_vma=False, axis_name="data", param_specs=MODEL_SPECS
+    )
+
+
+def test_per_device_perturbation_with_fsdp_is_refused():
+  specs = {**MODEL_SPECS, "b0": P(("data", "model"))}
+  with pytest.raises(ValueError, match=r"'per_device' cannot be honoured.*\['b0'\] over the data"):
+    grads_on_mesh(
+      megatron_loss, specs, axis_name="data", param_specs=specs, perturbation="per_device"
+    )
+
+
+def test_param_specs_outside_shard_map_point_to_jit():
+  tx = optax.chain(fsam_optax.fsam(), optax.sgd(0.1))
+  params = init()
+  grad_fn = fsam_optax.sam_value_and_grad(mlp_loss, param_specs=MODEL_SPECS)
+  with pytest.raises(ValueError, match=r"not a mapped axis here.*leave `param_specs` out"):
+    grad_fn(params, tx.init(params), jnp.ones((8, 5)), jnp.ones((8, 3)))
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    (dict(average_aux=True), "needs has_aux=True and the data axes"),
+    (dict(average_aux=True, has_aux=True), "needs has_aux=True and the data axes"),
+    (dict(micro_batches=0), "`micro_batches` must be a positive int"),
+    (dict(micro_batches=2.0), "`micro_batches` must be a positive int"),
+    (dict(axis_name=("data", 3)), "`axis_name` must be an axis name or a tuple"),
+  ],
+)
+def test_bad_options_are_refused_when_building(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    fsam_optax.sam_value_and_grad(mlp_loss, **kwargs)
+
+
+def test_integer_aux_cannot_be_averaged():
+  loss = lambda p, x: (jnp.sum(p * x), {"count": jnp.int32(1)})
+  grad_fn = fsam_optax.sam_value_and_grad(loss, has_aux=True, axis_name="i", average_aux=True)
+  tx = optax.chain(fsam_optax.sam(), optax.sgd(0.1))
+  with pytest.raises(ValueError, match=r"aux leaf at \['count'\] is int32"):
+    jax.pmap(grad_fn, "i", in_axes=(None, None, 0))(
+      jnp.ones(2), tx.init(jnp.ones(2)), jnp.ones((8, 2))
+    )
+
+
+def test_micro_batches_must_divide_the_batch():
+  tx = optax.chain(fsam_optax.fsam(), optax.sgd(0.1))
+  params = init()
+  grad_fn = fsam_optax.sam_value_and_grad(mlp_loss, micro_batches=3)
+  with pytest.raises(
+    ValueError, match=r"positional argument \[0\] has shape \(8, 5\).*not a multiple of 3"
+  ):
+    grad_fn(params, tx.init(params), jnp.ones((8, 5)), jnp.ones((8, 3)))
