@@ -8,6 +8,8 @@ step; the choice depends only on the seed and the count.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,10 +19,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fsam_optax
-from fsam_optax._schedule import is_sam_step
 from tests import reference as ref
 from tests.jax_mlp import mlp_loss, run_library
-from tests.train_step import sam_step, sam_steps_taken
+from tests.train_step import sam_step, sam_steps_at, sam_steps_taken
 
 STEPS = 12
 LR, MOMENTUM = 0.05, 0.9
@@ -114,12 +115,11 @@ def test_step_count_and_schedules_advance_on_skipped_steps():
 
 def test_probability_choice_is_deterministic_and_has_the_asked_rate():
   counts = jnp.arange(4000, dtype=jnp.int32)
-  pick = jax.vmap(lambda c: is_sam_step(1, 0.3, 11, c))
-  np.testing.assert_array_equal(pick(counts), pick(counts))
-  rate = float(jnp.mean(pick(counts)))
+  pick = sam_steps_at(counts, probability=0.3, seed=11)
+  np.testing.assert_array_equal(pick, sam_steps_at(counts, probability=0.3, seed=11))
+  rate = float(np.mean(pick))
   assert abs(rate - 0.3) < 4 * np.sqrt(0.3 * 0.7 / 4000)
-  other_seed = jax.vmap(lambda c: is_sam_step(1, 0.3, 12, c))(counts)
-  assert not np.array_equal(pick(counts), other_seed)
+  assert not np.array_equal(pick, sam_steps_at(counts, probability=0.3, seed=12))
 
 
 def test_two_runs_with_the_same_seed_are_identical():
@@ -166,27 +166,16 @@ def test_without_a_schedule_the_step_holds_no_conditional():
   assert "cond[" in jaxpr(every=2)
 
 
-def per_device_choices(mapped_step, params, opt_state, place) -> list[np.ndarray]:
+def per_device_choices(tx, mapped, params, opt_state, place, jit=True) -> list[np.ndarray]:
   """Each step's perturbation norm on every device (0 where it skipped)."""
+  # per-device perturbation: each device's norm is its own, not an average.
+  step = sam_step(tx, mlp_loss, outputs=("norms",), mapped=mapped, jit=jit, axis_name="batch",
+                  perturbation="per_device")  # fmt: skip
   out = []
   for x, y in ref.batches(seed=9, steps=10, batch=2 * N_DEV):
-    params, opt_state, norms = mapped_step(params, opt_state, *place(x, y))
-    out.append(np.asarray(norms).reshape(-1))
+    params, opt_state, norms = step(params, opt_state, *place(x, y))
+    out.append(np.asarray(norms).reshape(-1, 2)[:, 1])
   return out
-
-
-def make_mapped_step(tx):
-  # per-device perturbation: each device's norm is its own, not an average.
-  grad_fn = fsam_optax.sam_value_and_grad(
-    mlp_loss, axis_name="batch", perturbation="per_device", return_diagnostics=True
-  )
-
-  def step(params, opt_state, x, y):
-    _, grads, diag = grad_fn(params, opt_state, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, diag.perturbation_norm[None]
-
-  return step
 
 
 def check_same_choice_everywhere(choices: list[np.ndarray], rho: float) -> None:
@@ -203,9 +192,9 @@ def test_random_choice_is_the_same_on_every_device_under_pmap():
   tx = optax.chain(fsam_optax.fsam(**FSAM, probability=0.5, seed=21), optax.sgd(LR))
   params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
   rep = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (N_DEV, *jnp.shape(a))), t)
-  step = jax.pmap(make_mapped_step(tx), "batch")
+  pmap = functools.partial(jax.pmap, axis_name="batch")
   place = lambda x, y: tuple(a.reshape(N_DEV, -1, a.shape[-1]) for a in (x, y))
-  choices = per_device_choices(step, rep(params), rep(tx.init(params)), place)
+  choices = per_device_choices(tx, pmap, rep(params), rep(tx.init(params)), place, jit=False)
   check_same_choice_everywhere(choices, FSAM["rho"])
 
 
@@ -213,16 +202,10 @@ def test_random_choice_is_the_same_on_every_device_under_shard_map():
   tx = optax.chain(fsam_optax.fsam(**FSAM, probability=0.5, seed=21), optax.sgd(LR))
   params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
   mesh = jax.make_mesh((N_DEV,), ("batch",))
-  step = jax.jit(
-    jax.shard_map(
-      make_mapped_step(tx),
-      mesh=mesh,
-      in_specs=(P(), P(), P("batch"), P("batch")),
-      out_specs=(P(), P(), P("batch")),
-    )
-  )
+  specs = dict(in_specs=(P(), P(), P("batch"), P("batch")), out_specs=(P(), P(), P("batch")))
+  shard_map = functools.partial(jax.shard_map, mesh=mesh, **specs)
   place = lambda x, y: jax.device_put((x, y), NamedSharding(mesh, P("batch")))
-  choices = per_device_choices(step, params, tx.init(params), place)
+  choices = per_device_choices(tx, shard_map, params, tx.init(params), place)
   check_same_choice_everywhere(choices, FSAM["rho"])
 
 
@@ -280,39 +263,21 @@ def test_shard_map_with_aux_and_diagnostics_equals_one_device(adaptive):
   kwargs = {**FSAM, "adaptive": adaptive, "every": 2}
 
   def loss_aux(params, x, y):
-    return mlp_loss(params, x, y), jnp.sum(x)
-
-  def make(axis_name=None):
-    tx = optax.chain(fsam_optax.fsam(**kwargs), optax.sgd(LR))
-    grad_fn = fsam_optax.sam_value_and_grad(
-      loss_aux, has_aux=True, axis_name=axis_name, return_diagnostics=True
-    )
-
-    def step(params, opt_state, x, y):
-      (_, aux), grads, diag = grad_fn(params, opt_state, x, y)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (
-        optax.apply_updates(params, updates),
-        opt_state,
-        diag.perturbation_norm[None],
-        aux[None],
-      )
-
-    return tx, step
+    return mlp_loss(params, x, y), jnp.sum(x, keepdims=True)  # a row per device
 
   mesh = jax.make_mesh((N_DEV,), ("batch",))
+  norms = P("batch") if adaptive else P()
+  shard_map = functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(P(), P(), P("batch"), P("batch")),
+    out_specs=(P(), P(), norms, (P(), P("batch"))),
+  )
+  perturbation_norms = lambda norms: np.asarray(norms).reshape(-1, 2)[:, 1]
   with jax.enable_x64(True):
-    tx, step = make("batch")
-    sharded = jax.jit(
-      jax.shard_map(
-        step,
-        mesh=mesh,
-        in_specs=(P(), P(), P("batch"), P("batch")),
-        out_specs=(P(), P(), P("batch") if adaptive else P(), P("batch")),
-      )
-    )
-    _, single = make()
-    single = jax.jit(single)
+    tx = optax.chain(fsam_optax.fsam(**kwargs), optax.sgd(LR))
+    step = functools.partial(sam_step, tx, loss_aux, outputs=("norms", "loss"), has_aux=True)
+    sharded, single = step(mapped=shard_map, axis_name="batch"), step()
     params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
     a_params, a_state = params, tx.init(params)
     b_params, b_state = params, tx.init(params)
@@ -320,8 +285,8 @@ def test_shard_map_with_aux_and_diagnostics_equals_one_device(adaptive):
       xs, ys = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
       a_params, a_state, a_norm, _ = sharded(a_params, a_state, xs, ys)
       b_params, b_state, b_norm, _ = single(b_params, b_state, x, y)
-      assert (np.asarray(a_norm) > 0).all() == (t % 2 == 0)
-      assert (np.asarray(b_norm) > 0).all() == (t % 2 == 0)
+      assert (perturbation_norms(a_norm) > 0).all() == (t % 2 == 0)
+      assert (perturbation_norms(b_norm) > 0).all() == (t % 2 == 0)
       for k in b_params:
         np.testing.assert_allclose(a_params[k], b_params[k], rtol=1e-12, atol=1e-14)
 
