@@ -1,0 +1,339 @@
+"""GSAM, VaSSO and LookSAM on every parallel layout equal one device, step for step.
+
+Each layout trains the same MLP for 5 float64 steps on simulated CPU devices;
+its params, optimizer state and losses must match, within 1e-9, one device
+running the whole batch (per device: a NumPy loop over the data replicas).
+The model-parallel meshes split the hidden units over ``"model"``
+(Megatron-style), so the methods' norms and inner products add over split
+leaves. Two processes run this file as a worker:
+``python -m tests.test_family_layouts ADDRESS PROCESS_ID OUT.npz``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import fsam_optax
+from tests import reference as ref
+from tests.jax_mlp import mlp_loss
+from tests.train_step import sam_step
+
+STEPS, TOL = 5, 1e-9
+SIZES, BATCH = (5, 8, 3), 16
+LR, MOMENTUM = 0.1, 0.9
+HP = {
+  "gsam": dict(rho=0.2, alpha=0.4),
+  "gsam_adaptive": dict(rho=0.3, alpha=0.5, adaptive=True),
+  "vasso": dict(rho=0.2, theta=0.4),
+  "looksam": dict(rho=0.2, every=2, alpha=0.7),  # SAM steps 0, 2, 4; one pass at 1, 3
+}
+BUILD = {
+  "gsam": fsam_optax.gsam,
+  "gsam_adaptive": fsam_optax.gsam,
+  "vasso": fsam_optax.vasso,
+  "looksam": fsam_optax.looksam,
+}
+METHODS = list(HP)
+MODEL_SPECS = {"w0": P(None, "model"), "b0": P("model"), "w1": P("model", None), "b1": P()}
+FSDP_SPECS = {"w0": P(None, "data"), "b0": P("data"), "w1": P("data", None), "b1": P()}
+TIMEOUT_S = 180
+
+
+def make_tx(name: str) -> optax.GradientTransformation:
+  return optax.chain(BUILD[name](**HP[name]), optax.sgd(LR, momentum=MOMENTUM))
+
+
+def megatron_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+  h = jnp.tanh(x @ params["w0"] + params["b0"][None, :])
+  out = jax.lax.psum(h @ params["w1"], "model") + params["b1"][None, :]
+  return jnp.mean((out - y) ** 2)
+
+
+def fsdp_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+  return mlp_loss(jax.tree.map(lambda w: jax.sharding.reshard(w, P()), params), x, y)
+
+
+def init() -> dict:
+  return jax.tree.map(jnp.asarray, ref.init_mlp(0, SIZES))
+
+
+def data() -> list:
+  return ref.batches(seed=21, steps=STEPS, batch=BATCH, sizes=SIZES)
+
+
+class Run(NamedTuple):
+  params: Any
+  opt_state: Any
+  losses: np.ndarray
+
+
+def train(step, params, opt_state, place=lambda batch: batch) -> Run:
+  losses = []
+  for batch in data():
+    params, opt_state, loss = step(params, opt_state, *place(batch))
+    losses.append(np.asarray(loss))
+  return Run(params, opt_state, np.array(losses))
+
+
+def assert_same_run(got: Run, want: Run) -> None:
+  got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+  assert len(got_leaves) == len(want_leaves)
+  for g, w in zip(got_leaves, want_leaves, strict=True):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=TOL)
+
+
+def place_tree(mesh, tree, specs):
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+  return jax.device_put(tree, jax.tree.broadcast(shardings, tree))
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, P)
+
+
+@functools.cache
+def single_device(name: str) -> Run:
+  tx, params = make_tx(name), init()
+  return train(sam_step(tx, mlp_loss, outputs=("loss",)), params, tx.init(params))
+
+
+@functools.cache
+def run_shard_map(name: str, shape: tuple, names: tuple, perturbation: str = "global") -> Run:
+  mesh = jax.make_mesh(shape, names)
+  tx, params = make_tx(name), init()
+  model_parallel = "model" in names
+  specs = MODEL_SPECS if model_parallel else P()
+  state_specs = fsam_optax.opt_state_shardings(tx, params, specs)
+  data_axis = "data" if "data" in names else None
+  grad_kwargs: dict[str, Any] = dict(axis_name=data_axis, perturbation=perturbation)
+  if model_parallel:
+    grad_kwargs["param_specs"] = MODEL_SPECS
+  mapped = functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(specs, state_specs, P(data_axis), P(data_axis)),
+    out_specs=(specs, state_specs, P()),
+  )
+  loss = megatron_loss if model_parallel else mlp_loss
+  step = sam_step(tx, loss, outputs=("loss",), mapped=mapped, **grad_kwargs)
+  params = place_tree(mesh, params, specs)
+  opt_state = place_tree(mesh, tx.init(params), state_specs)
+  run = train(step, params, opt_state, lambda b: place_tree(mesh, b, P(data_axis)))
+  if model_parallel:
+    assert run.params["w0"].sharding.spec == MODEL_SPECS["w0"]
+  return run
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_model_parallel_mesh_equals_one_device(name):
+  with jax.enable_x64(True):
+    assert_same_run(run_shard_map(name, (4,), ("model",)), single_device(name))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_data_by_model_mesh_equals_one_device_on_the_global_batch(name):
+  with jax.enable_x64(True):
+    assert_same_run(run_shard_map(name, (2, 4), ("data", "model")), single_device(name))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_pmap_equals_one_device(name):
+  n = jax.device_count()
+  tx = make_tx(name)
+  step = sam_step(
+    tx,
+    mlp_loss,
+    outputs=("loss",),
+    mapped=functools.partial(jax.pmap, axis_name="data"),
+    jit=False,
+    axis_name="data",
+  )
+  replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), tree)
+  split = lambda batch: tuple(a.reshape(n, -1, a.shape[-1]) for a in batch)
+  with jax.enable_x64(True):
+    params = init()
+    run = train(step, replicate(params), replicate(tx.init(params)), split)
+    want = single_device(name)
+  # Every device holds the same result (devices on axis 0 of the state, 1 of the losses).
+  for leaf in jax.tree.leaves(run[:2]):
+    np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[:1], leaf.shape))
+  np.testing.assert_array_equal(run.losses, np.broadcast_to(run.losses[:, :1], run.losses.shape))
+  first = jax.tree.map(lambda a: a[0], run[:2])
+  assert_same_run(Run(*first, run.losses[:, 0]), want)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_fsdp_under_jit_equals_one_device(name):
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  tx = make_tx(name)
+  with jax.enable_x64(True), jax.set_mesh(mesh):
+    params = init()
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), FSDP_SPECS, is_leaf=_is_spec)
+    state_shardings = fsam_optax.opt_state_shardings(tx, params, shardings)
+    replicated = NamedSharding(mesh, P())
+    step = jax.jit(
+      sam_step(tx, fsdp_loss, outputs=("loss",), jit=False),
+      out_shardings=(shardings, state_shardings, replicated),
+    )
+    params = jax.device_put(params, shardings)
+    opt_state = jax.device_put(tx.init(params), state_shardings)
+    run = train(
+      step, params, opt_state, lambda b: jax.device_put(b, NamedSharding(mesh, P("data")))
+    )
+    assert_same_run(run, single_device(name))
+  assert run.params["w0"].sharding.spec == P(None, "data")
+
+
+def per_replica_by_hand(name: str, replicas: int) -> Run:
+  """Per device in NumPy: each replica runs the method's rules on its own g and g'.
+
+  What a replica hands on (its g', GSAM's combination, LookSAM's g_v and its
+  reused gradient) is averaged; the state is fed averages, so it is the same
+  on every replica.
+  """
+  hp = HP[name]
+  sgd = ref.SGDReference(LR, MOMENTUM, weight_decay=0.0)
+  theta, losses, m, g_v = ref.init_mlp(0, SIZES), [], None, None
+  mean = lambda trees: {k: np.mean([t[k] for t in trees], axis=0) for k in trees[0]}
+  for t, (x, y) in enumerate(data()):
+    shards = list(zip(np.split(x, replicas), np.split(y, replicas), strict=True))
+    grad_at = [lambda w, xs=xs, ys=ys: ref.mlp_loss_and_grad(w, xs, ys)[1] for xs, ys in shards]
+    clean = [grad(theta) for grad in grad_at]
+    losses.append(np.mean([ref.mlp_loss_and_grad(theta, xs, ys)[0] for xs, ys in shards]))
+    if name.startswith("gsam"):
+      method = ref.GSAMReference(**hp)
+      hand = [method.gradient(theta, grad) for grad in grad_at]
+    elif name == "vasso":
+      weight = 1.0 if m is None else hp["theta"]
+      own = [g if m is None else {k: (1 - weight) * m[k] + weight * g[k] for k in g} for g in clean]
+      hand = [
+        grad(ref.shift(theta, ref.sam_perturbation(theta, d, hp["rho"], 1e-7)))
+        for grad, d in zip(grad_at, own, strict=True)
+      ]
+      g_mean = mean(clean)
+      m = g_mean if m is None else {k: (1 - weight) * m[k] + weight * g_mean[k] for k in m}
+    else:
+      methods = [ref.LookSAMReference(hp["rho"], hp["every"], hp["alpha"], t=t) for _ in shards]
+      for method in methods:
+        method.g_v = g_v
+      hand = [method.gradient(theta, grad) for method, grad in zip(methods, grad_at, strict=True)]
+      if t % hp["every"] == 0:
+        g_v = mean([method.g_v for method in methods])
+    theta = sgd.step(theta, mean(hand))
+  state = {"gsam": (), "gsam_adaptive": (), "vasso": (m,), "looksam": (g_v,)}[name]
+  return Run(theta, (*state, sgd.trace), np.array(losses))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_data_by_model_mesh_per_device_equals_a_loop_over_replicas(name):
+  with jax.enable_x64(True):
+    got = run_shard_map(name, (2, 4), ("data", "model"), perturbation="per_device")
+    method_state = {"vasso": "ema", "looksam": "g_v"}.get(name)
+    state = (getattr(got.opt_state[0], method_state),) if method_state else ()
+    assert_same_run(
+      Run(got.params, (*state, got.opt_state[1][0].trace), got.losses),
+      per_replica_by_hand(name, replicas=2),
+    )
+    # Per device is another algorithm, not a rounding of the global one.
+    assert np.max(np.abs(got.params["w0"] - single_device(name).params["w0"])) > 1e-5
+
+
+def worker(address: str, process_id: int, out: str) -> None:
+  """One of two processes: data-parallel under jit and shard_map, each process half a batch."""
+  jax.distributed.initialize(address, num_processes=2, process_id=process_id)
+  assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
+  mesh = jax.make_mesh((4,), ("data",))
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+  def local_rows(batch):
+    half = batch[0].shape[0] // 2
+    rows = slice(process_id * half, (process_id + 1) * half)
+    return tuple(jax.make_array_from_process_local_data(split, a[rows]) for a in batch)
+
+  results = {}
+  for name in METHODS:
+    tx = make_tx(name)
+    specs = dict(mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=P())
+    steps = {
+      "jit": jax.jit(sam_step(tx, mlp_loss, outputs=("loss",), jit=False), out_shardings=replicated),
+      "shard_map": sam_step(
+        tx, mlp_loss, outputs=("loss",), mapped=functools.partial(jax.shard_map, **specs),
+        axis_name="data",
+      ),
+    }  # fmt: skip
+    for layout, step in steps.items():
+      params = jax.device_put(init(), replicated)
+      run = train(step, params, jax.device_put(tx.init(params), replicated), local_rows)
+      leaves = jax.tree.leaves(run)
+      results |= {f"{name}/{layout}/{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+  np.savez(out, **results)
+  jax.distributed.shutdown()
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one():
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = {
+    **os.environ,
+    "PYTHONPATH": str(repo),
+    "JAX_PLATFORMS": "cpu",
+    "JAX_ENABLE_X64": "1",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",  # 2 per process, 4 in all
+  }
+  address = f"127.0.0.1:{free_port()}"
+  with tempfile.TemporaryDirectory() as tmp:
+    outs = [pathlib.Path(tmp, f"process{i}.npz") for i in range(2)]
+    command = [sys.executable, "-m", "tests.test_family_layouts", address]
+    procs = [
+      subprocess.Popen(
+        [*command, str(i), str(out)],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+      for i, out in enumerate(outs)
+    ]
+    try:
+      logs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc in procs]
+    except subprocess.TimeoutExpired:
+      for proc in procs:
+        proc.kill()
+      pytest.fail(f"the two processes did not finish within {TIMEOUT_S} s")
+    for proc, log in zip(procs, logs, strict=True):
+      assert proc.returncode == 0, log
+    results = [dict(np.load(out)) for out in outs]
+  for name in METHODS:
+    with jax.enable_x64(True):
+      want = jax.tree.leaves(single_device(name))
+    for result in results:
+      for layout in ("jit", "shard_map"):
+        got = [result[f"{name}/{layout}/{i}"] for i in range(len(want))]
+        for g, w in zip(got, want, strict=True):
+          np.testing.assert_allclose(g, np.asarray(w), rtol=0, atol=TOL)
+  assert len(results[0]) == 2 * sum(len(jax.tree.leaves(single_device(n))) for n in METHODS)
+
+
+if __name__ == "__main__":
+  worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])
