@@ -269,13 +269,13 @@ def worker(address: str, process_id: int, out: str) -> None:
   for name in METHODS:
     tx = make_tx(name)
     specs = dict(mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=P())
+    mapped = functools.partial(jax.shard_map, **specs)
     steps = {
-      "jit": jax.jit(sam_step(tx, mlp_loss, outputs=("loss",), jit=False), out_shardings=replicated),
-      "shard_map": sam_step(
-        tx, mlp_loss, outputs=("loss",), mapped=functools.partial(jax.shard_map, **specs),
-        axis_name="data",
+      "jit": jax.jit(
+        sam_step(tx, mlp_loss, outputs=("loss",), jit=False), out_shardings=replicated
       ),
-    }  # fmt: skip
+      "shard_map": sam_step(tx, mlp_loss, outputs=("loss",), mapped=mapped, axis_name="data"),
+    }
     for layout, step in steps.items():
       params = jax.device_put(init(), replicated)
       run = train(step, params, jax.device_put(tx.init(params), replicated), local_rows)
