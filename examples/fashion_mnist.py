@@ -1,4 +1,4 @@
-"""F-SAM vs SAM vs SGD on Fashion-MNIST with symmetric label noise.
+"""SGD, SAM and the SAM family (F-SAM, GSAM, VaSSO, LookSAM) on Fashion-MNIST with label noise.
 
 Reads the original IDX files (``train-images-idx3-ubyte`` etc., gzipped or
 not) from ``--data-dir`` (default ``/usr/share/datasets/fashion-mnist``, where
@@ -15,22 +15,25 @@ reported):
   *and* validation labels is replaced by a different class drawn uniformly.
   A seed fixes the noise, the initialisation and the minibatch order, so runs
   with the same seed are paired across methods.
-* Tuning, on seed 0 at each noise level: SAM's ``rho`` over a grid, then
-  F-SAM's ``lmbda`` (``sigma`` 1) at SAM's chosen ``rho``, then F-SAM's
-  ``rho`` around SAM's at that ``lmbda``; the value with the best final-epoch
-  noisy-validation accuracy wins. A winner at the edge of its
-  grid adds the next value of its ladder in that direction and the choice is
-  made again.
+* Tuning, on seed 0 at each noise level: SAM's ``rho`` over a grid; then,
+  for each method of the family, its own hyperparameter at SAM's chosen
+  ``rho`` (F-SAM's ``lmbda`` with ``sigma`` 1, GSAM's ``alpha``, VaSSO's
+  ``theta``, LookSAM's ``alpha`` with ``every`` 5), then its ``rho`` around
+  SAM's at that value; the value with the best final-epoch noisy-validation
+  accuracy wins. A winner at the edge of its grid adds the next value of its
+  ladder in that direction and the choice is made again.
 * Reporting, on seeds 1, 2, 3 (unused in tuning): final-epoch test accuracy
   and test accuracy at the best noisy-validation epoch (early stopping), with
   paired differences and 95% t-intervals.
 
 Every finished run appends one row to ``runs.csv`` in ``--out-dir`` (its
 settings, seed, per-epoch accuracies and wall times); running the same
-command again skips the runs already there. ``config.json`` records the
-settings, library versions, git commit and machine; ``results.md`` and
-``fashion_mnist.png`` are rewritten from the CSV after each noise level (and
-by ``--report-only``).
+command again skips the runs already there, and so does a command that adds
+methods or noise levels (other settings are refused). ``config.json`` records
+the settings, library versions, git commit and machine of the latest session
+(and of the earlier ones, under ``earlier_sessions``); ``results.md``,
+``timing.md`` and ``fashion_mnist.png`` are rewritten from the CSV after each
+noise level (and by ``--report-only``).
 
 Usage::
 
@@ -275,6 +278,12 @@ class Method:
 RHO = Grid("rho", (0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6), (0.05, 0.1, 0.2))
 LMBDA = Grid("lmbda", (0.0, 0.3, 0.6, 0.9, 0.95, 0.99), (0.6, 0.9, 0.95))
 RHO_AROUND = Grid("rho", RHO.ladder)  # around the inherited rho
+# GSAM's alpha: the official README uses 0.1-0.4 on CIFAR and 0.6 on ViTs; 0 would be SAM.
+GSAM_ALPHA = Grid("alpha", (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0), (0.1, 0.2, 0.4))
+# VaSSO's theta, the new gradient's weight in the moving average; 1 is SAM.
+VASSO_THETA = Grid("theta", (0.1, 0.2, 0.4, 0.6, 0.9, 1.0), (0.2, 0.4, 0.9))
+# LookSAM's alpha (the paper's default 0.7); 0 is SAM every 5th step with plain steps between.
+LOOKSAM_ALPHA = Grid("alpha", (0.0, 0.1, 0.4, 0.7, 1.0), (0.1, 0.4, 0.7))
 
 METHODS: dict[str, Method] = {
   "sgd": Method("SGD", front=lambda hp: None, value_and_grad=_plain_value_and_grad),
@@ -296,7 +305,35 @@ METHODS: dict[str, Method] = {
     start_from="fsam",
     compare_to=("fsam",),
   ),
+  # GSAM with a constant rho, as SAM here (the paper lets rho follow the learning rate:
+  # fsam_optax.gsam_rho_schedule); alpha at SAM's rho, then rho at that alpha.
+  "gsam": Method(
+    "GSAM",
+    front=lambda hp: fsam_optax.gsam(hp["rho"], hp["alpha"]),
+    tuned=(GSAM_ALPHA, RHO_AROUND),
+    start_from="sam",
+    compare_to=("sam", "sgd"),
+  ),
+  # VaSSO with its official eps 1e-7 (the library's default); theta, then rho.
+  "vasso": Method(
+    "VaSSO",
+    front=lambda hp: fsam_optax.vasso(hp["rho"], hp["theta"]),
+    tuned=(VASSO_THETA, RHO_AROUND),
+    start_from="sam",
+    compare_to=("sam", "sgd"),
+  ),
+  # LookSAM with k = 5 (static, so fixed: a Python int); alpha, then rho.
+  "looksam": Method(
+    "LookSAM",
+    front=lambda hp: fsam_optax.looksam(hp["rho"], every=hp["every"], alpha=hp["alpha"]),
+    fixed={"every": 5},
+    tuned=(LOOKSAM_ALPHA, RHO_AROUND),
+    start_from="sam",
+    compare_to=("sam", "sgd"),
+  ),
 }
+# What a plain `python examples/fashion_mnist.py` runs.
+STUDY_METHODS = ("sgd", "sam", "fsam", "gsam", "vasso", "looksam")
 
 # ----------------------------------------------------------------------------
 # Model and training.
@@ -707,6 +744,36 @@ def plot(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def timing_report(rows: Sequence[dict[str, Any]]) -> str:
+  """Training seconds per epoch of each method, from the runs' own wall times.
+
+  Per run the median over epochs 2 onward (epoch 1 includes compilation),
+  then the median over all the method's runs (tuning and reporting, every
+  noise level), and its ratio to SAM's.
+  """
+  per_run: dict[str, list[float]] = {}
+  for r in rows:
+    epochs = r["train_s"][1:] or r["train_s"]
+    per_run.setdefault(r["method"], []).append(float(np.median(epochs)))
+  sam = float(np.median(per_run["sam"])) if "sam" in per_run else math.nan
+  lines = [
+    "**Training time per epoch** (s): per run the median over epochs 2 onward (epoch 1 "
+    "includes compilation), then the median and range over the method's runs (tuning and "
+    "reporting, every noise level); evaluation excluded",
+    "",
+    "| method | runs | s / epoch, median | range over runs | ratio to SAM |",
+    "|---|---|---|---|---|",
+  ]
+  for method, times in per_run.items():
+    label = METHODS[method].label if method in METHODS else method
+    median = float(np.median(times))
+    lines.append(
+      f"| {label} | {len(times)} | {median:.3f} | {min(times):.3f} - {max(times):.3f} | "
+      f"{median / sam:.2f} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
 def write_report(out: pathlib.Path) -> str:
   """Rewrites results.md and fashion_mnist.png from runs.csv; returns the tables."""
   rows = read_runs(out / "runs.csv")
@@ -720,6 +787,12 @@ def write_report(out: pathlib.Path) -> str:
     f"Training {train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min in all.\n\n"
   )
   (out / "results.md").write_text(header + text)
+  (out / "timing.md").write_text(
+    "# Fashion-MNIST with label noise: training time\n\n"
+    "From the wall times in `runs.csv`, on whatever load the machine had when each run "
+    "ran; controlled step-time ratios come from `benchmarks/step_time.py`.\n\n"
+    + timing_report(rows)
+  )
   if any(r["stage"] == "report" for r in rows):
     plot(rows, out / "fashion_mnist.png")
   return text
@@ -770,6 +843,37 @@ def environment() -> dict[str, Any]:
   }
 
 
+SESSION_KEYS = ("environment", "command", "methods", "noise", "seeds")
+
+
+def earlier_sessions(recorded: dict[str, Any] | None, session: dict[str, Any]) -> list[Any]:
+  """The sessions before this one that config.json records, the last one recorded included.
+
+  The last one is dropped when this session repeats it (the same command, versions, commit
+  and machine; the load average is left out of the comparison).
+
+  >>> env = {"git_commit": "a", "load_average_at_start": [1.0]}
+  >>> old = {"settings": {}, "environment": env, "command": "x"}
+  >>> new = {"environment": {**env, "load_average_at_start": [5.0]}, "command": "x"}
+  >>> earlier_sessions(old, new)
+  []
+  >>> [s["command"] for s in earlier_sessions(old, {**new, "command": "y"})]
+  ['x']
+  """
+  if recorded is None:
+    return []
+  earlier = list(recorded.get("earlier_sessions", []))
+  last = {k: recorded[k] for k in SESSION_KEYS if k in recorded}
+
+  def identity(s: dict[str, Any]) -> str:
+    env = {k: v for k, v in s.get("environment", {}).items() if k != "load_average_at_start"}
+    return json.dumps({**s, "environment": env}, sort_keys=True)
+
+  if last and identity(last) != identity(session):
+    earlier.append(last)
+  return earlier
+
+
 def smoke_data(folder: pathlib.Path, n_train: int = 600, n_test: int = 200) -> pathlib.Path:
   """Writes small generated IDX files (one bright stripe per class) into ``folder``."""
   folder.mkdir(parents=True, exist_ok=True)
@@ -789,7 +893,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   defaults = Settings()
   parser.add_argument("--data-dir", default=None, help=f"IDX files (default {DEFAULT_DATA_DIR})")
   parser.add_argument("--out-dir", default="results/fashion_mnist", help="CSV, tables, figure")
-  parser.add_argument("--methods", nargs="+", default=["sgd", "sam", "fsam"], choices=list(METHODS))
+  parser.add_argument("--methods", nargs="+", default=list(STUDY_METHODS), choices=list(METHODS))
   parser.add_argument("--noise", nargs="+", type=float, default=[0.4, 0.2, 0.6, 0.0])
   parser.add_argument("--seeds", type=int, default=3, help="reporting seeds 1..N (seed 0 tunes)")
   for field in dataclasses.fields(Settings):
@@ -846,12 +950,20 @@ def main(argv: Sequence[str] | None = None) -> str:
       f"{out} holds runs with settings {recorded['settings']}, not {settings_dict}: "
       "resume with the same settings or pass another --out-dir."
     )
+  # Adding methods, noise levels or seeds to a folder is a new session of the same study.
+  session = {
+    "environment": environment(),
+    "command": " ".join(sys.argv),
+    "methods": list(args.methods),
+    "noise": list(args.noise),
+    "seeds": args.seeds,
+  }
   config = {
     "settings": settings_dict,
     "data_dir": str(data_dir),
     "split": {"train": len(data.y_train), "val": len(data.y_val), "test": len(data.y_test)},
-    "environment": environment(),
-    "command": " ".join(sys.argv),
+    **session,
+    "earlier_sessions": earlier_sessions(recorded, session),
   }
   config_path.write_text(json.dumps(config, indent=2) + "\n")
   print(
