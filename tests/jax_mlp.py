@@ -54,6 +54,15 @@ def max_abs_diff(a: dict, b: dict) -> float:
   return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in b)
 
 
+def max_rel_error(path: list[dict], ref_path: list[dict]) -> float:
+  """Worst ``||got - want|| / ||want||`` over the leaves and steps of two paths of params."""
+  return max(
+    float(np.linalg.norm(np.asarray(got[k]) - w) / np.linalg.norm(w))
+    for got, want in zip(path, ref_path, strict=True)
+    for k, w in want.items()
+  )
+
+
 def quadratic_loss(params: Any, a: Any, c: Any) -> jax.Array:
   """``sum(a * p + c * p**2 / 2)`` over all leaves; ``a`` and ``c`` mirror ``params``.
 

@@ -35,7 +35,7 @@ import fsam_optax
 from fsam_optax._layout import manual_axes, varying_axes
 from tests import reference as ref
 from tests.jax_mlp import mlp_loss
-from tests.train_step import sam_step
+from tests.train_step import documented_draw, sam_step
 
 STEPS = 5
 TOL = 1e-12  # float64; only the order of the cross-device sums differs
@@ -70,8 +70,7 @@ def fsdp_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
   return mlp_loss(jax.tree.map(lambda w: jax.sharding.reshard(w, P()), params), x, y)
 
 
-def make_tx(sam=False, adaptive=False, every=1) -> optax.GradientTransformation:
-  schedule = {} if every == 1 else dict(every=every)
+def make_tx(sam=False, adaptive=False, **schedule) -> optax.GradientTransformation:
   if sam:
     first = fsam_optax.sam(FSAM["rho"], adaptive=adaptive, **schedule)
   else:
@@ -132,8 +131,16 @@ def _is_spec(x: Any) -> bool:
   return isinstance(x, P)
 
 
+def replicate(tree):  # for pmap over the 8 devices
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (8, *a.shape)), tree)
+
+
+def split_batch(batch):
+  return tuple(a.reshape(8, -1, a.shape[-1]) for a in batch)
+
+
 def cached(run):
-  """``functools.cache`` with the defaults bound, so that ``f()`` and ``f(every=1)`` share."""
+  """``functools.cache`` with the defaults bound, so that ``f()`` and ``f(sam=False)`` share."""
   signature, cache = inspect.signature(run), functools.cache(run)
 
   @functools.wraps(run)
@@ -146,22 +153,20 @@ def cached(run):
 
 
 @cached
-def one_device(micro_batches: int | None = None, sam=False, adaptive=False, every=1) -> Run:
-  tx = make_tx(sam, adaptive, every)
+def one_device(micro_batches: int | None = None, sam=False, adaptive=False, **schedule) -> Run:
+  tx = make_tx(sam, adaptive, **schedule)
   step = sam_step(tx, mlp_loss, outputs=OUTPUTS, micro_batches=micro_batches)
   return train(step, init(), tx.init(init()))
 
 
 @cached
-def run_pmap(perturbation: str = "global", sam: bool = False) -> Run:
+def run_pmap(perturbation: str = "global", sam: bool = False, **schedule) -> Run:
   """pmap over the 8 devices; every device must hold the same run, which this returns."""
-  n, tx = jax.device_count(), make_tx(sam)
+  tx = make_tx(sam, **schedule)
   pmap = functools.partial(jax.pmap, axis_name="data")
   step = sam_step(tx, mlp_loss, outputs=OUTPUTS, mapped=pmap, jit=False, axis_name="data",
                   perturbation=perturbation)  # fmt: skip
-  replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), tree)
-  split = lambda batch: tuple(a.reshape(n, -1, a.shape[-1]) for a in batch)
-  run = train(step, replicate(init()), replicate(tx.init(init())), split)
+  run = train(step, replicate(init()), replicate(tx.init(init())), split_batch)
   # Devices on axis 0 of the params and state, 1 of the losses and norms.
   for leaf in jax.tree.leaves((run.path, run.opt_state)):
     np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[:1], leaf.shape))
@@ -181,13 +186,13 @@ def run_shard_map(
   micro_batches: int | None = None,
   sam: bool = False,
   adaptive: bool = False,
-  every: int = 1,
+  **schedule,
 ) -> Run:
   """shard_map over a mesh with a "model" axis (params split) and/or a "data" axis (batch split)."""
   mesh = mesh_of(*MESHES[layout], axis_type)
   names = mesh.axis_names
   model_parallel = "model" in names
-  tx = make_tx(sam, adaptive, every)
+  tx = make_tx(sam, adaptive, **schedule)
   params = init()
   specs = MODEL_SPECS if model_parallel else P()
   state_specs = fsam_optax.opt_state_shardings(tx, params, specs)
@@ -293,6 +298,16 @@ def test_per_device_perturbation_equals_a_loop_over_replicas(layout, sam):
   assert_same_run(got._replace(opt_state=state), per_replica_by_hand(REPLICAS[layout], sam))
   # m-sharpness is another algorithm, not a rounding of the global one.
   assert np.max(np.abs(got.params["w0"] - one_device(sam=sam).params["w0"])) > 1e-4
+
+
+@pytest.mark.parametrize("layout", ["pmap", "data"])
+def test_the_random_choice_of_the_sam_steps_is_the_same_on_every_device(layout):
+  # Per-device perturbation: each device's norm is its own, not an average.
+  norms = run(layout, perturbation="per_device", probability=0.5, seed=21).norms[:, 1::2]
+  assert norms.shape == (STEPS, 8)
+  taken = np.isclose(norms, FSAM["rho"], rtol=1e-5)
+  assert np.all(taken.all(axis=1) | (norms == 0).all(axis=1)), norms
+  assert list(taken.all(axis=1)) == documented_draw(0.5, 21, STEPS)
 
 
 def test_batch_sharded_jit_equals_one_device_and_compiles_once():
@@ -431,10 +446,8 @@ def test_two_processes_train_like_one():
       )
       for i, out in enumerate(outs)
     ]
-    logs = []
     try:
-      for proc in procs:
-        logs.append(proc.communicate(timeout=TIMEOUT_S)[0])
+      logs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc in procs]
     except subprocess.TimeoutExpired:
       for proc in procs:
         proc.kill()
@@ -460,45 +473,36 @@ def loss_with_stats(params, x, y):
   return jnp.mean((h @ params["w1"] + params["b1"][None, :] - y) ** 2), jnp.mean(h, axis=0)
 
 
-def stats_of(average_aux: bool, mapped: str) -> tuple[np.ndarray, np.ndarray]:
-  """The aux of one step's clean pass on 8 devices, and of one device on the whole batch."""
-  tx = make_tx()
-  params = init()
-  opt_state = tx.init(params)
-  x, y = data()[0]
-  kwargs = dict(has_aux=True, axis_name="data", average_aux=average_aux)
-  grad_fn = fsam_optax.sam_value_and_grad(loss_with_stats, **kwargs)
-  aux_of = lambda p, s, x, y: grad_fn(p, s, x, y)[0][1]
+def stats_of(average_aux: bool, mapped: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The aux of one step's clean pass: on 8 devices (a row each), on one device for the
+  whole batch, and for each device's shard."""
+  tx, params, (x, y) = make_tx(), init(), data()[0]
+  kwargs = dict(outputs=("loss",), has_aux=True, axis_name="data", average_aux=average_aux)
   if mapped == "pmap":
-    n = jax.device_count()
-    got = jax.pmap(aux_of, "data", in_axes=(None, None, 0, 0))(
-      params, opt_state, x.reshape(n, -1, SIZES[0]), y.reshape(n, -1, SIZES[-1])
-    )
+    pmap = functools.partial(jax.pmap, axis_name="data")
+    step = sam_step(tx, loss_with_stats, mapped=pmap, jit=False, **kwargs)
+    *_, (_, got) = step(replicate(params), replicate(tx.init(params)), *split_batch((x, y)))
   else:
     mesh = mesh_of((8,), ("data",), EXPLICIT)
-    # Averaged, the stats are the same everywhere; otherwise one row per device.
-    out = P() if average_aux else P("data")
-    mapped_fn = jax.shard_map(
-      lambda *a: aux_of(*a)[None] if not average_aux else aux_of(*a),
+    # Averaged, the stats are the same everywhere; otherwise a row per device.
+    aux = P() if average_aux else P("data")
+    shard_map = functools.partial(
+      jax.shard_map,
       mesh=mesh,
       in_specs=(P(), P(), P("data"), P("data")),
-      out_specs=out,
+      out_specs=(P(), P(), (P(), aux)),
     )
-    got = jax.jit(mapped_fn)(params, opt_state, *place_tree(mesh, (x, y), P("data")))
-  whole = loss_with_stats(params, x, y)[1]
-  per_device = np.stack(
-    [
-      loss_with_stats(params, xs, ys)[1]
-      for xs, ys in zip(np.split(x, 8), np.split(y, 8), strict=True)
-    ]
-  )
-  return np.asarray(got), np.asarray(whole), per_device
+    step = sam_step(tx, loss_with_stats, mapped=shard_map, **kwargs)
+    *_, (_, got) = step(params, tx.init(params), *place_tree(mesh, (x, y), P("data")))
+  shards = zip(np.split(x, 8), np.split(y, 8), strict=True)
+  per_device = np.stack([loss_with_stats(params, xs, ys)[1] for xs, ys in shards])
+  whole = np.asarray(loss_with_stats(params, x, y)[1])
+  return np.asarray(got).reshape(-1, SIZES[1]), whole, per_device
 
 
 @pytest.mark.parametrize("mapped", ["pmap", "shard_map"])
 def test_average_aux_gives_the_batch_statistics_of_the_global_batch(mapped):
   got, whole, _ = stats_of(average_aux=True, mapped=mapped)
-  got = got.reshape(-1, SIZES[1])
   np.testing.assert_allclose(got, np.broadcast_to(whole, got.shape), rtol=0, atol=1e-12)
 
 

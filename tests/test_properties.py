@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import fsam_optax
 from tests.jax_mlp import quadratic_loss
 from tests.reference import fsam_steps
-from tests.train_step import sam_steps_taken
+from tests.train_step import sam_step, sam_steps_taken
 
 LR = 0.1
 # Relative tolerance per dtype, a few roundings of its epsilon; the values
@@ -163,14 +163,12 @@ def _check_against_reference(problem: dict[str, Any], independent_batches: int =
     ),
     optax.sgd(LR),
   )
-  grad_fn = fsam_optax.sam_value_and_grad(quadratic_loss, return_diagnostics=True)
+  step = sam_step(tx, quadratic_loss, outputs=("diag",), jit=False)
   state = init_state = tx.init(params)
   p = params
   got = []
   for a in batches:
-    _, grads, diag = grad_fn(p, state, a, c)
-    updates, state = tx.update(grads, state, p)
-    p = optax.apply_updates(p, updates)
+    p, state, diag = step(p, state, a, c)
     got.append((p, state, diag))
 
   ref = fsam_steps(
@@ -311,11 +309,9 @@ def test_python_number_leaves_step_like_scalar_arrays():
   def two_steps(params):
     loss = lambda p: p["t"] ** 2 + jnp.sum(p["w"] ** 2)
     tx = optax.chain(fsam_optax.fsam(rho=0.2), optax.sgd(LR))
-    state = tx.init(params)
+    step, state = sam_step(tx, loss, jit=False), tx.init(params)
     for _ in range(2):
-      _, grads = fsam_optax.sam_value_and_grad(loss)(params, state)
-      updates, state = tx.update(grads, state, params)
-      params = optax.apply_updates(params, updates)
+      params, state = step(params, state)
     return params, state
 
   w = jnp.array([1.0, -2.0])

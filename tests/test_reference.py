@@ -10,7 +10,8 @@ import pytest
 
 import fsam_optax
 from tests import reference as ref
-from tests.jax_mlp import run_library
+from tests.jax_mlp import max_rel_error, run_library
+from tests.train_step import sam_step
 
 STEPS = 32
 LR, MOMENTUM, WD = 0.05, 0.9, 1e-3
@@ -20,15 +21,6 @@ def run_reference(data, seed=0, **fsam_kwargs):
   opt = ref.FSAMReference(**fsam_kwargs)
   base = ref.SGDReference(LR, MOMENTUM, WD)
   return ref.train(opt, base, ref.init_mlp(seed), data)
-
-
-def max_rel_error(path, ref_path):
-  """Worst ||got - want|| / ||want|| over leaves and steps."""
-  worst = 0.0
-  for got, want in zip(path, ref_path, strict=True):
-    for k, w in want.items():
-      worst = max(worst, float(np.linalg.norm(np.asarray(got[k]) - w) / np.linalg.norm(w)))
-  return worst
 
 
 def base_optimizer():
@@ -108,15 +100,12 @@ def first_two_steps(sigma=1.0, lmbda=0.6):
     targets = [jnp.array([3.0, 1.0, -1.0]), jnp.array([-2.0, 4.0, 0.0])]
     loss = lambda p, t: 0.5 * jnp.sum((p["w"] - t) ** 2)  # gradient: w - t
     tx = optax.chain(fsam_optax.fsam(rho=0.3, sigma=sigma, lmbda=lmbda), optax.sgd(0.1))
-    state = tx.init(params)
-    grad_fn = fsam_optax.sam_value_and_grad(loss, return_diagnostics=True)
-    record = []
+    step = sam_step(tx, loss, outputs=("grads", "diag"), jit=False)
+    state, record = tx.init(params), []
     for t in targets:
-      _, grads, diag = grad_fn(params, state, t)
       clean = params["w"] - t
+      params, state, grads, diag = step(params, state, t)
       np.testing.assert_array_equal(grads["w"].clean, clean)
-      updates, state = tx.update(grads, state, params)
-      params = optax.apply_updates(params, updates)
       record.append((np.asarray(clean), diag, np.asarray(state[0].ema["w"])))
     return record
 

@@ -20,8 +20,8 @@ from jax.sharding import PartitionSpec as P
 
 import fsam_optax
 from tests import reference as ref
-from tests.jax_mlp import mlp_loss, run_library
-from tests.train_step import sam_step, sam_steps_at, sam_steps_taken
+from tests.jax_mlp import max_rel_error, mlp_loss, run_library
+from tests.train_step import documented_draw, sam_step, sam_steps_at, sam_steps_taken
 
 STEPS = 12
 LR, MOMENTUM = 0.05, 0.9
@@ -43,20 +43,6 @@ def reference_path(data: list, take: list[bool], **fsam_kwargs) -> list[dict]:
     theta = base.step(theta, g)
     path.append(theta)
   return path
-
-
-def max_rel_error(path, ref_path) -> float:
-  return max(
-    float(np.linalg.norm(np.asarray(got[k]) - w) / np.linalg.norm(w))
-    for got, want in zip(path, ref_path, strict=True)
-    for k, w in want.items()
-  )
-
-
-def documented_draw(p: float, seed: int, steps: int) -> list[bool]:
-  """The documented draw: ``uniform(fold_in(key(seed), t)) < p`` at step count ``t``."""
-  key = lambda t: jax.random.fold_in(jax.random.key(seed), t)
-  return [bool(jax.random.uniform(key(t), dtype=jnp.float32) < p) for t in range(steps)]
 
 
 # The reference is told which steps were taken; the draw is the library's, as it reports it.
@@ -164,49 +150,6 @@ def test_without_a_schedule_the_step_holds_no_conditional():
 
   assert "cond[" not in jaxpr()
   assert "cond[" in jaxpr(every=2)
-
-
-def per_device_choices(tx, mapped, params, opt_state, place, jit=True) -> list[np.ndarray]:
-  """Each step's perturbation norm on every device (0 where it skipped)."""
-  # per-device perturbation: each device's norm is its own, not an average.
-  step = sam_step(tx, mlp_loss, outputs=("norms",), mapped=mapped, jit=jit, axis_name="batch",
-                  perturbation="per_device")  # fmt: skip
-  out = []
-  for x, y in ref.batches(seed=9, steps=10, batch=2 * N_DEV):
-    params, opt_state, norms = step(params, opt_state, *place(x, y))
-    out.append(np.asarray(norms).reshape(-1, 2)[:, 1])
-  return out
-
-
-def check_same_choice_everywhere(choices: list[np.ndarray], rho: float) -> None:
-  taken = []
-  for norms in choices:
-    assert norms.shape == (N_DEV,)
-    on = np.isclose(norms, rho, rtol=1e-5)
-    assert on.all() or (norms == 0).all(), norms
-    taken.append(bool(on.all()))
-  assert taken == documented_draw(0.5, 21, len(choices))
-
-
-def test_random_choice_is_the_same_on_every_device_under_pmap():
-  tx = optax.chain(fsam_optax.fsam(**FSAM, probability=0.5, seed=21), optax.sgd(LR))
-  params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
-  rep = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (N_DEV, *jnp.shape(a))), t)
-  pmap = functools.partial(jax.pmap, axis_name="batch")
-  place = lambda x, y: tuple(a.reshape(N_DEV, -1, a.shape[-1]) for a in (x, y))
-  choices = per_device_choices(tx, pmap, rep(params), rep(tx.init(params)), place, jit=False)
-  check_same_choice_everywhere(choices, FSAM["rho"])
-
-
-def test_random_choice_is_the_same_on_every_device_under_shard_map():
-  tx = optax.chain(fsam_optax.fsam(**FSAM, probability=0.5, seed=21), optax.sgd(LR))
-  params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
-  mesh = jax.make_mesh((N_DEV,), ("batch",))
-  specs = dict(in_specs=(P(), P(), P("batch"), P("batch")), out_specs=(P(), P(), P("batch")))
-  shard_map = functools.partial(jax.shard_map, mesh=mesh, **specs)
-  place = lambda x, y: jax.device_put((x, y), NamedSharding(mesh, P("batch")))
-  choices = per_device_choices(tx, shard_map, params, tx.init(params), place)
-  check_same_choice_everywhere(choices, FSAM["rho"])
 
 
 @pytest.mark.parametrize(

@@ -97,11 +97,8 @@ def test_inject_hyperparams_value_set_by_user_reaches_the_next_perturbation():
 def test_bfloat16_params_give_bfloat16_updates_and_float32_norms(adaptive):
   tx = fsam_chain(adaptive=adaptive)
   params = init_params(jnp.bfloat16)
-  opt_state = tx.init(params)
-  _, grads, diag = fsam_optax.sam_value_and_grad(parabola, return_diagnostics=True)(
-    params, opt_state
-  )
-  updates, opt_state = tx.update(grads, opt_state, params)
+  step = sam_step(tx, parabola, outputs=("grads", "updates", "diag"), jit=False)
+  _, opt_state, grads, updates, diag = step(params, tx.init(params))
   assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.bfloat16)}
   assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.bfloat16)}
   # The moving average is kept in float32, where (1 - lmbda) g does not round away.
@@ -167,20 +164,15 @@ def test_converges_inside_scan():
 
 def test_zero_gradient_and_zero_direction_give_finite_updates():
   tx = optax.chain(fsam_optax.fsam(rho=0.2, sigma=1.0, lmbda=0.0), optax.sgd(0.0))
+  step = lambda loss: sam_step(tx, loss, outputs=("updates", "diag"), jit=False)
   params = init_params()
-  opt_state = tx.init(params)
-  grad_fn = fsam_optax.sam_value_and_grad(lambda p: 0.0 * parabola(p), return_diagnostics=True)
-  _, grads, diag = grad_fn(params, opt_state)
-  updates, opt_state = tx.update(grads, opt_state, params)
+  params, opt_state, updates, diag = step(lambda p: 0.0 * parabola(p))(params, tx.init(params))
   assert float(diag.direction_norm) == 0.0 and float(diag.perturbation_norm) == 0.0
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
 
   # With lmbda = 0 and a learning rate of 0, step 2 sees m = g exactly: d = 0.
-  grad_fn = fsam_optax.sam_value_and_grad(parabola, return_diagnostics=True)
-  _, grads, _ = grad_fn(params, opt_state)
-  _, opt_state = tx.update(grads, opt_state, params)
-  _, grads, diag = grad_fn(params, opt_state)
-  updates, _ = tx.update(grads, opt_state, params)
+  params, opt_state, *_ = step(parabola)(params, opt_state)
+  _, _, updates, diag = step(parabola)(params, opt_state)
   assert float(diag.direction_norm) == 0.0
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 

@@ -62,6 +62,12 @@ def sam_step(
   return jax.jit(step) if jit else step
 
 
+def documented_draw(p: float, seed: int, steps: int) -> list[bool]:
+  """The documented draw: ``uniform(fold_in(key(seed), t)) < p`` at step count ``t``."""
+  key = lambda t: jax.random.fold_in(jax.random.key(seed), t)
+  return [bool(jax.random.uniform(key(t), dtype=jnp.float32) < p) for t in range(steps)]
+
+
 def sam_steps_taken(steps: int, **schedule: Any) -> list[bool]:
   """Which of ``steps`` steps ``fsam(**schedule)`` takes, as the library reports it.
 
