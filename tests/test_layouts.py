@@ -241,9 +241,8 @@ def per_replica_by_hand(replicas: int, sam: bool = False) -> Run:
       e = opt.perturbation(theta, d)
       g_perturbed.append(ref.mlp_loss_and_grad({k: theta[k] + e[k] for k in theta}, xs, ys)[1])
       norms += [np.sqrt(sum(np.sum(v**2) for v in t.values())) for t in (d, e)]
-    opt.direction(
-      {k: np.mean([g[k] for _, g in clean], axis=0) for k in theta}
-    )  # the EMA sees mean g
+    # The EMA sees the mean g.
+    opt.direction({k: np.mean([g[k] for _, g in clean], axis=0) for k in theta})
     theta = sgd.step(theta, {k: np.mean([g[k] for g in g_perturbed], axis=0) for k in theta})
     path.append(theta)
     losses.append(np.mean([value for value, _ in clean]))

@@ -125,17 +125,13 @@ CASES = {
 }
 
 
-def train_library(base: optax.GradientTransformation, data: list) -> tuple[list, optax.OptState]:
-  return run_library(optax.chain(fsam_optax.fsam(**FSAM), base), data)
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_base_optimizer_receives_fsam_gradient_and_trains(name):
   make_base, make_by_hand = CASES[name]
   # The same batch every step, so that the loss must go down.
   data = ref.batches(seed=5, steps=1) * STEPS
   with jax.enable_x64(True):
-    path, _ = train_library(make_base(), data)
+    path, _ = run_library(optax.chain(fsam_optax.fsam(**FSAM), make_base()), data)
   opt, base = ref.FSAMReference(**FSAM), make_by_hand()
   theta = ref.init_mlp(0)
   for (x, y), got in zip(data, path, strict=True):

@@ -104,4 +104,6 @@ def test_the_moving_average_is_the_only_parameter_size_buffer(dtype, schedule):
   others = [state.count, state.rho, state.sigma, state.eps]
   assert [x.shape for x in others] == [()] * 4
   assert len(jax.tree.leaves(state)) == len(params) + 4  # config has no leaves
+  # SAM, and F-SAM with sigma = 0 (whose direction is g), keep none.
   assert fsam_optax.sam(**schedule).init(params).ema is None
+  assert fsam_optax.fsam(sigma=0, **schedule).init(params).ema is None

@@ -177,14 +177,6 @@ def test_zero_gradient_and_zero_direction_give_finite_updates():
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
-def test_sam_keeps_no_moving_average_buffer():
-  params = init_params()
-  assert fsam_optax.sam(0.1).init(params).ema is None
-  assert fsam_optax.fsam(0.1, sigma=0).init(params).ema is None
-  state = fsam_optax.fsam(0.1).init(params)
-  chex.assert_trees_all_equal_shapes_and_dtypes(state.ema, params)
-
-
 # ---- mask: excluded leaves are not perturbed and are left out of the norm ----
 # The params mimic a conv net with BatchNorm: kernels, biases, BN scales/biases. The loss
 # is separable, so an unperturbed leaf's perturbed gradient must equal its clean gradient

@@ -270,43 +270,33 @@ def make_tx(**options) -> optax.GradientTransformation:
   return optax.chain(fsam_optax.fsam(**HYPER, **options), optax.sgd(0.05, momentum=MOMENTUM))
 
 
-def init_params() -> dict[str, jax.Array]:
-  k1, k2 = jax.random.split(jax.random.key(0))
-  return {"w": jax.random.normal(k1, (3, 2)), "b": jax.random.normal(k2, (1, 2))}
-
-
-def batch(step: int, bad: bool = False) -> tuple[jax.Array, jax.Array]:
-  x = jax.random.normal(jax.random.fold_in(jax.random.key(1), step), (8, 3))
-  # The bad batch makes only the bias's gradient NaN (0 * inf), not the rest.
-  scale = jnp.array(jnp.inf if bad else 1.0)
-  return x, scale
-
-
-def loss_fn(params: dict[str, jax.Array], x: jax.Array, scale: jax.Array) -> jax.Array:
-  out = x @ params["w"] + params["b"] * jnp.minimum(scale, 1.0)
-  return jnp.mean(out**2) + 0.0 * jnp.sum(params["b"]) * scale
+def with_a_bad_batch(a_steps: list[dict]) -> list[dict]:
+  """Step BAD_STEP's batch makes only the bias's gradient ``a + c * p`` NaN, not the rest."""
+  return [{**a, "b": np.full(2, np.nan)} if i == BAD_STEP else a for i, a in enumerate(a_steps)]
 
 
 def test_bad_batch_makes_only_the_bias_gradient_nan():
-  params = init_params()
-  grads = jax.grad(loss_fn)(params, *batch(0, bad=True))
-  assert np.all(np.isnan(grads["b"])) and np.all(np.isfinite(grads["w"]))
+  params, a_steps, c = problem()
+  grads = jax.grad(quadratic_loss)(params, with_a_bad_batch(a_steps)[BAD_STEP], c)
+  assert np.all(np.isnan(grads["b"]))
+  assert np.all(np.isfinite(grads["s"])) and np.all(np.isfinite(grads["w"]))
 
 
 def test_guarded_step_skips_a_nonfinite_batch_and_training_continues():
+  params, a_steps, c = problem()
   tx = make_tx()
-  step = sam_step(tx, loss_fn, guard=True, outputs=("finite",))  # the README recipe
-  params, state = init_params(), tx.init(init_params())
+  step = sam_step(tx, quadratic_loss, guard=True, outputs=("finite",))  # the README recipe
+  state = tx.init(params)
   skipped_params, skipped_state = params, state  # a run that never sees the bad batch
-  for i in range(5):
+  for i, a in enumerate(with_a_bad_batch(a_steps)[:5]):
     before = (params, state)
-    params, state, finite = step(params, state, *batch(i, bad=i == BAD_STEP))
+    params, state, finite = step(params, state, a, c)
     assert bool(finite) == (i != BAD_STEP)
     if i == BAD_STEP:
       chex.assert_trees_all_equal((params, state), before)  # the EMA, count, momentum too
       assert int(state[0].count) == BAD_STEP
     else:
-      skipped_params, skipped_state, _ = step(skipped_params, skipped_state, *batch(i))
+      skipped_params, skipped_state, _ = step(skipped_params, skipped_state, a, c)
   assert int(state[0].count) == 4
   # Afterwards, exactly the run that skipped the batch.
   chex.assert_trees_all_equal((params, state), (skipped_params, skipped_state))
@@ -314,34 +304,35 @@ def test_guarded_step_skips_a_nonfinite_batch_and_training_continues():
 
 def test_without_a_guard_nan_in_one_leaf_spreads_to_every_param_and_the_ema():
   """One NaN leaf poisons the global norm, hence everything."""
+  params, a_steps, c = problem()
   tx = make_tx()
-  step = sam_step(tx, loss_fn, outputs=("grads",))
-  params, state = init_params(), tx.init(init_params())
-  for i in range(BAD_STEP + 1):
-    params, state, grads = step(params, state, *batch(i, bad=i == BAD_STEP))
+  step = sam_step(tx, quadratic_loss, outputs=("grads",))
+  state = tx.init(params)
+  for a in with_a_bad_batch(a_steps)[: BAD_STEP + 1]:
+    params, state, grads = step(params, state, a, c)
   # The perturbation of every leaf is rho * d / ||d|| with ||d|| = NaN.
-  assert all(
-    np.all(np.isnan(g.perturbed))
-    for g in jax.tree.leaves(grads, is_leaf=lambda x: isinstance(x, fsam_optax.SAMGrad))
-  )
+  assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(fsam_optax.perturbed_grads(grads)))
   assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(params))
   assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(state[1]))  # momentum
   # The EMA is fed the clean gradient: NaN only where that gradient was NaN ...
   ema = state[0].ema
-  assert np.all(np.isnan(ema["b"])) and np.all(np.isfinite(ema["w"]))
+  assert (
+    np.all(np.isnan(ema["b"])) and np.all(np.isfinite(ema["s"])) and np.all(np.isfinite(ema["w"]))
+  )
   # ... until the next step, taken at NaN params, makes it NaN everywhere.
-  _, state, _ = step(params, state, *batch(BAD_STEP + 1))
+  _, state, _ = step(params, state, a_steps[BAD_STEP + 1], c)
   assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(state[0].ema))
 
 
 def test_skip_nonfinite_keeps_fsam_state_while_the_params_still_take_the_nan():
   """skip_nonfinite protects fsam's state; the base optimizer needs its own guard."""
+  params, a_steps, c = problem()
   tx = make_tx(skip_nonfinite=True)
-  step = sam_step(tx, loss_fn)
-  params, state = init_params(), tx.init(init_params())
-  for i in range(BAD_STEP + 1):
+  step = sam_step(tx, quadratic_loss)
+  state = tx.init(params)
+  for a in with_a_bad_batch(a_steps)[: BAD_STEP + 1]:
     before = state[0]
-    params, state = step(params, state, *batch(i, bad=i == BAD_STEP))
+    params, state = step(params, state, a, c)
   assert all(np.all(np.isnan(x)) for x in jax.tree.leaves(params))
   # fsam kept its state: the moving average and the count are those before the step.
   chex.assert_trees_all_equal(state[0], before)
@@ -349,15 +340,15 @@ def test_skip_nonfinite_keeps_fsam_state_while_the_params_still_take_the_nan():
 
 
 def test_apply_if_finite_around_the_chain_is_refused_with_the_supported_form():
-  params = init_params()
+  params, a_steps, c = problem()
   tx = optax.apply_if_finite(make_tx(), max_consecutive_errors=3)
-  grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
+  grad_fn = fsam_optax.sam_value_and_grad(quadratic_loss)
   with pytest.raises(
     ValueError,
     match=r"inside optax.apply_if_finite.*`optax.chain\(fsam_optax.fsam\(...\), "
     r"optax.apply_if_finite\(base",
   ):
-    grad_fn(params, tx.init(params), *batch(0))
+    grad_fn(params, tx.init(params), a_steps[0], c)
 
 
 # ---- gradient accumulation: optax.MultiSteps after fsam, never around it ----
