@@ -234,7 +234,12 @@ def contrib_sam_variant(loss_fn: Callable) -> Variant:
 def fsam_variant(loss_fn: Callable, **schedule: Any) -> Variant:
   """This package's F-SAM; ``schedule`` (``every``, ``probability``, ``seed``) opts in."""
   fsam = fsam_optax.fsam(rho=RHO, sigma=SIGMA, lmbda=LMBDA, eps=EPS, **schedule)
-  tx = optax.chain(fsam, base_optimizer())
+  return method_variant(loss_fn, fsam)
+
+
+def method_variant(loss_fn: Callable, method: optax.GradientTransformation) -> Variant:
+  """One of this package's methods in front of the base optimizer, fed by its helper."""
+  tx = optax.chain(method, base_optimizer())
   grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
 
   def step(params, opt_state, batch):
@@ -258,6 +263,17 @@ VARIANTS: dict[str, Callable[[Callable], Variant]] = {
 SCHEDULED: dict[str, Callable[[Callable], Variant]] = {
   "F-SAM every 2nd step": lambda loss_fn: fsam_variant(loss_fn, every=2),
   "F-SAM probability 0.5": lambda loss_fn: fsam_variant(loss_fn, probability=0.5, seed=0),
+}
+
+
+# The SAM family beside F-SAM, at the settings their papers publish.
+FAMILY: dict[str, Callable[[Callable], Variant]] = {
+  "SAM (fsam_optax)": lambda f: method_variant(f, fsam_optax.sam(RHO, eps=EPS)),
+  "GSAM (fsam_optax)": lambda f: method_variant(f, fsam_optax.gsam(RHO, 0.4, eps=EPS)),
+  "VaSSO (fsam_optax)": lambda f: method_variant(f, fsam_optax.vasso(RHO, 0.4)),
+  "LookSAM every 5 (fsam_optax)": lambda f: method_variant(
+    f, fsam_optax.looksam(RHO, every=5, alpha=0.7, eps=EPS)
+  ),
 }
 
 

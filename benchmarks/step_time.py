@@ -10,6 +10,8 @@ round-robin in a rotating order, with and without donating the params and
 optimizer state; each sample is the mean of ``--steps-per-round`` steps and
 the tables give medians over ``--rounds`` (at least 30) rounds.
 ``--smoke`` runs a tiny MLP for two rounds, to check the script.
+``--family`` times GSAM, VaSSO and LookSAM (every 5) on the MLP instead,
+against F-SAM and hand-written SAM.
 """
 
 from __future__ import annotations
@@ -25,24 +27,37 @@ TARGETS = (
   ("SAM (hand-written)", 1.10),
   ("SGD (one pass)", 2.15),
 )
+FAMILY_TARGETS = (
+  # (method, reference, largest allowed ratio of median step times), with --family
+  ("GSAM (fsam_optax)", "F-SAM (fsam_optax)", 1.05),
+  ("VaSSO (fsam_optax)", "F-SAM (fsam_optax)", 1.05),
+  ("LookSAM every 5 (fsam_optax)", "SAM (hand-written)", 0.65),
+)
+
+
+def family_variants() -> dict:
+  """The variants ``--family`` times: the references of FAMILY_TARGETS and the family."""
+  names = ("F-SAM (fsam_optax)", "SAM (hand-written)", "SGD (one pass)")
+  return {**{name: h.VARIANTS[name] for name in names}, **h.FAMILY}
 
 
 def measure(
-  model: h.Model, rounds: int, steps_per_round: int
+  model: h.Model, rounds: int, steps_per_round: int, variants: dict | None = None
 ) -> dict[bool, dict[str, list[float]]]:
   """Samples of every variant, donated and not, all interleaved in one loop."""
+  variants = h.VARIANTS if variants is None else variants
   params = model.init(jax.random.PRNGKey(0))
   batch = jax.device_put(h.make_batch(model))
   loss_fn = h.make_loss(model)
   runners = {}
   for donate in (True, False):
-    for name, make in h.VARIANTS.items():
+    for name, make in variants.items():
       variant = make(loss_fn)
       own = jax.tree.map(lambda x: x.copy(), params)  # each variant donates its own copy
       step = h.jit_step(variant.step, donate)
       runners[donate, name] = h.Runner(step, own, variant.init(own), batch)
   times = h.interleaved(runners, rounds, steps_per_round)
-  return {d: {name: times[d, name] for name in h.VARIANTS} for d in (True, False)}
+  return {d: {name: times[d, name] for name in variants} for d in (True, False)}
 
 
 def report(model: h.Model, times: dict[str, list[float]], donate: bool) -> str:
@@ -88,12 +103,40 @@ def report(model: h.Model, times: dict[str, list[float]], donate: bool) -> str:
   return "\n".join(lines)
 
 
+def family_report(model: h.Model, times: dict[str, list[float]], donate: bool) -> str:
+  med = {name: statistics.median(t) for name, t in times.items()}
+  mode = "params and state donated" if donate else "no donation"
+  rows = []
+  for name, samples in times.items():
+    m, spread = h.summary(samples)
+    rows.append([name, f"{m:.2f}", spread, f"{med[name] / med['SAM (hand-written)']:.3f}"])
+  lines = [
+    f"## {model.name}, the SAM family; {mode}",
+    f"{len(times['SGD (one pass)'])} interleaved rounds; ms per step",
+    "",
+    h.table(rows, ["variant", "median", "min-max", "x hand SAM"]),
+    "",
+  ]
+  for name, ref, limit in FAMILY_TARGETS:
+    ratio = med[name] / med[ref]
+    paired = statistics.median(a / b for a, b in zip(times[name], times[ref], strict=True))
+    verdict = "met" if ratio <= limit else "MISSED"
+    lines.append(
+      f"{name} / {ref} ({mode}): {ratio:.3f} (median of per-round ratios {paired:.3f}); "
+      f"target <= {limit}: {verdict}"
+    )
+  return "\n".join(lines)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=100)
   parser.add_argument("--steps-per-round", type=int, default=5)
   parser.add_argument("--mlp-only", action="store_true", help="skip the small CNN")
   parser.add_argument("--smoke", action="store_true", help="a tiny MLP, two rounds")
+  parser.add_argument(
+    "--family", action="store_true", help="GSAM, VaSSO, LookSAM against F-SAM and SAM (MLP)"
+  )
   args = parser.parse_args()
   if args.smoke:
     models = [h.mlp(width=32, batch_size=8)]
@@ -103,6 +146,15 @@ def main() -> None:
       parser.error("--rounds must be at least 30: the medians are reported against targets")
     models = [h.mlp()] if args.mlp_only else [h.mlp(), h.cnn()]
 
+  if args.family:
+    print(h.header("Step time: GSAM, VaSSO, LookSAM vs F-SAM and hand-written SAM"))
+    model = models[0]
+    times = measure(model, args.rounds, args.steps_per_round, family_variants())
+    for donate in (True, False):
+      print(family_report(model, times[donate], donate))
+      print()
+    print(f"load average (1/5/15 min) at end: {h.load_average()}")
+    return
   print(h.header("Step time: F-SAM vs hand-written SAM vs optax.contrib.sam vs SGD"))
   print(
     f"base optimizer: sgd(lr={h.LEARNING_RATE}, momentum={h.MOMENTUM}); rho={h.RHO}, "

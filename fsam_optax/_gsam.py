@@ -74,10 +74,11 @@ def surrogate_gap_gradient(
   leaf receives ``g'`` unchanged.
   """
   keep = lambda leaves: [x if k else None for x, k in zip(leaves, mask, strict=True)]
-  norm_g, norm_gp = layout.norm(keep(g)), layout.norm(keep(g_prime))
+  norm_g = layout.norm(keep(g))
+  inner, norm_gp = layout.inner_and_norm(keep(g), keep(g_prime))
   acc = norm_g.dtype
   eps = eps.astype(acc)
-  cos = layout.inner(keep(g), keep(g_prime)) / (norm_gp * norm_g + eps)
+  cos = inner / (norm_gp * norm_g + eps)
   scale = cos * norm_g / (norm_gp + eps)
   minus_alpha = -alpha.astype(acc)
 

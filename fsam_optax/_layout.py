@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from fsam_optax._perturbation import add, global_inner, global_norm
+from fsam_optax._perturbation import add, global_inner, global_inner_and_norm, global_norm
 
 Axes = tuple[str, ...]
 
@@ -345,6 +345,12 @@ class Layout:
   def inner(self, a: Sequence[jax.Array | None], b: Sequence[jax.Array | None]) -> jax.Array:
     """The inner product of the whole (unsharded) trees of leaves ``a`` and ``b``."""
     return global_inner(a, b, self.total)
+
+  def inner_and_norm(
+    self, a: Sequence[jax.Array | None], b: Sequence[jax.Array | None]
+  ) -> tuple[jax.Array, jax.Array]:
+    """``<a, b>`` and ``||b||`` of the whole trees, reading each leaf pair once."""
+    return global_inner_and_norm(a, b, self.total)
 
   def mean(self, tree: Any) -> Any:
     """The mean over the data axes of a per-device value (a loss, a statistic)."""

@@ -228,8 +228,8 @@ def looksam(
   ) -> tuple[optax.Updates, LookSAMState]:
     del params, extra_args
     base, _, g_v, treedef = split_grads(updates, "looksam")
-    g_v_def = jax.tree.structure(state.g_v)
-    if any(v is None for v in g_v) or len(g_v) != g_v_def.num_leaves:
+    old, g_v_def = jax.tree.flatten(state.g_v)
+    if any(v is None for v in g_v) or len(g_v) != len(old):
       raise ValueError(
         "looksam: these gradients carry no component g_v for the state; compute them with "
         "sam_value_and_grad from the same opt_state you pass to tx.update."

@@ -22,10 +22,10 @@ class SAMGrad(NamedTuple):
       the gradient ``g'`` at the perturbed weights ``theta + e`` (SAM, F-SAM,
       VaSSO, LookSAM's SAM steps), GSAM's ``g' - alpha * vertical``, LookSAM's
       reconstructed gradient on its one-pass steps.
-    clean: gradient ``g`` at ``theta``, fed into a moving average (F-SAM,
-      VaSSO); ``None`` when the method's update does not read it.
-    carry: what the method keeps from this step for the next ones (LookSAM's
-      component ``g_v``); ``None`` for the others.
+    clean: gradient ``g`` at ``theta``, fed into F-SAM's moving average;
+      ``None`` when the method's update does not read it.
+    carry: what the method keeps from this step for the next ones (VaSSO's
+      new moving average, LookSAM's component ``g_v``); ``None`` for the others.
   """
 
   perturbed: jax.Array
@@ -124,8 +124,8 @@ def clean_grads(grads: Any) -> Any:
 
   This is the gradient that feeds the moving average (after the helper's
   optional ``clip_clean_grad``). Plain SAM keeps no moving average, so its
-  pairs carry no clean gradient (nor do GSAM's and LookSAM's, whose updates do
-  not read it): ask for ``return_diagnostics=True`` for its norm instead.
+  pairs carry no clean gradient (nor do GSAM's, VaSSO's and LookSAM's, whose
+  updates do not read it): ask for ``return_diagnostics=True`` for its norm.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, fsam_optax
@@ -141,7 +141,7 @@ def clean_grads(grads: Any) -> Any:
     raise ValueError(
       "fsam_optax.clean_grads: these pairs carry no clean gradient, because the "
       "method's update does not read it (plain SAM, fsam with sigma=0, gsam, "
-      "looksam). Its norm is in the diagnostics: "
+      "vasso, looksam). Its norm is in the diagnostics: "
       "sam_value_and_grad(..., return_diagnostics=True)."
     )
   return jax.tree.unflatten(treedef, [p.clean for p in pairs])

@@ -91,6 +91,37 @@ def global_inner(
   return total(products).astype(acc)
 
 
+def global_inner_and_norm(
+  a: Sequence[jax.Array | None], b: Sequence[jax.Array | None], total: Total = add
+) -> tuple[jax.Array, jax.Array]:
+  """``<a, b>`` and ``||b||`` of two whole trees, from one reduction per leaf pair.
+
+  One variadic reduction computes both sums of a leaf, so ``b`` is read once
+  for the two (two separate sums read it twice on XLA:CPU).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fsam_optax._perturbation import global_inner_and_norm
+    >>> dot, norm = global_inner_and_norm([jnp.array([1.0, 2.0])], [jnp.array([3.0, 4.0])])
+    >>> float(dot), float(norm)
+    (11.0, 5.0)
+  """
+  pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+  acc = acc_dtype([x for pair in pairs for x in pair])
+  zero = jnp.zeros([], acc)
+
+  def sums(x: jax.Array, y: jax.Array) -> jax.Array:
+    x, y = x.astype(acc), y.astype(acc)
+    both = jax.lax.reduce(
+      (x * y, y * y), (zero, zero), lambda u, v: (u[0] + v[0], u[1] + v[1]), tuple(range(x.ndim))
+    )
+    return jnp.stack(both)
+
+  leaves = [None if x is None or y is None else sums(x, y) for x, y in zip(a, b, strict=True)]
+  dot, square = total(leaves).astype(acc) if pairs else (zero, zero)
+  return dot, jnp.sqrt(square)
+
+
 def clip_by_global_norm(tree: Any, max_norm: float, total: Total = add) -> Any:
   """``optax.clip_by_global_norm``'s rule, with the norm of the whole (possibly sharded) tree."""
   norm = global_norm(jax.tree.leaves(tree), total)

@@ -3,7 +3,8 @@
 The state holds a moving average ``m`` of clean gradients, updated with the
 step's ``g`` before it is used: the perturbation goes along the new ``m``
 (:meth:`VaSSOState.direction`), a lower-variance estimate of the full
-gradient than ``g`` itself, and the update stores that same average.
+gradient than ``g`` itself, and the pairs hand that same average to the
+update, which stores it.
 """
 
 from __future__ import annotations
@@ -55,13 +56,25 @@ class VaSSOState(NamedTuple):
     return Direction(m, m)
 
   def pairs(self, perturbed: Any, clean: Any, step: Step) -> Any:
-    """``SAMGrad(g', g)``: the base optimizer gets ``g'``, the average is fed ``g``."""
-    del step
-    return jax.tree.map(SAMGrad, perturbed, clean)
+    """``SAMGrad(g', None, m)``: the base optimizer gets ``g'``, the state keeps the new ``m``.
+
+    ``m`` is the step's spelling of the direction, so XLA computes it once for
+    the perturbation and the state.
+    """
+    g_prime, treedef = jax.tree.flatten(perturbed)
+    m = updated_average(
+      jax.tree.leaves(self.ema), jax.tree.leaves(clean), step.hyperparam("theta"), self.count
+    )
+    return jax.tree.unflatten(
+      treedef, [SAMGrad(gp, None, x) for gp, x in zip(g_prime, m, strict=True)]
+    )
 
 
 def updated_average(
-  ema: list[jax.Array], grads: list[jax.Array], theta: float | jax.Array, count: jax.Array
+  ema: list[jax.Array],
+  grads: list[jax.Array],
+  theta: float | jax.Array,
+  count: jax.Array,
 ) -> list[jax.Array]:
   """``(1 - theta) m + theta g`` leaf by leaf in the average's dtypes, and ``g`` at count 0.
 
@@ -164,13 +177,12 @@ def vasso(
     **extra_args: Any,
   ) -> tuple[optax.Updates, VaSSOState]:
     del params, extra_args
-    perturbed, clean, _, treedef = split_grads(updates, "vasso")
-    ema, ema_def = jax.tree.flatten(state.ema)
-    if any(c is None for c in clean) or len(ema) != len(clean):
+    perturbed, _, ema, treedef = split_grads(updates, "vasso")
+    old, ema_def = jax.tree.flatten(state.ema)
+    if any(m is None for m in ema) or len(ema) != len(old):
       raise ValueError(
-        "vasso: these gradients do not match the state's moving average; compute them "
-        "with sam_value_and_grad from the same opt_state you pass to tx.update, for the "
-        "params the optimizer was initialised with."
+        "vasso: these gradients carry no moving average for the state; compute them "
+        "with sam_value_and_grad from the same opt_state you pass to tx.update."
       )
 
     def advance() -> VaSSOState:
@@ -180,10 +192,10 @@ def vasso(
         rho=at(rho, count),
         theta=default_float(theta),
         eps=default_float(eps),
-        ema=jax.tree.unflatten(ema_def, updated_average(ema, clean, theta, state.count)),
+        ema=jax.tree.unflatten(ema_def, ema),
       )
 
-    new_state = advance_if_finite(skip_nonfinite, advance, state, [*perturbed, *clean])
+    new_state = advance_if_finite(skip_nonfinite, advance, state, [*perturbed, *ema])
     return jax.tree.unflatten(treedef, perturbed), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -138,7 +138,8 @@ def test_micro_batches_equal_the_whole_batch(name):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_a_power_of_two_loss_scale_changes_nothing(name):
+def test_a_power_of_two_loss_scale_changes_nothing_but_rounding(name):
+  """Scaling by 1024 is exact; only how XLA fuses the unscaling may move a last bit."""
   with jax.enable_x64(True):
     data = ref.batches(seed=11, steps=7)
     plain, _ = trajectory(BUILD[name](), data)
@@ -148,7 +149,7 @@ def test_a_power_of_two_loss_scale_changes_nothing(name):
     for (x, y), want in zip(data, plain, strict=True):
       params, state = step(params, state, x, y, loss_scale=jnp.float64(1024.0))
       for k in want:
-        np.testing.assert_array_equal(params[k], want[k])
+        np.testing.assert_allclose(params[k], want[k], rtol=1e-13, atol=0)
 
 
 def first_step_diagnostics(name):
@@ -180,7 +181,9 @@ def test_pairs_carry_what_each_update_reads():
   looksam = first_step_diagnostics("looksam")[0]
   is_pair = lambda x: isinstance(x, fsam_optax.SAMGrad)
   assert all(p.clean is None and p.carry is None for p in jax.tree.leaves(gsam, is_leaf=is_pair))
-  np.testing.assert_allclose(fsam_optax.clean_grads(vasso)["w0"], g["w0"], rtol=1e-13)
+  # VaSSO hands on its new average, which is g on the first step.
+  np.testing.assert_allclose(vasso["w0"].carry, g["w0"], rtol=1e-13)
+  assert all(p.clean is None for p in jax.tree.leaves(vasso, is_leaf=is_pair))
   assert all(p.carry is not None for p in jax.tree.leaves(looksam, is_leaf=is_pair))
   with pytest.raises(ValueError, match=r"carry no clean gradient.*gsam"):
     fsam_optax.clean_grads(gsam)
