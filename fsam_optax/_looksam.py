@@ -22,7 +22,7 @@ from fsam_optax._layout import Layout
 from fsam_optax._mask import Mask, check_mask_leaves, mask_leaves, resolve_mask
 from fsam_optax._method import Step, sam_state
 from fsam_optax._pairs import SAMGrad, split_grads
-from fsam_optax._perturbation import Direction
+from fsam_optax._perturbation import Direction, acc_dtype
 
 
 @sam_state
@@ -62,20 +62,25 @@ class LookSAMState(NamedTuple):
         f"{len(g_v)}; initialise the optimizer with the same params you pass here."
       )
     mask = mask_leaves(self.config.mask, len(g))
-    eps = step.hyperparam("eps")
-
-    def sam_step() -> tuple[list[jax.Array], list[jax.Array]]:
-      return first, orthogonal_part(first, g, g_v, eps, mask, step.layout)
-
-    def between() -> tuple[list[jax.Array], list[jax.Array]]:
-      alpha = step.hyperparam("alpha")
-      # Per device, g_v is averaged with what the SAM step's replicas compute.
-      return reuse(g, g_v, alpha, eps, mask, step.layout), step.layout.vary_if_per_device(g_v)
-
+    eps, layout = step.hyperparam("eps"), step.layout
+    project = lambda: projection(first, g, eps, mask, layout)
     if step.sam_step is None:
-      base, kept = sam_step()
+      base, kept = first, orthogonal_part(first, g, g_v, project(), mask)
     else:
-      base, kept = jax.lax.cond(step.sam_step, sam_step, between)
+      # Only the taken rule's reductions and g_v's update run (conds); the base
+      # optimizer's gradient is a select, which XLA fuses into its kernel.
+      take = step.sam_step
+      zero = layout.vary_if_per_device(jnp.zeros([], acc_dtype([*g, *g_v])))
+      alpha = step.hyperparam("alpha")
+      to_reuse = lambda: (zero, reuse_scale(g, g_v, alpha, eps, mask, layout).astype(zero.dtype))
+      scales = jax.lax.cond(take, lambda: (project().astype(zero.dtype), zero), to_reuse)
+      reused = reuse(g, g_v, scales[1], mask)
+      base = [jnp.where(take, gp, r) for gp, r in zip(first, reused, strict=True)]
+      kept = jax.lax.cond(
+        take,
+        lambda: layout.vary_if_per_device(orthogonal_part(first, g, g_v, scales[0], mask)),
+        lambda: layout.vary_if_per_device(g_v),
+      )
     pairs = [SAMGrad(b, None, v) for b, v in zip(base, kept, strict=True)]
     return jax.tree.unflatten(treedef, pairs)
 
@@ -84,20 +89,25 @@ def _kept(leaves: list[Any], mask: list[bool]) -> list[Any]:
   return [x if k else None for x, k in zip(leaves, mask, strict=True)]
 
 
+def projection(
+  g_prime: list[jax.Array], g: list[jax.Array], eps: jax.Array, mask: list[bool], layout: Layout
+) -> jax.Array:
+  """``<g, g'> / (||g||^2 + eps)``, the coefficient of ``g`` in ``g'``."""
+  norm_g = layout.norm(_kept(g, mask))
+  return layout.inner(_kept(g, mask), _kept(g_prime, mask)) / (norm_g**2 + eps.astype(norm_g.dtype))
+
+
 def orthogonal_part(
   g_prime: list[jax.Array],
   g: list[jax.Array],
   g_v: list[jax.Array],
-  eps: jax.Array,
+  scale: jax.Array,
   mask: list[bool],
-  layout: Layout,
 ) -> list[jax.Array]:
-  """``g_v = g' - (<g, g'> / (||g||^2 + eps)) g`` in ``g_v``'s dtypes; masked leaves keep theirs."""
-  norm_g = layout.norm(_kept(g, mask))
-  acc = norm_g.dtype
-  scale = layout.inner(_kept(g, mask), _kept(g_prime, mask)) / (norm_g**2 + eps.astype(acc))
+  """``g_v = g' - scale g`` in ``g_v``'s dtypes (``scale``: ``projection``); masked: ``g_v``."""
 
   def one(gp: jax.Array, gc: jax.Array, old: jax.Array) -> jax.Array:
+    acc = scale.dtype
     return (gp.astype(acc) - scale * gc.astype(acc)).astype(old.dtype)
 
   return [
@@ -105,20 +115,27 @@ def orthogonal_part(
   ]
 
 
-def reuse(
+def reuse_scale(
   g: list[jax.Array],
   g_v: list[jax.Array],
   alpha: jax.Array,
   eps: jax.Array,
   mask: list[bool],
   layout: Layout,
-) -> list[jax.Array]:
-  """``g + alpha (||g|| / (||g_v|| + eps)) g_v`` in ``g``'s dtypes; masked leaves get ``g``."""
+) -> jax.Array:
+  """``alpha ||g|| / (||g_v|| + eps)``, the weight of ``g_v`` in the reused gradient."""
   norm_g, norm_v = layout.norm(_kept(g, mask)), layout.norm(_kept(g_v, mask))
   acc = jnp.promote_types(norm_g.dtype, norm_v.dtype)
-  scale = alpha.astype(acc) * (norm_g.astype(acc) / (norm_v.astype(acc) + eps.astype(acc)))
+  return alpha.astype(acc) * (norm_g.astype(acc) / (norm_v.astype(acc) + eps.astype(acc)))
+
+
+def reuse(
+  g: list[jax.Array], g_v: list[jax.Array], scale: jax.Array, mask: list[bool]
+) -> list[jax.Array]:
+  """``g + scale g_v`` in ``g``'s dtypes (``scale``: ``reuse_scale``); masked leaves get ``g``."""
 
   def one(gc: jax.Array, v: jax.Array) -> jax.Array:
+    acc = scale.dtype
     return (gc.astype(acc) + scale * v.astype(acc)).astype(gc.dtype)
 
   return [one(gc, v) if k else gc for gc, v, k in zip(g, g_v, mask, strict=True)]
