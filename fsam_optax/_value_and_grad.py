@@ -195,10 +195,11 @@ def sam_value_and_grad(
   second_pass_rng: SecondPassRng = "fresh",
   clip_clean_grad: float | None = None,
 ) -> Callable[..., Any]:
-  """Clean loss and F-SAM gradients of ``fun``, for :func:`fsam_optax.fsam`.
+  """Clean loss and SAM-family gradients of ``fun``, for :func:`fsam_optax.fsam` and the others.
 
   The returned function takes ``(params, opt_state, *args, **kwargs)``. It
-  finds the F-SAM state in ``opt_state`` (under ``optax.chain``,
+  finds the state of the method first in the chain (``fsam``, ``sam``,
+  ``gsam``, ``vasso`` or ``looksam``) in ``opt_state`` (under ``optax.chain``,
   ``named_chain``, ``inject_hyperparams`` or in an ``nnx.Optimizer``),
   takes the gradient ``g`` of ``fun`` at ``params``, builds the perturbation
   ``e`` from ``g`` and the state, and takes the gradient ``g'`` at
@@ -227,11 +228,13 @@ def sam_value_and_grad(
       global batch.
     perturbation: ``"global"`` perturbs with the gradient averaged over
       ``axis_name`` (the single-device algorithm on the global batch);
-      ``"per_device"`` perturbs each data replica with its local gradient
-      ("m-sharpness") and averages only the perturbed gradients (the moving
-      average is still fed the averaged clean gradient, so the state stays
-      identical on every device). With ``param_specs`` a replica is the group
-      of devices that share a batch shard, and its norm is over the full tree.
+      ``"per_device"`` runs the method's rules on each data replica's own
+      gradients ("m-sharpness"): each perturbs with its local gradient, and
+      what the rules hand on (the pairs: ``g'``, GSAM's combination, the
+      state's inputs) is averaged afterwards, so the state stays identical on
+      every device (F-SAM's moving average is fed the averaged clean
+      gradient). With ``param_specs`` a replica is the group of devices that
+      share a batch shard, and its norms are over the full tree.
     return_diagnostics: also return a :class:`SAMDiagnostics` as a third
       output. Under ``jit`` what is not used is compiled away.
     param_specs: inside ``shard_map`` with parameters split over mesh axes
