@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import optax
 
 from fsam_optax._config import PerturbationConfig
-from fsam_optax._fsam import advance_if_finite
 from fsam_optax._hyperparams import at, check, default_float
 from fsam_optax._layout import Layout
-from fsam_optax._mask import Mask, check_mask_leaves, mask_leaves, resolve_mask
+from fsam_optax._mask import Mask, mask_leaves, resolve_mask
 from fsam_optax._method import Step, sam_state
-from fsam_optax._pairs import SAMGrad, split_grads
+from fsam_optax._pairs import SAMGrad
 from fsam_optax._perturbation import Direction
+from fsam_optax._transformation import advancing_update, check_arguments
 
 
 @sam_state
@@ -151,11 +151,8 @@ def gsam(
     Zhuang et al., `Surrogate Gap Minimization Improves Sharpness-Aware
     Training <https://arxiv.org/abs/2203.08065>`_, ICLR 2022.
   """
-  check("rho", rho, lambda v: v >= 0, "a radius >= 0", "gsam")
+  check_arguments("gsam", rho, eps, mask)
   check("alpha", alpha, lambda v: 0 <= v <= 1, "in [0, 1] (0: SAM)", "gsam")
-  check("eps", eps, lambda v: v > 0, "> 0", "gsam")
-  if mask is not None and not callable(mask):
-    check_mask_leaves(jax.tree.leaves(mask))
 
   def init_fn(params: optax.Params) -> GSAMState:
     config = PerturbationConfig(
@@ -171,24 +168,7 @@ def gsam(
       config=config,
     )
 
-  def update_fn(
-    updates: optax.Updates,
-    state: GSAMState,
-    params: optax.Params | None = None,
-    **extra_args: Any,
-  ) -> tuple[optax.Updates, GSAMState]:
-    del params, extra_args
-    combined, _, _, treedef = split_grads(updates, "gsam")
-
-    def advance() -> GSAMState:
-      count = optax.safe_increment(state.count)
-      return state._replace(
-        count=count, rho=at(rho, count), alpha=default_float(alpha), eps=default_float(eps)
-      )
-
-    new_state = advance_if_finite(skip_nonfinite, advance, state, combined)
-    return jax.tree.unflatten(treedef, combined), new_state
-
+  update_fn = advancing_update("gsam", rho, {"alpha": alpha, "eps": eps}, skip_nonfinite)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 

@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import optax
 
 from fsam_optax._config import PerturbationConfig
-from fsam_optax._fsam import _zeros_for, advance_if_finite
+from fsam_optax._fsam import _zeros_for
 from fsam_optax._hyperparams import at, check, default_float
 from fsam_optax._layout import Layout
-from fsam_optax._mask import Mask, check_mask_leaves, mask_leaves, resolve_mask
+from fsam_optax._mask import Mask, mask_leaves, resolve_mask
 from fsam_optax._method import Step, sam_state
-from fsam_optax._pairs import SAMGrad, split_grads
+from fsam_optax._pairs import SAMGrad
 from fsam_optax._perturbation import Direction, acc_dtype
+from fsam_optax._transformation import advancing_update, check_arguments
 
 
 @sam_state
@@ -211,16 +212,13 @@ def looksam(
     Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
     <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
   """
-  check("rho", rho, lambda v: v >= 0, "a radius >= 0", "looksam")
+  check_arguments("looksam", rho, eps, mask)
   if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
     raise ValueError(
       f"looksam: `every` must be an integer >= 1 (1: SAM on every step), got {every!r}; "
       "it is static: under optax.inject_hyperparams pass static_args=('every',)."
     )
   check("alpha", alpha, lambda v: v >= 0, ">= 0 (0: plain gradients between SAM steps)", "looksam")
-  check("eps", eps, lambda v: v > 0, "> 0", "looksam")
-  if mask is not None and not callable(mask):
-    check_mask_leaves(jax.tree.leaves(mask))
   if g_v_dtype is not None:
     g_v_dtype = jnp.dtype(g_v_dtype)
 
@@ -237,32 +235,6 @@ def looksam(
       config=config,
     )
 
-  def update_fn(
-    updates: optax.Updates,
-    state: LookSAMState,
-    params: optax.Params | None = None,
-    **extra_args: Any,
-  ) -> tuple[optax.Updates, LookSAMState]:
-    del params, extra_args
-    base, _, g_v, treedef = split_grads(updates, "looksam")
-    old, g_v_def = jax.tree.flatten(state.g_v)
-    if any(v is None for v in g_v) or len(g_v) != len(old):
-      raise ValueError(
-        "looksam: these gradients carry no component g_v for the state; compute them with "
-        "sam_value_and_grad from the same opt_state you pass to tx.update."
-      )
-
-    def advance() -> LookSAMState:
-      count = optax.safe_increment(state.count)
-      return state._replace(
-        count=count,
-        rho=at(rho, count),
-        alpha=default_float(alpha),
-        eps=default_float(eps),
-        g_v=jax.tree.unflatten(g_v_def, g_v),
-      )
-
-    new_state = advance_if_finite(skip_nonfinite, advance, state, [*base, *g_v])
-    return jax.tree.unflatten(treedef, base), new_state
-
+  scalars = {"alpha": alpha, "eps": eps}
+  update_fn = advancing_update("looksam", rho, scalars, skip_nonfinite, carried="g_v")
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import optax
 
 from fsam_optax._config import PerturbationConfig
-from fsam_optax._fsam import _zeros_for, advance_if_finite
+from fsam_optax._fsam import _zeros_for
 from fsam_optax._hyperparams import at, check, default_float
-from fsam_optax._mask import Mask, check_mask_leaves, resolve_mask
+from fsam_optax._mask import Mask, resolve_mask
 from fsam_optax._method import Step, sam_state
-from fsam_optax._pairs import SAMGrad, split_grads
+from fsam_optax._pairs import SAMGrad
 from fsam_optax._perturbation import Direction
+from fsam_optax._transformation import advancing_update, check_arguments
 
 
 @sam_state
@@ -149,11 +150,8 @@ def vasso(
     Li and Giannakis, `Enhancing Sharpness-Aware Optimization Through Variance
     Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023.
   """
-  check("rho", rho, lambda v: v >= 0, "a radius >= 0", "vasso")
+  check_arguments("vasso", rho, eps, mask)
   check("theta", theta, lambda v: 0 <= v <= 1, "in [0, 1] (1: SAM)", "vasso")
-  check("eps", eps, lambda v: v > 0, "> 0", "vasso")
-  if mask is not None and not callable(mask):
-    check_mask_leaves(jax.tree.leaves(mask))
   if ema_dtype is not None:
     ema_dtype = jnp.dtype(ema_dtype)
 
@@ -170,32 +168,6 @@ def vasso(
       config=config,
     )
 
-  def update_fn(
-    updates: optax.Updates,
-    state: VaSSOState,
-    params: optax.Params | None = None,
-    **extra_args: Any,
-  ) -> tuple[optax.Updates, VaSSOState]:
-    del params, extra_args
-    perturbed, _, ema, treedef = split_grads(updates, "vasso")
-    old, ema_def = jax.tree.flatten(state.ema)
-    if any(m is None for m in ema) or len(ema) != len(old):
-      raise ValueError(
-        "vasso: these gradients carry no moving average for the state; compute them "
-        "with sam_value_and_grad from the same opt_state you pass to tx.update."
-      )
-
-    def advance() -> VaSSOState:
-      count = optax.safe_increment(state.count)
-      return state._replace(
-        count=count,
-        rho=at(rho, count),
-        theta=default_float(theta),
-        eps=default_float(eps),
-        ema=jax.tree.unflatten(ema_def, ema),
-      )
-
-    new_state = advance_if_finite(skip_nonfinite, advance, state, [*perturbed, *ema])
-    return jax.tree.unflatten(treedef, perturbed), new_state
-
+  scalars = {"theta": theta, "eps": eps}
+  update_fn = advancing_update("vasso", rho, scalars, skip_nonfinite, carried="ema")
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
