@@ -17,8 +17,9 @@ finds its node by meaning, not by position in the file:
 Each finds exactly one node unless given ``nth`` (1 for the first, in source order);
 ``within`` narrows ``SwapOp`` and ``SetConstant`` to the expression of that text. The
 mutated module is written back with ``ast.unparse`` into a copy of the package in a
-temporary folder, and only ``tests/test_properties.py`` (and the reference test of the
-multi-output-fusion layout) runs against it. A mutant is *killed* when a test fails.
+temporary folder, and only ``TESTS`` run against it: ``tests/test_properties.py``, the
+reference test of the multi-output-fusion layout and the two schedule tests that pin which
+steps take the SAM step. A mutant is *killed* when a test fails.
 
 A mutant whose function or node is missing or ambiguous is an error, not a survivor: every
 mutant is checked before anything runs, and the message says what to update here. Run
