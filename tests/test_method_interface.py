@@ -15,7 +15,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import fsam_optax
-from fsam_optax._config import PerturbationConfig
 from fsam_optax._method import Step, sam_state
 from fsam_optax._perturbation import Direction
 
@@ -26,7 +25,7 @@ class FixedDirectionState(NamedTuple):
   rho: jax.Array
   eps: jax.Array
   v: Any
-  config: PerturbationConfig
+  config: fsam_optax.PerturbationConfig
 
   needs_clean_grad = False
 
@@ -55,7 +54,7 @@ def expected() -> dict:
 
 def state() -> FixedDirectionState:
   return FixedDirectionState(
-    jnp.int32(0), jnp.float32(0.3), jnp.float32(0.0), V, PerturbationConfig()
+    jnp.int32(0), jnp.float32(0.3), jnp.float32(0.0), V, fsam_optax.PerturbationConfig()
   )
 
 
@@ -74,7 +73,7 @@ def test_a_registered_state_gets_the_whole_tree_norm_of_split_params():
     jax.lax.psum(jnp.sum(jnp.sin(p["w"] * x)), "model") + jnp.sum(p["b"] ** 3)
   )
   grad_fn = fsam_optax.sam_value_and_grad(split_loss, param_specs=specs)
-  state_specs = FixedDirectionState(P(), P(), P(), specs, PerturbationConfig())
+  state_specs = FixedDirectionState(P(), P(), P(), specs, fsam_optax.PerturbationConfig())
   step = jax.shard_map(
     lambda p, s, x: fsam_optax.perturbed_grads(grad_fn(p, s, x)[1]),
     mesh=mesh,
