@@ -27,8 +27,6 @@ class FixedDirectionState(NamedTuple):
   v: Any
   config: fsam_optax.PerturbationConfig
 
-  needs_clean_grad = False
-
   def direction(self, grads: list[jax.Array], step: Step) -> Direction:
     del grads, step
     return Direction(jax.tree.leaves(self.v), jax.tree.leaves(self.v))
