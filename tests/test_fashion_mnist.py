@@ -233,7 +233,7 @@ def test_smoke_study_writes_everything_and_resumes(tmp_path: pathlib.Path) -> No
   _write_set(tmp_path / "data", n_train=300, n_test=100, gz=True)
   out = tmp_path / "out"
   argv = ["--smoke", "--data-dir", str(tmp_path / "data"), "--out-dir", str(out)]
-  argv += ["--noise", "0.4", "--seeds", "2"]
+  argv += ["--noise", "0.4", "--seeds", "2", "--methods", "sgd", "sam", "fsam"]
   text = fm.main(argv)
   with open(out / "runs.csv", newline="") as f:
     rows = list(csv.DictReader(f))
