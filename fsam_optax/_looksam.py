@@ -22,7 +22,7 @@ from fsam_optax._layout import Layout
 from fsam_optax._mask import Mask, mask_leaves, resolve_mask
 from fsam_optax._method import Step, sam_state
 from fsam_optax._pairs import SAMGrad
-from fsam_optax._perturbation import Direction, acc_dtype
+from fsam_optax._perturbation import Direction
 from fsam_optax._transformation import advancing_update, check_arguments
 
 
@@ -64,24 +64,12 @@ class LookSAMState(NamedTuple):
       )
     mask = mask_leaves(self.config.mask, len(g))
     eps, layout = step.hyperparam("eps"), step.layout
-    project = lambda: projection(first, g, eps, mask, layout)
-    if step.sam_step is None:
-      base, kept = first, orthogonal_part(first, g, g_v, project(), mask)
+    if step.sam_step:
+      scale = projection(first, g, eps, mask, layout)
+      base, kept = first, orthogonal_part(first, g, g_v, scale, mask)
     else:
-      # Only the taken rule's reductions and g_v's update run (conds); the base
-      # optimizer's gradient is a select, which XLA fuses into its kernel.
-      take = step.sam_step
-      zero = layout.vary_if_per_device(jnp.zeros([], acc_dtype([*g, *g_v])))
-      alpha = step.hyperparam("alpha")
-      to_reuse = lambda: (zero, reuse_scale(g, g_v, alpha, eps, mask, layout).astype(zero.dtype))
-      scales = jax.lax.cond(take, lambda: (project().astype(zero.dtype), zero), to_reuse)
-      reused = reuse(g, g_v, scales[1], mask)
-      base = [jnp.where(take, gp, r) for gp, r in zip(first, reused, strict=True)]
-      kept = jax.lax.cond(
-        take,
-        lambda: layout.vary_if_per_device(orthogonal_part(first, g, g_v, scales[0], mask)),
-        lambda: layout.vary_if_per_device(g_v),
-      )
+      scale = reuse_scale(g, g_v, step.hyperparam("alpha"), eps, mask, layout)
+      base, kept = reuse(g, g_v, scale, mask), g_v
     pairs = [SAMGrad(b, None, v) for b, v in zip(base, kept, strict=True)]
     return jax.tree.unflatten(treedef, pairs)
 

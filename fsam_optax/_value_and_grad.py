@@ -9,8 +9,10 @@ One call of the returned function is one SAM step, in named parts:
 3. :func:`_perturbed_pass`: the loss and gradient ``g'`` at ``theta + e``; or, on a
    step that a schedule skips, :func:`_skipped_step` hands on ``g``.
 4. The state makes the pairs the update consumes (:meth:`FSAMState.pairs`:
-   ``SAMGrad(g', g)``), returned with :class:`SAMDiagnostics`; the
-   transformation's update turns them into the base optimizer's gradient.
+   ``SAMGrad(g', g)``), in the same branch as the pass (a schedule's
+   ``lax.cond`` runs one branch, and the rules know which one statically);
+   returned with :class:`SAMDiagnostics`, the transformation's update turns
+   them into the base optimizer's gradient.
 
 With ``perturbation="per_device"`` the direction and the pairs are made from
 each data replica's own ``g`` and ``g'``, and the pairs are then averaged.
@@ -57,6 +59,13 @@ class _SecondPass(NamedTuple):
   grads: Any  # g' (g on a skipped step), averaged, or the replica's own per device
   value: jax.Array  # this device's loss at theta + e (at theta on a skipped step)
   norms: PerturbationNorms | None  # with return_diagnostics only
+
+
+class _HandedOn(NamedTuple):
+  pairs: Any  # the method's SAMGrad pairs, the replica's own per device
+  value: jax.Array  # as _SecondPass.value
+  norms: PerturbationNorms | None  # with return_diagnostics only
+  grad_norm: jax.Array | None  # ||g'|| averaged over the data axes, with return_diagnostics
 
 
 def _clip(tree: Any, max_norm: float | None, layout: Layout) -> Any:
@@ -142,8 +151,20 @@ def _averaged(grads: Any, layout: Layout) -> Any:
   return layout.mean_grads(grads) if layout.per_device else grads
 
 
-def _diagnostics(clean: _CleanPass, second: _SecondPass, layout: Layout) -> SAMDiagnostics:
-  assert second.norms is not None
+def _hand_on(
+  state: SAMState, second: _SecondPass, clean: _CleanPass, step: Step, diagnose: bool
+) -> _HandedOn:
+  """The method's pairs from ``g'`` (or ``g``) and ``g``, and what the diagnostics need."""
+  # Per device, both branches of a schedule's cond hand on the replica's own pairs.
+  pairs = step.layout.vary_if_per_device(state.pairs(second.grads, clean.for_rules, step))
+  norm = None
+  if diagnose:
+    norm = step.layout.norm(jax.tree.leaves(_averaged(second.grads, step.layout)))
+  return _HandedOn(pairs, second.value, second.norms, norm)
+
+
+def _diagnostics(clean: _CleanPass, second: _HandedOn, layout: Layout) -> SAMDiagnostics:
+  assert second.norms is not None and second.grad_norm is not None
   return SAMDiagnostics(
     value=layout.mean(clean.value),
     perturbed_value=layout.mean(second.value),
@@ -151,7 +172,7 @@ def _diagnostics(clean: _CleanPass, second: _SecondPass, layout: Layout) -> SAMD
     perturbation_norm=second.norms.perturbation,
     applied_perturbation_norm=second.norms.applied,
     clean_grad_norm=layout.norm(jax.tree.leaves(clean.grads)),
-    perturbed_grad_norm=layout.norm(jax.tree.leaves(_averaged(second.grads, layout))),
+    perturbed_grad_norm=second.grad_norm,
   )
 
 
@@ -344,7 +365,8 @@ def sam_value_and_grad(
     if micro_batches is not None:
       value_and_grad = accumulated(value_and_grad, micro_batches, has_aux)
     config = state.config
-    step = Step(bound, found.hyperparam, is_sam_step(*config.schedule, found.step))
+    take = is_sam_step(*config.schedule, found.step)
+    step = Step(bound, found.hyperparam, sam_step=True)
     # Per device, the method's rules run on each replica's own gradients and
     # only what they hand on is averaged: g itself is averaged only to report it.
     clean = _clean_pass(
@@ -358,20 +380,21 @@ def sam_value_and_grad(
     )
     second_call = second_pass_args(args, kwargs, rng_arg, second_pass_rng)
 
-    def sam_step() -> _SecondPass:
+    def sam_step() -> _HandedOn:
       perturbed, norms = _perturb(state, step, params, clean.for_rules, return_diagnostics)
-      return _perturbed_pass(
+      second = _perturbed_pass(
         value_and_grad, bound, perturbed, norms, second_call, has_aux, like=clean.value
       )
+      return _hand_on(state, second, clean, step, return_diagnostics)
 
-    def skipped_step() -> _SecondPass:
-      return _skipped_step(clean, bound, params, return_diagnostics)
+    def skipped_step() -> _HandedOn:
+      second = _skipped_step(clean, bound, params, return_diagnostics)
+      return _hand_on(state, second, clean, step._replace(sam_step=False), return_diagnostics)
 
     # A skipped step runs one pass: lax.cond executes one branch (under vmap of
     # a batched count it becomes a select and runs both).
-    take = step.sam_step
     second = sam_step() if take is None else jax.lax.cond(take, sam_step, skipped_step)
-    grads = state.pairs(second.grads, clean.for_rules, step)
+    grads = second.pairs
     if bound.per_device:
       # No parameter is split over a data axis per device (the layout refuses
       # FSDP then), so a plain mean averages every leaf of the pairs.
