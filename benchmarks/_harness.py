@@ -217,6 +217,50 @@ def hand_fsam_variant(loss_fn: Callable) -> Variant:
   return Variant(step, init)
 
 
+class HandLookSAMState(NamedTuple):
+  """The state of the hand-written LookSAM step: step count, ``g_v``, base state."""
+
+  count: jax.Array
+  g_v: Any
+  base: optax.OptState
+
+
+def hand_looksam_variant(loss_fn: Callable, every: int = 5, alpha: float = 0.7) -> Variant:
+  """LookSAM written out in plain JAX, one ``lax.cond`` on the step: the algorithm's own cost.
+
+  On steps ``0, every, 2 every, ...`` SAM's step, keeping ``g_v``, the part of
+  ``g'`` orthogonal to ``g``; between, one pass and ``g + alpha ||g|| / ||g_v|| g_v``.
+  """
+  base = base_optimizer()
+
+  def init(params: Any) -> HandLookSAMState:
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return HandLookSAMState(jnp.zeros([], jnp.int32), zeros, base.init(params))
+
+  def step(params, state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    norm = optax.tree.norm(grads)
+
+    def sam() -> tuple[Any, Any]:
+      scale = RHO / (norm + EPS)
+      perturbed = jax.tree.map(lambda p, g: p + scale * g, params, grads)
+      perturbed_grads = jax.grad(loss_fn)(perturbed, batch)
+      proj = optax.tree.vdot(grads, perturbed_grads) / (norm**2 + EPS)
+      g_v = jax.tree.map(lambda gp, g: gp - proj * g, perturbed_grads, grads)
+      return perturbed_grads, g_v
+
+    def reuse() -> tuple[Any, Any]:
+      scale = alpha * norm / (optax.tree.norm(state.g_v) + EPS)
+      return jax.tree.map(lambda g, v: g + scale * v, grads, state.g_v), state.g_v
+
+    used, g_v = jax.lax.cond(state.count % every == 0, sam, reuse)
+    updates, base_state = base.update(used, state.base, params)
+    new_state = HandLookSAMState(state.count + 1, g_v, base_state)
+    return optax.apply_updates(params, updates), new_state, loss
+
+  return Variant(step, init)
+
+
 def contrib_sam_variant(loss_fn: Callable) -> Variant:
   """``optax.contrib.sam`` in opaque mode, the drop-in SAM of its docstring."""
   adversary = optax.chain(optax.contrib.normalize(), optax.sgd(RHO))

@@ -62,3 +62,33 @@ def test_family_smoke_run_prints_a_verdict_per_target(script, verdicts):
   stdout = run(script, "--family", "--smoke")
   assert stdout.count("target <=") == verdicts, stdout
   assert "LookSAM every 5" in stdout
+  if script == "step_time.py":  # with and without donation
+    assert stdout.count("LookSAM / LookSAM (hand-written)") == 2, stdout
+
+
+def test_hand_written_looksam_takes_the_library_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+  # step_time.py --family splits LookSAM's cost with a hand-written LookSAM;
+  # that split means something only if both compute the same training steps.
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
+  import _harness as h
+  import jax
+  import jax.numpy as jnp
+
+  with jax.enable_x64(True), jax.numpy_rank_promotion("allow"):
+    model = h.mlp(width=16, batch_size=8)
+    loss_fn = h.make_loss(model)
+    params = model.init(jax.random.PRNGKey(0))
+    x, y = h.make_batch(model)
+    batch = (jnp.asarray(x, jnp.float64), jnp.asarray(y))
+    library = h.FAMILY["LookSAM every 5 (fsam_optax)"](loss_fn)
+    runs = []
+    for variant in (library, h.hand_looksam_variant(loss_fn)):
+      step = jax.jit(variant.step)
+      p, state = params, variant.init(params)
+      for _ in range(7):  # SAM steps 0 and 5, reused steps between
+        p, state, _ = step(p, state, batch)
+      runs.append(p)
+    gaps = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), *runs)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), runs[0], params)
+    assert min(jax.tree.leaves(moved)) > 1e-6  # the steps did something
+    assert max(jax.tree.leaves(gaps)) < 1e-12, gaps
