@@ -1,4 +1,5 @@
-"""Every ```python block of the README runs, so the README cannot drift from the code."""
+"""Every ```python block of the README runs, and its result table is the committed one, so
+the README cannot drift from the code or the results."""
 
 from __future__ import annotations
 
@@ -27,3 +28,13 @@ def test_ci_runs_the_readme_test_command():
   test_command = next(c.strip() for c in commands if "pytest" in c)
   ci = (README.parent / ".ci" / "run").read_text().splitlines()
   assert test_command in ci
+
+
+def test_result_table_is_the_committed_study_table():
+  # The README's table is the final-epoch table of results/fashion_mnist/results.md,
+  # header and rows verbatim: a rerun of the study that changes a figure fails here.
+  table = re.findall(r"^\| label noise \|.*?\n(?=[^|])", README.read_text(), flags=re.S | re.M)
+  committed = (README.parent / "results" / "fashion_mnist" / "results.md").read_text()
+  assert len(table) == 1
+  assert table[0].count("\n") == 6  # header, rule, four noise rates
+  assert table[0] in committed
