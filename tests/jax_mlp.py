@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from tests import reference as ref
 from tests.train_step import sam_step
@@ -26,6 +27,20 @@ def mlp_loss(params: dict, x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
     if i < n_layers - 1:
       h = jnp.tanh(h)
   return jnp.mean((h - y) ** 2)
+
+
+def megatron_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+  """``mlp_loss`` of a one-hidden-layer MLP whose hidden units are split over ``"model"``
+  (``w0``, ``b0`` by columns, ``w1`` by rows), inside ``shard_map``."""
+  h = jnp.tanh(x @ params["w0"] + params["b0"][None, :])
+  out = jax.lax.psum(h @ params["w1"], "model") + params["b1"][None, :]
+  return jnp.mean((out - y) ** 2)
+
+
+def fsdp_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+  """``mlp_loss`` with params sharded under ``jit`` on an Explicit mesh: gathered first,
+  the all-gather of FSDP, which such a mesh wants spelt out."""
+  return mlp_loss(jax.tree.map(lambda w: jax.sharding.reshard(w, P()), params), x, y)
 
 
 def run_library(tx: optax.GradientTransformation, data: list, seed: int = 0, **grad_kwargs):

@@ -18,21 +18,12 @@ from jax.sharding import PartitionSpec as P
 from tests.jax_mlp import mlp_loss
 from tests.test_layouts import data, init, make_tx
 from tests.train_step import sam_step
+from tests.two_processes import join
 
 
 def main(address: str, process_id: int, out: str) -> None:
-  jax.distributed.initialize(address, num_processes=2, process_id=process_id)
-  assert jax.config.jax_enable_x64
-  assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
-  mesh = jax.make_mesh((4,), ("data",))
-  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-
-  def local_rows(batch):
-    # Each process loads only its half of the global batch.
-    half = batch[0].shape[0] // 2
-    rows = slice(process_id * half, (process_id + 1) * half)
-    return tuple(jax.make_array_from_process_local_data(split, a[rows]) for a in batch)
-
+  mesh, local_rows = join(address, process_id)
+  replicated = NamedSharding(mesh, P())
   tx = make_tx()
   specs = dict(mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=P())
   steps = {

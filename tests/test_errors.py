@@ -16,8 +16,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fsam_optax
-from tests.jax_mlp import mlp_loss
-from tests.test_layouts import MODEL_SPECS, init, megatron_loss
+from tests.jax_mlp import megatron_loss, mlp_loss
+from tests.test_layouts import MODEL_SPECS, init
 
 
 def loss(params):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import pathlib
 import sys
@@ -12,25 +11,15 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from tests.examples_loader import EXAMPLES, load_example
+
 pytest.importorskip("flax")
 pytest.importorskip("orbax.checkpoint")
 pytest.importorskip("sklearn")
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-# The scripts import their shared pieces (examples/resnet.py) from their own folder.
-sys.path.insert(0, str(EXAMPLES))
 
-
-def _load(name: str) -> ModuleType:
-  spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up here
-  spec.loader.exec_module(module)
-  return module
-
-
-digits = _load("digits")
-cifar = _load("cifar")
+digits = load_example("digits")
+cifar = load_example("cifar")
 
 
 def test_digits_writes_table_csv_and_plot(tmp_path: pathlib.Path) -> None:

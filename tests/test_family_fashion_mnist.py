@@ -2,48 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
-import sys
-from types import ModuleType
 
 import numpy as np
 import pytest
+
+from tests.examples_loader import load_example
+from tests.test_fashion_mnist import ScoredStudy
 
 pytest.importorskip("flax")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "fashion_mnist.py"
-sys.path.insert(0, str(EXAMPLE.parent))  # examples/label_noise.py
-
-
-def _load() -> ModuleType:
-  spec = importlib.util.spec_from_file_location("examples_fashion_mnist_family", EXAMPLE)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up here
-  spec.loader.exec_module(module)
-  return module
-
-
-fm = _load()
+fm = load_example("fashion_mnist")
 FAMILY = ("gsam", "vasso", "looksam")
-
-
-class _ScoredStudy(fm.Study):
-  """Scores a run by a function of its hyperparameters instead of training it."""
-
-  def __init__(self, score):
-    self.score, self.calls = score, []
-    self.settings = fm.Settings(epochs=1)
-    self.bar = type("Bar", (), {"total": 0})()
-
-  def get(self, stage, method, noise, seed, hp):
-    assert (stage, seed) == ("tune", fm.TUNING_SEED)
-    if (method, hp) not in self.calls:  # the real Study finds repeats in its CSV
-      self.calls.append((method, dict(hp)))
-    return {"final_val_acc": self.score(method, hp)}
 
 
 def test_the_plain_command_runs_the_whole_family() -> None:
@@ -70,7 +43,7 @@ def test_each_method_tunes_its_own_value_at_sams_rho_then_rho() -> None:
       return -hp["alpha"] + rho
     return rho
 
-  study = _ScoredStudy(score)
+  study = ScoredStudy(score)
   assert study.choose("gsam", 0.4) == {"rho": 0.4, "alpha": 0.6}
   gsam = [(hp["alpha"], hp["rho"]) for m, hp in study.calls if m == "gsam"]
   assert gsam == [

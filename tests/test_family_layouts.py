@@ -12,12 +12,7 @@ leaves. Two processes run this file as a worker:
 from __future__ import annotations
 
 import functools
-import os
-import pathlib
-import socket
-import subprocess
 import sys
-import tempfile
 from typing import Any, NamedTuple
 
 import jax
@@ -30,8 +25,9 @@ from jax.sharding import PartitionSpec as P
 
 import fsam_optax
 from tests import reference as ref
-from tests.jax_mlp import mlp_loss
+from tests.jax_mlp import fsdp_loss, megatron_loss, mlp_loss
 from tests.train_step import sam_step
+from tests.two_processes import join, run_two_processes
 
 STEPS, TOL = 5, 1e-9
 SIZES, BATCH = (5, 8, 3), 16
@@ -56,16 +52,6 @@ TIMEOUT_S = 180
 
 def make_tx(name: str) -> optax.GradientTransformation:
   return optax.chain(BUILD[name](**HP[name]), optax.sgd(LR, momentum=MOMENTUM))
-
-
-def megatron_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-  h = jnp.tanh(x @ params["w0"] + params["b0"][None, :])
-  out = jax.lax.psum(h @ params["w1"], "model") + params["b1"][None, :]
-  return jnp.mean((out - y) ** 2)
-
-
-def fsdp_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-  return mlp_loss(jax.tree.map(lambda w: jax.sharding.reshard(w, P()), params), x, y)
 
 
 def init() -> dict:
@@ -255,16 +241,8 @@ def test_data_by_model_mesh_per_device_equals_a_loop_over_replicas(name):
 
 def worker(address: str, process_id: int, out: str) -> None:
   """One of two processes: data-parallel under jit and shard_map, each process half a batch."""
-  jax.distributed.initialize(address, num_processes=2, process_id=process_id)
-  assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
-  mesh = jax.make_mesh((4,), ("data",))
-  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-
-  def local_rows(batch):
-    half = batch[0].shape[0] // 2
-    rows = slice(process_id * half, (process_id + 1) * half)
-    return tuple(jax.make_array_from_process_local_data(split, a[rows]) for a in batch)
-
+  mesh, local_rows = join(address, process_id)
+  replicated = NamedSharding(mesh, P())
   results = {}
   for name in METHODS:
     tx = make_tx(name)
@@ -285,45 +263,10 @@ def worker(address: str, process_id: int, out: str) -> None:
   jax.distributed.shutdown()
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_train_like_one():
-  repo = pathlib.Path(__file__).resolve().parents[1]
-  env = {
-    **os.environ,
-    "PYTHONPATH": str(repo),
-    "JAX_PLATFORMS": "cpu",
-    "JAX_ENABLE_X64": "1",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",  # 2 per process, 4 in all
-  }
-  address = f"127.0.0.1:{free_port()}"
-  with tempfile.TemporaryDirectory() as tmp:
-    outs = [pathlib.Path(tmp, f"process{i}.npz") for i in range(2)]
-    command = [sys.executable, "-m", "tests.test_family_layouts", address]
-    procs = [
-      subprocess.Popen(
-        [*command, str(i), str(out)],
-        cwd=repo,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-      )
-      for i, out in enumerate(outs)
-    ]
-    try:
-      logs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc in procs]
-    except subprocess.TimeoutExpired:
-      for proc in procs:
-        proc.kill()
-      pytest.fail(f"the two processes did not finish within {TIMEOUT_S} s")
-    for proc, log in zip(procs, logs, strict=True):
-      assert proc.returncode == 0, log
-    results = [dict(np.load(out)) for out in outs]
+  # Each process feeds its half of every batch; every method, under jit and under
+  # shard_map, must give in both processes what one device gives, within 1e-9.
+  results = run_two_processes("tests.test_family_layouts", TIMEOUT_S)
   for name in METHODS:
     with jax.enable_x64(True):
       want = jax.tree.leaves(single_device(name))

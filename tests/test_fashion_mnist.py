@@ -4,35 +4,21 @@ from __future__ import annotations
 
 import csv
 import gzip
-import importlib.util
 import json
 import pathlib
 import struct
-import sys
-from types import ModuleType
 
 import jax
 import numpy as np
 import pytest
 
+from tests.examples_loader import load_example
+
 pytest.importorskip("flax")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "fashion_mnist.py"
-# The script imports its shared pieces (examples/label_noise.py) from its own folder.
-sys.path.insert(0, str(EXAMPLE.parent))
-
-
-def _load() -> ModuleType:
-  spec = importlib.util.spec_from_file_location("examples_fashion_mnist", EXAMPLE)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up here
-  spec.loader.exec_module(module)
-  return module
-
-
-fm = _load()
+fm = load_example("fashion_mnist")
 HINT = ("--data-dir", "sudo apt-get install dataset-fashion-mnist")
 
 
@@ -139,8 +125,11 @@ def test_same_seed_same_initialisation_for_every_method() -> None:
       np.testing.assert_array_equal(a, b)
 
 
-class _ScoredStudy(fm.Study):
-  """Scores a run by a given function of its hyperparameters instead of training."""
+class ScoredStudy(fm.Study):
+  """Scores a run by a given function of its hyperparameters instead of training.
+
+  Every run it is asked for is a tuning run at 40% noise on the tuning seed.
+  """
 
   def __init__(self, score):
     self.score, self.calls = score, []
@@ -159,7 +148,7 @@ def test_tuning_widens_the_grid_at_its_edges() -> None:
   score = lambda method, hp: (
     -abs(hp["rho"] - 0.8) if method == "sam" else -hp["lmbda"] - abs(hp["rho"] - 0.2)
   )
-  study = _ScoredStudy(score)
+  study = ScoredStudy(score)
   assert study.choose("fsam", 0.4) == {"rho": 0.2, "sigma": 1.0, "lmbda": 0.0}
   assert [hp["rho"] for m, hp in study.calls if m == "sam"] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
   fsam = [(hp["lmbda"], hp["rho"]) for m, hp in study.calls if m == "fsam"]
@@ -176,7 +165,7 @@ def test_a_method_can_start_from_another_methods_choice(monkeypatch) -> None:
   # A variant with a fixed setting of its own and F-SAM's tuned values: no runs of its own.
   variant = fm.Method("F-SAM variant", front=lambda hp: None, fixed={"k": 2}, start_from="fsam")
   monkeypatch.setitem(fm.METHODS, "variant", variant)
-  study = _ScoredStudy(lambda method, hp: -abs(hp["rho"] - 0.1) - hp.get("lmbda", 0))
+  study = ScoredStudy(lambda method, hp: -abs(hp["rho"] - 0.1) - hp.get("lmbda", 0))
   chosen = study.choose("variant", 0.4)
   assert chosen == {"rho": 0.1, "sigma": 1.0, "lmbda": 0.0, "k": 2}
   assert {m for m, _ in study.calls} == {"sam", "fsam"}

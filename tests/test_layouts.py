@@ -13,11 +13,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
-import pathlib
-import socket
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -34,8 +29,9 @@ from jax.sharding import PartitionSpec as P
 import fsam_optax
 from fsam_optax._layout import manual_axes, varying_axes
 from tests import reference as ref
-from tests.jax_mlp import mlp_loss
+from tests.jax_mlp import fsdp_loss, megatron_loss, mlp_loss
 from tests.train_step import documented_draw, sam_step
+from tests.two_processes import run_two_processes
 
 STEPS = 5
 TOL = 1e-12  # float64; only the order of the cross-device sums differs
@@ -57,17 +53,6 @@ FSDP_SPECS = {"w0": P(None, "data"), "b0": P("data"), "w1": P("data", None), "b1
 def x64() -> Iterator[None]:
   with jax.enable_x64(True):
     yield
-
-
-def megatron_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-  h = jnp.tanh(x @ params["w0"] + params["b0"][None, :])
-  out = jax.lax.psum(h @ params["w1"], "model") + params["b1"][None, :]
-  return jnp.mean((out - y) ** 2)
-
-
-def fsdp_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-  # The all-gather of FSDP, which an Explicit mesh wants spelt out.
-  return mlp_loss(jax.tree.map(lambda w: jax.sharding.reshard(w, P()), params), x, y)
 
 
 def make_tx(sam=False, adaptive=False, **schedule) -> optax.GradientTransformation:
@@ -409,51 +394,14 @@ def test_orbax_restores_the_model_split_state_straight_onto_the_mesh():
 
 # ---- two processes, 2 CPU devices each (run by tests/multi_process_worker.py) ----
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def test_two_processes_train_like_one():
   # Each process feeds its half of every batch; data-parallel F-SAM under jit and
   # under shard_map must give, in both processes, the params, optimizer state and
   # losses of one process running the whole batch, within 1e-9.
-  address = f"127.0.0.1:{free_port()}"
-  env = {
-    **os.environ,
-    "PYTHONPATH": str(REPO),
-    "JAX_PLATFORMS": "cpu",
-    "JAX_ENABLE_X64": "1",
-    # Replaces the 8 devices of this process's XLA_FLAGS: 2 per process, 4 in all.
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-  }
-  with tempfile.TemporaryDirectory() as tmp:
-    outs = [pathlib.Path(tmp, f"process{i}.npz") for i in range(2)]
-    procs = [
-      subprocess.Popen(
-        [sys.executable, "-m", "tests.multi_process_worker", address, str(i), str(out)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-      )
-      for i, out in enumerate(outs)
-    ]
-    try:
-      logs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc in procs]
-    except subprocess.TimeoutExpired:
-      for proc in procs:
-        proc.kill()
-      pytest.fail(f"the two processes did not finish within {TIMEOUT_S} s")
-    for proc, log in zip(procs, logs, strict=True):
-      assert proc.returncode == 0, log
-    results = [dict(np.load(out)) for out in outs]
+  results = run_two_processes("tests.multi_process_worker", TIMEOUT_S)
   want = one_device()
   want_leaves = jax.tree.leaves((want.params, want.opt_state, list(want.losses)))
   for result in results:
