@@ -51,7 +51,7 @@ class GSAMState(NamedTuple):
     """``SAMGrad(g' - alpha * vertical, None)`` at each leaf."""
     g_prime, treedef = jax.tree.flatten(perturbed)
     g = jax.tree.leaves(clean)
-    mask = mask_leaves(self.config.mask, len(g))
+    mask = mask_leaves(self.config.mask, len(g), "gsam")
     combined = surrogate_gap_gradient(
       g_prime, g, step.hyperparam("alpha"), step.hyperparam("eps"), mask, step.layout
     )
@@ -157,7 +157,7 @@ def gsam(
   def init_fn(params: optax.Params) -> GSAMState:
     config = PerturbationConfig(
       adaptive=bool(adaptive),
-      mask=resolve_mask(mask, params),
+      mask=resolve_mask(mask, params, "gsam"),
       skip_nonfinite=bool(skip_nonfinite),
     )
     return GSAMState(

@@ -62,7 +62,7 @@ class LookSAMState(NamedTuple):
         f"sam_value_and_grad: params have {len(g)} leaves but the LookSAM state keeps "
         f"{len(g_v)}; initialise the optimizer with the same params you pass here."
       )
-    mask = mask_leaves(self.config.mask, len(g))
+    mask = mask_leaves(self.config.mask, len(g), "looksam")
     eps, layout = step.hyperparam("eps"), step.layout
     if step.sam_step:
       scale = projection(first, g, eps, mask, layout)
@@ -212,7 +212,9 @@ def looksam(
 
   def init_fn(params: optax.Params) -> LookSAMState:
     config = PerturbationConfig(
-      mask=resolve_mask(mask, params), skip_nonfinite=bool(skip_nonfinite), every=int(every)
+      mask=resolve_mask(mask, params, "looksam"),
+      skip_nonfinite=bool(skip_nonfinite),
+      every=int(every),
     )
     return LookSAMState(
       count=jnp.zeros([], jnp.int32),

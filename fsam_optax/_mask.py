@@ -10,43 +10,43 @@ import jax.numpy as jnp
 Mask = Any  # A pytree of bools (a prefix of the params), or a callable giving one.
 
 
-def check_mask_leaves(leaves: list[Any]) -> None:
-  """Raises a ValueError unless every leaf is a concrete scalar bool."""
+def check_mask_leaves(leaves: list[Any], method: str = "fsam") -> None:
+  """Raises a ValueError, naming ``method``, unless every leaf is a concrete scalar bool."""
   for leaf in leaves:
     if isinstance(leaf, jax.core.Tracer) or jnp.ndim(leaf) != 0:
       raise ValueError(
-        "fsam: `mask` leaves must be concrete Python bools, one per parameter "
+        f"{method}: `mask` leaves must be concrete Python bools, one per parameter "
         f"leaf (or per subtree), got {leaf!r}; mask whole arrays, not elements."
       )
 
 
-def resolve_mask(mask: Mask | None, params: Any) -> tuple[bool, ...] | None:
+def resolve_mask(mask: Mask | None, params: Any, method: str = "fsam") -> tuple[bool, ...] | None:
   """One Python bool per leaf of ``params`` (a callable mask is called on them)."""
   if mask is None:
     return None
   tree = mask(params) if callable(mask) else mask
-  leaves = jax.tree.leaves(broadcast_mask(tree, params))
-  check_mask_leaves(leaves)
+  leaves = jax.tree.leaves(broadcast_mask(tree, params, method))
+  check_mask_leaves(leaves, method)
   return tuple(bool(leaf) for leaf in leaves)
 
 
-def broadcast_mask(mask_tree: Any, params: Any) -> Any:
+def broadcast_mask(mask_tree: Any, params: Any, method: str = "fsam") -> Any:
   """``mask_tree`` broadcast to the structure of ``params``, or a ValueError."""
   try:
     return jax.tree.broadcast(mask_tree, params)
   except (ValueError, TypeError) as err:
     raise ValueError(
-      f"fsam: `mask` must have the structure of the params (or a prefix of it): {err}"
+      f"{method}: `mask` must have the structure of the params (or a prefix of it): {err}"
     ) from None
 
 
-def mask_leaves(mask: tuple[bool, ...] | None, n: int) -> list[bool]:
+def mask_leaves(mask: tuple[bool, ...] | None, n: int, method: str = "fsam") -> list[bool]:
   """The resolved mask for ``n`` parameter leaves (all True for ``None``), or a ValueError."""
   if mask is None:
     return [True] * n
   if len(mask) != n:
     raise ValueError(
-      f"fsam: the state's `mask` covers {len(mask)} parameter leaves but the params "
+      f"{method}: the state's `mask` covers {len(mask)} parameter leaves but the params "
       f"have {n}; initialise the optimizer with the same params you pass here."
     )
   return list(mask)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -45,6 +46,15 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_sha
   named = [s for s in leaves if isinstance(s, NamedSharding)]
   replicated = NamedSharding(named[0].mesh, PartitionSpec()) if named else PartitionSpec()
   full = jax.tree.map(lambda s: replicated if s is None else s, full, is_leaf=is_spec)
-  return optax.tree_map_params(
-    tx, lambda _, s: s, state, full, transform_non_params=lambda _: replicated
+  structure: Any = jax.tree.structure(params)
+  shapes = [jnp.shape(x) for x in jax.tree.leaves(params)]
+
+  # By structure and shapes, not by optax.tree_map_params: that one calls tx.init on a
+  # placeholder, which a mask (a tree or a callable of the params) cannot be resolved on.
+  def like_params(node: Any) -> bool:
+    leaves = jax.tree.leaves(node)
+    return jax.tree.structure(node) == structure and [jnp.shape(x) for x in leaves] == shapes
+
+  return jax.tree.map(
+    lambda node: full if like_params(node) else replicated, state, is_leaf=like_params
   )

@@ -26,7 +26,7 @@ def check_arguments(method: str, rho: Any, eps: Any, mask: Mask | None) -> None:
   check("rho", rho, lambda v: v >= 0, "a radius >= 0", method)
   check("eps", eps, lambda v: v > 0, "> 0", method)
   if mask is not None and not callable(mask):
-    check_mask_leaves(jax.tree.leaves(mask))
+    check_mask_leaves(jax.tree.leaves(mask), method)
 
 
 def advancing_update(

@@ -36,7 +36,7 @@ from fsam_optax._layout import Layout, Perturbation
 from fsam_optax._lookup import find_sam_state
 from fsam_optax._loss_scale import scaled_value_and_grad
 from fsam_optax._mask import mask_leaves
-from fsam_optax._method import SAMState, Step
+from fsam_optax._method import SAMState, Step, method_name
 from fsam_optax._perturbation import (
   acc_dtype,
   applied_norm,
@@ -106,7 +106,7 @@ def _perturb(
     step.hyperparam("rho"),
     step.hyperparam("eps"),
     adaptive=state.config.adaptive,
-    mask=mask_leaves(state.config.mask, len(theta)),
+    mask=mask_leaves(state.config.mask, len(theta), method_name(state)),
     total=step.layout.total,
   )
   moved = shifted(theta, e)

@@ -157,7 +157,7 @@ def vasso(
 
   def init_fn(params: optax.Params) -> VaSSOState:
     config = PerturbationConfig(
-      mask=resolve_mask(mask, params), skip_nonfinite=bool(skip_nonfinite)
+      mask=resolve_mask(mask, params, "vasso"), skip_nonfinite=bool(skip_nonfinite)
     )
     return VaSSOState(
       count=jnp.zeros([], jnp.int32),

@@ -50,8 +50,13 @@ FSDP_SPECS = {"w0": P(None, "data"), "b0": P("data"), "w1": P("data", None), "b1
 TIMEOUT_S = 180
 
 
-def make_tx(name: str) -> optax.GradientTransformation:
-  return optax.chain(BUILD[name](**HP[name]), optax.sgd(LR, momentum=MOMENTUM))
+# Leaves out b0, a leaf split over "model", and b1: masked leaves leave the norms of every shard.
+MASK = {"w0": True, "b0": False, "w1": True, "b1": False}
+
+
+def make_tx(name: str, masked: bool = False) -> optax.GradientTransformation:
+  mask = dict(mask=MASK) if masked else {}
+  return optax.chain(BUILD[name](**HP[name], **mask), optax.sgd(LR, momentum=MOMENTUM))
 
 
 def init() -> dict:
@@ -93,15 +98,17 @@ def _is_spec(x: Any) -> bool:
 
 
 @functools.cache
-def single_device(name: str) -> Run:
-  tx, params = make_tx(name), init()
+def single_device(name: str, masked: bool = False) -> Run:
+  tx, params = make_tx(name, masked), init()
   return train(sam_step(tx, mlp_loss, outputs=("loss",)), params, tx.init(params))
 
 
 @functools.cache
-def run_shard_map(name: str, shape: tuple, names: tuple, perturbation: str = "global") -> Run:
+def run_shard_map(
+  name: str, shape: tuple, names: tuple, perturbation: str = "global", masked: bool = False
+) -> Run:
   mesh = jax.make_mesh(shape, names)
-  tx, params = make_tx(name), init()
+  tx, params = make_tx(name, masked), init()
   model_parallel = "model" in names
   specs = MODEL_SPECS if model_parallel else P()
   state_specs = fsam_optax.opt_state_shardings(tx, params, specs)
@@ -135,6 +142,15 @@ def test_model_parallel_mesh_equals_one_device(name):
 def test_data_by_model_mesh_equals_one_device_on_the_global_batch(name):
   with jax.enable_x64(True):
     assert_same_run(run_shard_map(name, (2, 4), ("data", "model")), single_device(name))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_masked_data_by_model_mesh_equals_one_device(name):
+  with jax.enable_x64(True):
+    want = single_device(name, masked=True)
+    assert_same_run(run_shard_map(name, (2, 4), ("data", "model"), masked=True), want)
+    # The mask matters: masked leaves are not perturbed and leave the norms.
+    assert np.max(np.abs(want.params["w0"] - single_device(name).params["w0"])) > 1e-5
 
 
 @pytest.mark.parametrize("name", METHODS)

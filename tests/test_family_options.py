@@ -249,6 +249,15 @@ def test_bad_hyperparameters_are_refused_by_name(build, match):
     build()
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_a_bad_mask_is_refused_by_name(name):
+  with pytest.raises(ValueError, match=rf"{name}: `mask` leaves must be concrete Python bools"):
+    BUILD[name](mask={"w0": jnp.array([True, False])})
+  wrong = BUILD[name](mask={"w9": True})
+  with pytest.raises(ValueError, match=rf"{name}: `mask` must have the structure of the params"):
+    wrong.init(params64())
+
+
 @pytest.mark.parametrize(
   ("kwargs", "match"),
   [

@@ -392,6 +392,21 @@ def test_orbax_restores_the_model_split_state_straight_onto_the_mesh():
   assert restored[0].ema["w0"].addressable_shards[0].data.shape == (5, 2)
 
 
+@pytest.mark.parametrize(
+  "mask",
+  [{"w0": True, "b0": False, "w1": True, "b1": False}, lambda p: {k: k[0] == "w" for k in p}],
+  ids=["tree", "callable"],
+)
+def test_opt_state_shardings_of_a_masked_state(mask):
+  # The mask resolves against the params at init; the specs follow the params all the same,
+  # with the structure (the mask included) of the real state.
+  tx = optax.chain(fsam_optax.fsam(mask=mask), optax.adamw(0.1))
+  specs = fsam_optax.opt_state_shardings(tx, init(), MODEL_SPECS)
+  assert jax.tree.structure(specs, is_leaf=_is_spec) == jax.tree.structure(tx.init(init()))
+  assert specs[0].ema == specs[1][0].mu == specs[1][0].nu == MODEL_SPECS
+  assert specs[0].count == specs[1][0].count == P()
+
+
 # ---- two processes, 2 CPU devices each (run by tests/multi_process_worker.py) ----
 
 TIMEOUT_S = 120
