@@ -30,8 +30,8 @@ Every finished run appends one row to ``runs.csv`` in ``--out-dir`` (its
 settings, seed, per-epoch accuracies and wall times); running the same
 command again skips the runs already there, and so does a command that adds
 methods or noise levels (other settings are refused). ``config.json`` records
-the settings, library versions, git commit and machine of the latest session
-(and of the earlier ones, under ``earlier_sessions``); ``results.md``,
+the settings, library versions, git commit and machine of the latest invocation
+(and of the earlier ones, under ``earlier_invocations``); ``results.md``,
 ``timing.md`` and ``fashion_mnist.png`` are rewritten from the CSV after each
 noise level (and by ``--report-only``).
 
@@ -544,7 +544,7 @@ class Study:
     self.trainers: dict[str, Trainer] = {}
 
   def get(self, stage: str, method: str, noise: float, seed: int, hp: dict[str, float]):
-    """The run's CSV row, training it first unless an earlier session did."""
+    """The run's CSV row, training it first unless an earlier invocation did."""
     key = _key(method, noise, seed, hp)
     if key in self.done:
       return self.done[key]
@@ -843,33 +843,33 @@ def environment() -> dict[str, Any]:
   }
 
 
-SESSION_KEYS = ("environment", "command", "methods", "noise", "seeds")
+INVOCATION_KEYS = ("environment", "command", "methods", "noise", "seeds")
 
 
-def earlier_sessions(recorded: dict[str, Any] | None, session: dict[str, Any]) -> list[Any]:
-  """The sessions before this one that config.json records, the last one recorded included.
+def earlier_invocations(recorded: dict[str, Any] | None, invocation: dict[str, Any]) -> list[Any]:
+  """The invocations before this one that config.json records, the last one recorded included.
 
-  The last one is dropped when this session repeats it (the same command, versions, commit
+  The last one is dropped when this invocation repeats it (the same command, versions, commit
   and machine; the load average is left out of the comparison).
 
   >>> env = {"git_commit": "a", "load_average_at_start": [1.0]}
   >>> old = {"settings": {}, "environment": env, "command": "x"}
   >>> new = {"environment": {**env, "load_average_at_start": [5.0]}, "command": "x"}
-  >>> earlier_sessions(old, new)
+  >>> earlier_invocations(old, new)
   []
-  >>> [s["command"] for s in earlier_sessions(old, {**new, "command": "y"})]
+  >>> [s["command"] for s in earlier_invocations(old, {**new, "command": "y"})]
   ['x']
   """
   if recorded is None:
     return []
-  earlier = list(recorded.get("earlier_sessions", []))
-  last = {k: recorded[k] for k in SESSION_KEYS if k in recorded}
+  earlier = list(recorded.get("earlier_invocations", []))
+  last = {k: recorded[k] for k in INVOCATION_KEYS if k in recorded}
 
   def identity(s: dict[str, Any]) -> str:
     env = {k: v for k, v in s.get("environment", {}).items() if k != "load_average_at_start"}
     return json.dumps({**s, "environment": env}, sort_keys=True)
 
-  if last and identity(last) != identity(session):
+  if last and identity(last) != identity(invocation):
     earlier.append(last)
   return earlier
 
@@ -950,8 +950,8 @@ def main(argv: Sequence[str] | None = None) -> str:
       f"{out} holds runs with settings {recorded['settings']}, not {settings_dict}: "
       "resume with the same settings or pass another --out-dir."
     )
-  # Adding methods, noise levels or seeds to a folder is a new session of the same study.
-  session = {
+  # Adding methods, noise levels or seeds to a folder is a new invocation of the same study.
+  invocation = {
     "environment": environment(),
     "command": " ".join(sys.argv),
     "methods": list(args.methods),
@@ -962,8 +962,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     "settings": settings_dict,
     "data_dir": str(data_dir),
     "split": {"train": len(data.y_train), "val": len(data.y_val), "test": len(data.y_test)},
-    **session,
-    "earlier_sessions": earlier_sessions(recorded, session),
+    **invocation,
+    "earlier_invocations": earlier_invocations(recorded, invocation),
   }
   config_path.write_text(json.dumps(config, indent=2) + "\n")
   print(
@@ -974,7 +974,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   total = planned_epochs(args.methods, args.noise, args.seeds, settings.epochs)
   with tqdm(total=total, unit="epoch", desc="study") as bar:
     study = Study(settings, data, out, bar)
-    # Finished runs of this plan count as done (from an earlier session).
+    # Finished runs of this plan count as done (from an earlier invocation).
     wanted = lambda r: r["noise"] in args.noise and r["method"] in args.methods
     bar.update(sum(len(r["test_acc"]) for r in study.done.values() if wanted(r)))
     for noise in args.noise:

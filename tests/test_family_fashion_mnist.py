@@ -123,11 +123,11 @@ def test_adding_methods_resumes_and_other_settings_are_still_refused(
     assert f"| 40% | {label} |" in text
   lookhp = [r["hparams"] for r in rows if r["method"] == "looksam"]
   assert all(hp["every"] == 5 for hp in lookhp)
-  # The first session is kept in config.json.
+  # The first invocation is kept in config.json.
   config = json.loads((out / "config.json").read_text())
   assert config["methods"] == list(FAMILY)
-  assert [s["methods"] for s in config["earlier_sessions"]] == [["sgd", "sam"]]
-  assert config["earlier_sessions"][0]["environment"] == first["environment"]
+  assert [s["methods"] for s in config["earlier_invocations"]] == [["sgd", "sam"]]
+  assert config["earlier_invocations"][0]["environment"] == first["environment"]
   timing = (out / "timing.md").read_text()
   assert all(f"| {fm.METHODS[m].label} |" in timing for m in ("sgd", "sam", *FAMILY))
   assert "| SAM |" in timing and "| 1.00 |" in timing  # the ratio's reference
