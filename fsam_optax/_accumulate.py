@@ -45,37 +45,50 @@ def _zeros_like(struct: jax.ShapeDtypeStruct) -> jax.Array:
   return vary(zeros, tuple(sorted(varying_axes(struct) or ())))
 
 
-def accumulated(
-  value_and_grad: Callable[..., Any], micro_batches: int, has_aux: bool
-) -> Callable[..., Any]:
+def accumulated(value_and_grad: Callable[..., Any], micro_batches: int) -> Callable[..., Any]:
   """``value_and_grad`` on the mean loss over ``micro_batches`` equal slices of the batch.
 
-  For a loss that is a mean over examples this is the gradient of the whole
-  batch. The value and gradient are the means over micro-batches; an aux is
-  stacked along a new leading axis of length ``micro_batches``.
+  ``value_and_grad(params, rngs, rest, *args, **kwargs)`` returns ``((value,
+  (aux, rngs, rest)), grads)``. For a loss that is a mean over examples the
+  result is the gradient of the whole batch. The value and gradient are the
+  means over micro-batches; an aux is stacked along a new leading axis of
+  length ``micro_batches``; ``rngs`` and ``rest`` (an NNX model's RNG streams
+  and other Variables) go through the micro-batches one after another, as if
+  they ran through the model in turn.
   """
 
-  def run(params: Any, *args: Any, **kwargs: Any) -> Any:
+  def run(params: Any, rngs: Any, rest: Any, *args: Any, **kwargs: Any) -> Any:
     batches = split(micro_batches, (args, kwargs))
-
-    def one(batch: Any) -> Any:
-      out, grads = value_and_grad(params, *batch[0], **batch[1])
-      return (out if has_aux else (out, None)), grads
-
+    one = lambda rngs, rest, batch: value_and_grad(params, rngs, rest, *batch[0], **batch[1])
     first = jax.tree.map(lambda x: x[0], batches)
-    (value_s, _), grads_s = jax.eval_shape(one, first)
+    (value_s, (_, *state_s)), grads_s = jax.eval_shape(one, rngs, rest, first)
+    _check_state_kept((rngs, rest), tuple(state_s))
 
     def step(carry: Any, batch: Any) -> Any:
-      (value, aux), grads = one(batch)
-      total_value, total_grads = carry
+      total_value, total_grads, rngs, rest = carry
+      (value, (aux, rngs, rest)), grads = one(rngs, rest, batch)
       add = lambda total, x: total + x.astype(total.dtype)
-      return (add(total_value, value), jax.tree.map(add, total_grads, grads)), aux
+      return (add(total_value, value), jax.tree.map(add, total_grads, grads), rngs, rest), aux
 
-    init = (_zeros_like(value_s), jax.tree.map(_zeros_like, grads_s))
-    (value, grads), aux = jax.lax.scan(step, init, batches)
+    init = (_zeros_like(value_s), jax.tree.map(_zeros_like, grads_s), rngs, rest)
+    (value, grads, rngs, rest), aux = jax.lax.scan(step, init, batches)
     mean = lambda total, like: (total / micro_batches).astype(like.dtype)
-    value = mean(value, value_s)
-    grads = jax.tree.map(mean, grads, grads_s)
-    return ((value, aux) if has_aux else value), grads
+    return (mean(value, value_s), (aux, rngs, rest)), jax.tree.map(mean, grads, grads_s)
 
   return run
+
+
+def _check_state_kept(before: Any, after: Any) -> None:
+  """A ValueError unless one micro-batch leaves the model's state as it found its types."""
+  shape = lambda tree: (
+    jax.tree.structure(tree),
+    [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(tree)],
+  )
+  if shape(before) != shape(after):
+    raise ValueError(
+      "sam_value_and_grad: with micro_batches, the model's Variables go from one "
+      "micro-batch to the next, but the loss changes their structure, shapes or dtypes "
+      "(nnx.sow adds a value at each call, or a statistic changes dtype). Leave "
+      "micro_batches off, or keep the Variables' shapes and dtypes fixed (e.g. sow "
+      "with a reduce_fn that replaces the value)."
+    )

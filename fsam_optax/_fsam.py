@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fsam_optax._buffers import zeros_buffer
 from fsam_optax._config import PerturbationConfig
 from fsam_optax._hyperparams import at, check, default_float
 from fsam_optax._mask import Mask, check_mask_leaves, resolve_mask
@@ -71,15 +72,6 @@ class FSAMState(NamedTuple):
       [(g - sigma * m).astype(g.dtype) for g, m in pairs],
       [(g + (-sigma) * m).astype(g.dtype) for g, m in pairs],
     )
-
-
-def _zeros_for(param: Any, ema_dtype: jnp.dtype | None) -> jax.Array:
-  """The moving average's buffer for one parameter leaf."""
-  param = jnp.asarray(param)
-  dtype = ema_dtype or param.dtype
-  if ema_dtype is None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
-    dtype = jnp.dtype(jnp.float32)
-  return jnp.zeros(param.shape, dtype)
 
 
 def moving_average(ema: Any, grads: list[jax.Array], lmbda: Any, count: jax.Array) -> Any:
@@ -230,7 +222,7 @@ def fsam(
       rho=at(rho, jnp.zeros([], jnp.int32)),
       sigma=default_float(sigma),
       eps=default_float(eps),
-      ema=jax.tree.map(lambda p: _zeros_for(p, ema_dtype), params) if keep_ema else None,
+      ema=zeros_buffer(params, ema_dtype) if keep_ema else None,
       config=config,
     )
 

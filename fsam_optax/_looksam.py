@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fsam_optax._buffers import zeros_buffer
 from fsam_optax._config import PerturbationConfig
-from fsam_optax._fsam import _zeros_for
 from fsam_optax._hyperparams import at, check, default_float
 from fsam_optax._layout import Layout
 from fsam_optax._mask import Mask, mask_leaves, resolve_mask
@@ -221,7 +221,7 @@ def looksam(
       rho=at(rho, jnp.zeros([], jnp.int32)),
       alpha=default_float(alpha),
       eps=default_float(eps),
-      g_v=jax.tree.map(lambda p: _zeros_for(p, g_v_dtype), params),
+      g_v=zeros_buffer(params, g_v_dtype),
       config=config,
     )
 

@@ -7,6 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fsam_optax._buffers import is_differentiated
+
 Mask = Any  # A pytree of bools (a prefix of the params), or a callable giving one.
 
 
@@ -21,13 +23,14 @@ def check_mask_leaves(leaves: list[Any], method: str = "fsam") -> None:
 
 
 def resolve_mask(mask: Mask | None, params: Any, method: str = "fsam") -> tuple[bool, ...] | None:
-  """One Python bool per leaf of ``params`` (a callable mask is called on them)."""
+  """One Python bool per differentiated leaf of ``params`` (a callable mask is called on them)."""
   if mask is None:
     return None
   tree = mask(params) if callable(mask) else mask
   leaves = jax.tree.leaves(broadcast_mask(tree, params, method))
   check_mask_leaves(leaves, method)
-  return tuple(bool(leaf) for leaf in leaves)
+  kept = [is_differentiated(p) for p in jax.tree.leaves(params)]
+  return tuple(bool(leaf) for leaf, k in zip(leaves, kept, strict=True) if k)
 
 
 def broadcast_mask(mask_tree: Any, params: Any, method: str = "fsam") -> Any:

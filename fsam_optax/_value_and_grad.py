@@ -37,6 +37,7 @@ from fsam_optax._lookup import find_sam_state
 from fsam_optax._loss_scale import scaled_value_and_grad
 from fsam_optax._mask import mask_leaves
 from fsam_optax._method import SAMState, Step, method_name
+from fsam_optax._model import Bound, bind
 from fsam_optax._perturbation import (
   acc_dtype,
   applied_norm,
@@ -51,6 +52,8 @@ from fsam_optax._schedule import is_sam_step
 class _CleanPass(NamedTuple):
   value: jax.Array  # this device's loss at theta
   aux: Any
+  rngs: Any  # an NNX model's RNG streams and other Variables as the pass left them
+  rest: Any
   grads: Any  # g, averaged over the data axes (None where nothing needs it)
   for_rules: Any  # g as the method's rules take it: averaged, or the replica's own per device
 
@@ -59,6 +62,7 @@ class _SecondPass(NamedTuple):
   grads: Any  # g' (g on a skipped step), averaged, or the replica's own per device
   value: jax.Array  # this device's loss at theta + e (at theta on a skipped step)
   norms: PerturbationNorms | None  # with return_diagnostics only
+  rngs: Any  # an NNX model's RNG streams as the step leaves them
 
 
 class _HandedOn(NamedTuple):
@@ -66,31 +70,40 @@ class _HandedOn(NamedTuple):
   value: jax.Array  # as _SecondPass.value
   norms: PerturbationNorms | None  # with return_diagnostics only
   grad_norm: jax.Array | None  # ||g'|| averaged over the data axes, with return_diagnostics
+  rngs: Any  # as _SecondPass.rngs
 
 
 def _clip(tree: Any, max_norm: float | None, layout: Layout) -> Any:
   return tree if max_norm is None else clip_by_global_norm(tree, max_norm, layout.total)
 
 
-def _split(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
-  return (jnp.asarray(out[0]), out[1]) if has_aux else (jnp.asarray(out), None)
+def _with_state(call: Callable[..., Any], has_aux: bool) -> Callable[..., Any]:
+  """``call`` as a loss for ``jax.value_and_grad(..., has_aux=True)``: aux ``(aux, rngs, rest)``."""
+
+  def loss(params: Any, rngs: Any, rest: Any, *args: Any, **kwargs: Any) -> Any:
+    out, rngs, rest = call(params, rngs, rest, *args, **kwargs)
+    value, aux = (out[0], out[1]) if has_aux else (out, None)
+    return jnp.asarray(value), (aux, rngs, rest)
+
+  return loss
 
 
 def _clean_pass(
   value_and_grad: Callable[..., Any],
   layout: Layout,
-  params: Any,
+  model: Bound,
   call: tuple[tuple, dict],
   *,
-  has_aux: bool,
   clip: float | None,
   needs_mean: bool,
 ) -> _CleanPass:
   """``g`` at ``theta`` (differentiated at params varying over the data axes: local gradients)."""
-  out, local = value_and_grad(layout.vary(params), *call[0], **call[1])
-  value, aux = _split(out, has_aux)
+  (value, (aux, rngs, rest)), local = value_and_grad(
+    layout.vary(model.params), model.rngs, model.rest, *call[0], **call[1]
+  )
   grads = _clip(layout.mean_grads(local), clip, layout) if needs_mean else None
-  return _CleanPass(value, aux, grads, _clip(local, clip, layout) if layout.per_device else grads)
+  for_rules = _clip(local, clip, layout) if layout.per_device else grads
+  return _CleanPass(value, aux, rngs, rest, grads, for_rules)
 
 
 def _perturb(
@@ -124,16 +137,19 @@ def _perturbed_pass(
   perturbed: Any,
   norms: PerturbationNorms | None,
   call: tuple[tuple, dict],
-  has_aux: bool,
+  state: tuple[Any, Any],
   *,
   like: jax.Array,
 ) -> _SecondPass:
-  """``g'`` at ``theta + e``: averaged over the data axes, or the replica's own per device."""
-  out, local = value_and_grad(layout.vary(perturbed), *call[0], **call[1])
+  """``g'`` at ``theta + e``: averaged over the data axes, or the replica's own per device.
+
+  ``state`` is the model's RNG streams and other Variables this pass starts from.
+  """
+  (value, (_, rngs, _)), local = value_and_grad(layout.vary(perturbed), *state, *call[0], **call[1])
   # In the clean loss's dtype (`like`): a Python-number leaf is weakly typed at
   # theta but not at theta + e, and may promote a low-precision loss.
-  value = _split(out, has_aux)[0].astype(like.dtype)
-  return _SecondPass(local if layout.per_device else layout.mean_grads(local), value, norms)
+  grads = local if layout.per_device else layout.mean_grads(local)
+  return _SecondPass(grads, value.astype(like.dtype), norms, rngs)
 
 
 def _skipped_step(clean: _CleanPass, layout: Layout, params: Any, diagnose: bool) -> _SecondPass:
@@ -143,7 +159,7 @@ def _skipped_step(clean: _CleanPass, layout: Layout, params: Any, diagnose: bool
     zero = jnp.zeros([], acc_dtype([jnp.asarray(p) for p in jax.tree.leaves(params)]))
     zero = layout.vary_if_per_device(zero)
     norms = PerturbationNorms(zero, zero, zero)
-  return _SecondPass(clean.for_rules, clean.value, norms)
+  return _SecondPass(clean.for_rules, clean.value, norms, clean.rngs)
 
 
 def _averaged(grads: Any, layout: Layout) -> Any:
@@ -160,7 +176,7 @@ def _hand_on(
   norm = None
   if diagnose:
     norm = step.layout.norm(jax.tree.leaves(_averaged(second.grads, step.layout)))
-  return _HandedOn(pairs, second.value, second.norms, norm)
+  return _HandedOn(pairs, second.value, second.norms, norm, second.rngs)
 
 
 def _diagnostics(clean: _CleanPass, second: _HandedOn, layout: Layout) -> SAMDiagnostics:
@@ -353,17 +369,18 @@ def sam_value_and_grad(
     axis_name, perturbation, param_specs, average_aux=average_aux, has_aux=has_aux
   )
   _check_options(micro_batches, rng_arg, second_pass_rng, clip_clean_grad)
-  scaled = scaled_value_and_grad(fun, has_aux)
 
   def grad_fn(
     params: Any, opt_state: Any, *args: Any, loss_scale: Any = None, **kwargs: Any
   ) -> Any:
     found = find_sam_state(opt_state)
     state: SAMState = found.state
-    bound = layout.bind(params)
+    model = bind(fun, params, opt_state)
+    bound = layout.bind(model.params)
+    scaled = scaled_value_and_grad(_with_state(model.call, has_aux), has_aux=True)
     value_and_grad: Callable[..., Any] = functools.partial(scaled, loss_scale)
     if micro_batches is not None:
-      value_and_grad = accumulated(value_and_grad, micro_batches, has_aux)
+      value_and_grad = accumulated(value_and_grad, micro_batches)
     config = state.config
     take = is_sam_step(*config.schedule, found.step)
     step = Step(bound, found.hyperparam, sam_step=True)
@@ -372,28 +389,33 @@ def sam_value_and_grad(
     clean = _clean_pass(
       value_and_grad,
       bound,
-      params,
+      model,
       (args, kwargs),
-      has_aux=has_aux,
       clip=clip_clean_grad,
       needs_mean=not bound.per_device or return_diagnostics,
     )
     second_call = second_pass_args(args, kwargs, rng_arg, second_pass_rng)
+    # The perturbed pass sees the model as the clean pass found it, but for its
+    # RNG streams: continued ("fresh") or restarted ("same").
+    second_state = (clean.rngs if second_pass_rng == "fresh" else model.rngs, model.rest)
 
     def sam_step() -> _HandedOn:
-      perturbed, norms = _perturb(state, step, params, clean.for_rules, return_diagnostics)
+      perturbed, norms = _perturb(state, step, model.params, clean.for_rules, return_diagnostics)
       second = _perturbed_pass(
-        value_and_grad, bound, perturbed, norms, second_call, has_aux, like=clean.value
+        value_and_grad, bound, perturbed, norms, second_call, second_state, like=clean.value
       )
       return _hand_on(state, second, clean, step, return_diagnostics)
 
     def skipped_step() -> _HandedOn:
-      second = _skipped_step(clean, bound, params, return_diagnostics)
+      second = _skipped_step(clean, bound, model.params, return_diagnostics)
       return _hand_on(state, second, clean, step._replace(sam_step=False), return_diagnostics)
 
     # A skipped step runs one pass: lax.cond executes one branch (under vmap of
     # a batched count it becomes a select and runs both).
     second = sam_step() if take is None else jax.lax.cond(take, sam_step, skipped_step)
+    # The model keeps what the clean pass wrote, and its RNG streams as the
+    # passes that drew from them left them, so that no key is used twice.
+    model.write_back(second.rngs if second_pass_rng == "fresh" else clean.rngs, clean.rest)
     grads = second.pairs
     if bound.per_device:
       # No parameter is split over a data axis per device (the layout refuses

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fsam_optax._buffers import zeros_buffer
 from fsam_optax._config import PerturbationConfig
-from fsam_optax._fsam import _zeros_for
 from fsam_optax._hyperparams import at, check, default_float
 from fsam_optax._mask import Mask, resolve_mask
 from fsam_optax._method import Step, sam_state
@@ -164,7 +164,7 @@ def vasso(
       rho=at(rho, jnp.zeros([], jnp.int32)),
       theta=default_float(theta),
       eps=default_float(eps),
-      ema=jax.tree.map(lambda p: _zeros_for(p, ema_dtype), params),
+      ema=zeros_buffer(params, ema_dtype),
       config=config,
     )
 
