@@ -45,7 +45,12 @@ from fsam_optax._perturbation import (
   perturbation,
   shifted,
 )
-from fsam_optax._randomness import SecondPassRng, check_rng_options, second_pass_args
+from fsam_optax._randomness import (
+  SecondPassRng,
+  check_rng_options,
+  resolve_rng_arg,
+  second_pass_args,
+)
 from fsam_optax._schedule import is_sam_step
 
 
@@ -296,7 +301,11 @@ def sam_value_and_grad(
       micro-batch. The value is the mean; an aux gets a leading axis of
       length ``micro_batches``. Close over arguments that are not batched.
     rng_arg: which argument of ``fun`` is a PRNG key (its position, params
-      being 0, or its keyword name), for dropout and other randomness.
+      being 0, or its parameter name), for dropout and other randomness. Read
+      against ``fun``'s signature, a name finds the key whether it is passed
+      by keyword or positionally (and so does a position); a name that is not
+      a parameter of ``fun`` (nor, for ``**kwargs``, a keyword of the call) is
+      refused.
     second_pass_rng: with ``rng_arg``, the key of the second pass:
       ``"fresh"`` (the default, as the official code, where each forward pass
       draws its own dropout mask) gives it ``jax.random.fold_in(key, 1)``;
@@ -369,6 +378,7 @@ def sam_value_and_grad(
     axis_name, perturbation, param_specs, average_aux=average_aux, has_aux=has_aux
   )
   _check_options(micro_batches, rng_arg, second_pass_rng, clip_clean_grad)
+  key_at = resolve_rng_arg(fun, rng_arg)
 
   def grad_fn(
     params: Any, opt_state: Any, *args: Any, loss_scale: Any = None, **kwargs: Any
@@ -394,7 +404,7 @@ def sam_value_and_grad(
       clip=clip_clean_grad,
       needs_mean=not bound.per_device or return_diagnostics,
     )
-    second_call = second_pass_args(args, kwargs, rng_arg, second_pass_rng)
+    second_call = second_pass_args(args, kwargs, key_at, second_pass_rng)
     # The perturbed pass sees the model as the clean pass found it, but for its
     # RNG streams: continued ("fresh") or restarted ("same").
     second_state = (clean.rngs if second_pass_rng == "fresh" else model.rngs, model.rest)

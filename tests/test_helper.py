@@ -182,12 +182,50 @@ def test_key_given_by_keyword():
   np.testing.assert_allclose(grads["w"].perturbed, g_pert["w"], rtol=1e-5)
 
 
+def positional(grad_fn, params, state, key, x):
+  return grad_fn(params, state, key, x)
+
+
+def by_keyword(grad_fn, params, state, key, x):
+  return grad_fn(params, state, x=x, key=key)
+
+
+@pytest.mark.parametrize("mode", ["fresh", "same"])
+@pytest.mark.parametrize("rng_arg", ["key", 1])
+@pytest.mark.parametrize("call", [positional, by_keyword], ids=["positional", "keyword"])
+def test_key_is_found_positionally_and_by_keyword(call, rng_arg, mode):
+  """A name or a position finds the key however it is passed, and matches jax.grad."""
+  params, key, x = dropout_problem()
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda v: v.astype(jnp.float64), params)
+    x = x.astype(jnp.float64)
+    grad_fn = fsam_optax.sam_value_and_grad(dropout_loss, rng_arg=rng_arg, second_pass_rng=mode)
+    value, grads = call(grad_fn, params, fsam_optax.sam(RHO).init(params), key, x)
+    # g' depends on the clean pass's key through the direction g / ||g||.
+    _, g_pert = by_hand(params, key, (FRESH if mode == "fresh" else SAME)(key), x)
+    want_value = dropout_loss(params, key, x)
+  np.testing.assert_allclose(value, want_value, rtol=1e-12)
+  np.testing.assert_allclose(grads["w"].perturbed, g_pert["w"], rtol=1e-10, atol=1e-14)
+
+
+def test_key_is_found_through_var_keyword():
+  """A name that ``fun`` takes through ``**kwargs`` is looked up among the call's keywords."""
+  params, key, x = dropout_problem()
+  grad_fn = fsam_optax.sam_value_and_grad(lambda p, x, **kw: kw_loss(p, x, **kw), rng_arg="key")
+  _, grads = grad_fn(params, fsam_optax.sam(RHO).init(params), x, key=key)
+  _, g_pert = by_hand(params, key, jax.random.fold_in(key, 1), x)
+  np.testing.assert_allclose(grads["w"].perturbed, g_pert["w"], rtol=1e-5)
+
+
 @pytest.mark.parametrize(
   ("kwargs", "message"),
   [
     (dict(rng_arg=0), r"`rng_arg` must be the position of the key among fun's arguments \(>= 1"),
     (dict(rng_arg=1.5), r"`rng_arg` must be the position"),
     (dict(rng_arg=1, second_pass_rng="new"), r"`second_pass_rng` must be 'fresh' or 'same'"),
+    (dict(rng_arg="rng"), r"rng_arg='rng' is not a parameter of fun\(params, key, x, \*, rate"),
+    (dict(rng_arg="rng", second_pass_rng="same"), r"rng_arg='rng' is not a parameter"),
+    (dict(rng_arg="params"), r"rng_arg='params' names fun's first parameter, which receives"),
   ],
 )
 def test_bad_rng_options_are_refused(kwargs, message):
@@ -195,15 +233,29 @@ def test_bad_rng_options_are_refused(kwargs, message):
     fsam_optax.sam_value_and_grad(dropout_loss, **kwargs)
 
 
+def test_a_name_that_is_not_a_parameter_tells_the_fix():
+  fix = r"pass as `rng_arg` the name of the parameter that receives the PRNG key, or its position"
+  with pytest.raises(ValueError, match=fix):
+    fsam_optax.sam_value_and_grad(kw_loss, rng_arg="rng")
+
+
+KEY_0 = jax.random.key(3)
+
+
 @pytest.mark.parametrize(
-  ("rng_arg", "message"),
-  [(5, r"rng_arg=5 but fun received only 3"), ("rng", r"rng_arg='rng' names no keyword")],
+  ("fun", "rng_arg", "message"),
+  [
+    (lambda p, x: dropout_loss(p, KEY_0, x), 5, r"rng_arg=5 but fun received only 2"),
+    (lambda p, x, **kw: dropout_loss(p, KEY_0, x), "key", r"rng_arg='key' names no keyword"),
+    (lambda p, x, key=KEY_0: dropout_loss(p, key, x), "key", r"passed neither by keyword nor"),
+  ],
+  ids=["position", "var_keyword", "default"],
 )
-def test_rng_arg_missing_from_the_call_is_refused(rng_arg, message):
-  params, key, x = dropout_problem()
-  grad_fn = fsam_optax.sam_value_and_grad(dropout_loss, rng_arg=rng_arg)
+def test_rng_arg_missing_from_the_call_is_refused(fun, rng_arg, message):
+  params, _, x = dropout_problem()
+  grad_fn = fsam_optax.sam_value_and_grad(fun, rng_arg=rng_arg)
   with pytest.raises(ValueError, match=message):
-    grad_fn(params, fsam_optax.sam(RHO).init(params), key, x)
+    grad_fn(params, fsam_optax.sam(RHO).init(params), x)
 
 
 # ---- a 1,000-leaf tree compiles, steps without recompiling and equals the reference;
