@@ -1,0 +1,378 @@
+"""NNX in its own idiom: ``grad_fn(model, optimizer, *args)`` inside ``nnx.jit``.
+
+A model with BatchNorm and Dropout is trained for 32 steps and compared, in float64,
+with the same network written by hand as a function of a dict of arrays, driven by
+the NumPy statements of the methods in ``tests/reference.py``: the parameters, the
+running statistics (those of the clean pass) and the dropout stream's count (each
+pass draws its own mask with ``second_pass_rng="fresh"``, both passes the same one
+with ``"same"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx, traverse_util
+
+import fsam_optax
+from tests import reference as ref
+from tests.jax_mlp import max_abs_diff
+
+STEPS = 32
+LR, MOMENTUM = 0.05, 0.9
+RATE, BN_MOMENTUM, BN_EPS = 0.3, 0.99, 1e-5  # the Dropout's rate, nnx.BatchNorm's defaults
+TOL = 1e-12
+
+
+class DropNet(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.linear1 = nnx.Linear(5, 6, param_dtype=jnp.float64, rngs=rngs)
+    self.bn = nnx.BatchNorm(6, param_dtype=jnp.float64, rngs=rngs)
+    self.dropout = nnx.Dropout(RATE, rngs=rngs)
+    self.linear2 = nnx.Linear(6, 3, param_dtype=jnp.float64, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.linear2(self.dropout(jnp.tanh(self.bn(self.linear1(x)))))
+
+
+def loss_fn(model: DropNet, x: jax.Array, y: jax.Array) -> jax.Array:
+  return jnp.mean((model(x) - y) ** 2)
+
+
+def float64_stats(model):
+  # nnx.BatchNorm makes float32 statistics; keep them in float64 throughout.
+  for stat in (model.bn.mean, model.bn.var):
+    stat.set_value(stat.get_value().astype(jnp.float64))
+  return model
+
+
+def new_model() -> DropNet:
+  return float64_stats(DropNet(nnx.Rngs(0, dropout=1)))
+
+
+def params_of(model: DropNet) -> dict:
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)), sep="/")
+  return {k: np.asarray(v) for k, v in flat.items()}
+
+
+def stats_of(model: DropNet) -> tuple[np.ndarray, np.ndarray]:
+  return np.asarray(model.bn.mean.get_value()), np.asarray(model.bn.var.get_value())
+
+
+def count_of(model: DropNet) -> int:
+  return int(model.dropout.rngs.count.get_value())
+
+
+# ---- The reference: the same network on a dict of arrays, its dropout stream by hand ----
+
+
+def pre_norm(p: dict, x):
+  return x @ p["linear1/kernel"] + p["linear1/bias"][None]
+
+
+@jax.jit
+def pure_loss_and_grad(p: dict, x, y, key):
+  def loss(p):
+    h = pre_norm(p, x)
+    h = (h - h.mean(0, keepdims=True)) / jnp.sqrt(h.var(0, keepdims=True) + BN_EPS)
+    h = h * p["bn/scale"][None] + p["bn/bias"][None]
+    h = jnp.tanh(h)
+    keep = jax.random.bernoulli(key, 1 - RATE, h.shape)
+    h = jnp.where(keep, h / (1 - RATE), 0.0)
+    return jnp.mean((h @ p["linear2/kernel"] + p["linear2/bias"][None] - y) ** 2)
+
+  return jax.value_and_grad(loss)(p)
+
+
+@dataclasses.dataclass
+class Reference:
+  """The model's maths by hand: its dropout stream (key, count) and running statistics."""
+
+  key: jax.Array
+  mode: str  # second_pass_rng
+  micro_batches: int = 1
+  count: int = 0
+  stats: tuple | None = None
+
+  def run(self, method, theta: dict, data: list) -> list[tuple[dict, tuple, int]]:
+    """(params, statistics, count) after each step of ``method`` then momentum SGD."""
+    base = ref.SGDReference(LR, MOMENTUM, weight_decay=0.0)
+    path = []
+    for x, y in data:
+      start, passes = self.count, []
+
+      def grad_at(w, x=x, y=y, start=start, passes=passes):
+        # Each pass draws one key per micro-batch, going on from the last pass
+        # ("fresh") or from where the step began ("same").
+        first = start + (len(passes) * self.micro_batches if self.mode == "fresh" else 0)
+        grads = []
+        for i, (xb, yb) in enumerate(self.chunks(x, y)):
+          key = jax.random.fold_in(self.key, first + i)
+          grads.append(pure_loss_and_grad(w, xb, yb, key)[1])
+        passes.append(w)
+        self.count = max(self.count, first + self.micro_batches)
+        return {k: np.mean([np.asarray(g[k]) for g in grads], axis=0) for k in w}
+
+      new_theta = base.step(theta, method.gradient(theta, grad_at))
+      for xb, _ in self.chunks(x, y):  # the clean pass's statistics, micro-batch by micro-batch
+        h = np.asarray(pre_norm(theta, xb))
+        self.stats = tuple(
+          BN_MOMENTUM * old + (1 - BN_MOMENTUM) * new
+          for old, new in zip(self.stats, (h.mean(0), h.var(0)), strict=True)
+        )
+      theta = new_theta
+      path.append((theta, self.stats, self.count))
+    return path
+
+  def chunks(self, x, y):
+    n = len(x) // self.micro_batches
+    return [(x[i * n : (i + 1) * n], y[i * n : (i + 1) * n]) for i in range(self.micro_batches)]
+
+
+@dataclasses.dataclass
+class FSAMGradient:
+  """F-SAM as the family's references take it: g' at theta + e, the moving average advanced."""
+
+  fsam: ref.FSAMReference
+
+  def gradient(self, theta, grad_at):
+    g = grad_at(theta)
+    return grad_at(ref.shift(theta, self.fsam.perturbation(theta, self.fsam.direction(g))))
+
+
+METHODS = {
+  "fsam": (
+    lambda: fsam_optax.fsam(rho=0.2, sigma=1.0, lmbda=0.6),
+    lambda: FSAMGradient(ref.FSAMReference(rho=0.2, sigma=1.0, lmbda=0.6)),
+  ),
+  "sam": (lambda: fsam_optax.sam(rho=0.1), lambda: FSAMGradient(ref.FSAMReference(0.1, 0.0, 0.0))),
+  "gsam": (lambda: fsam_optax.gsam(rho=0.2, alpha=0.4), lambda: ref.GSAMReference(0.2, 0.4)),
+  "vasso": (lambda: fsam_optax.vasso(rho=0.2, theta=0.4), lambda: ref.VaSSOReference(0.2, 0.4)),
+  "looksam": (
+    lambda: fsam_optax.looksam(rho=0.2, every=5, alpha=0.7),
+    lambda: ref.LookSAMReference(rho=0.2, k=5, alpha=0.7),
+  ),
+}
+
+
+def run_nnx(method, data, *, micro_batches=None, loss_scale=None, **grad_kwargs):
+  """The NNX idiom: (params, statistics, count) after each step, and the model."""
+  model = new_model()
+  tx = optax.chain(method, optax.sgd(LR, momentum=MOMENTUM))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  grad_fn = fsam_optax.sam_value_and_grad(loss_fn, micro_batches=micro_batches, **grad_kwargs)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    loss, grads = grad_fn(model, optimizer, x, y, loss_scale=loss_scale)
+    optimizer.update(model, grads)
+    return loss
+
+  path = []
+  for x, y in data:
+    train_step(model, optimizer, x, y)
+    path.append((params_of(model), stats_of(model), count_of(model)))
+  return path, model
+
+
+def compare(name, mode="fresh", micro_batches=1, **grad_kwargs):
+  """The worst relative error of params and statistics over the steps; the counts."""
+  method, reference = METHODS[name]
+  with jax.enable_x64(True):
+    data = ref.batches(seed=21, steps=STEPS, sizes=(5, 6, 3))
+    got, _ = run_nnx(
+      method(),
+      data,
+      second_pass_rng=mode,
+      micro_batches=None if micro_batches == 1 else micro_batches,
+      **grad_kwargs,
+    )
+    start = new_model()
+    want = Reference(start.dropout.rngs.key.get_value(), mode, micro_batches, 0, stats_of(start))
+    want_path = want.run(reference(), params_of(start), data)
+  # Absolute errors: linear1's bias feeds BatchNorm, so its gradient is zero up to rounding.
+  params_err = max(max_abs_diff(g[0], w[0]) for g, w in zip(got, want_path, strict=True))
+  stats_err = max(
+    float(np.max(np.abs(g_stat - w_stat)))
+    for g, w in zip(got, want_path, strict=True)
+    for g_stat, w_stat in zip(g[1], w[1], strict=True)
+  )
+  return params_err, stats_err, [g[2] for g in got], [w[2] for w in want_path]
+
+
+@pytest.mark.parametrize("mode", ["fresh", "same"])
+def test_fsam_with_batchnorm_and_dropout_equals_reference(mode):
+  params_err, stats_err, counts, want_counts = compare("fsam", mode)
+  assert params_err < TOL
+  assert stats_err < 1e-12
+  # "fresh": every pass draws a new key; "same": one per step, so no key goes to two steps.
+  assert counts == want_counts == [(2 if mode == "fresh" else 1) * (t + 1) for t in range(STEPS)]
+
+
+@pytest.mark.parametrize("name", ["sam", "gsam", "vasso", "looksam"])
+def test_each_method_equals_reference(name):
+  params_err, stats_err, counts, want_counts = compare(name)
+  assert params_err < TOL
+  assert stats_err < 1e-12
+  assert counts == want_counts
+
+
+@pytest.mark.parametrize("mode", ["fresh", "same"])
+def test_micro_batches_run_through_the_model_in_turn(mode):
+  """Statistics and dropout keys go micro-batch by micro-batch, in the clean pass as in the
+  perturbed one."""
+  params_err, stats_err, counts, want_counts = compare("fsam", mode, micro_batches=2)
+  assert params_err < TOL
+  assert stats_err < 1e-12
+  assert counts == want_counts == [(4 if mode == "fresh" else 2) * (t + 1) for t in range(STEPS)]
+
+
+def test_loss_scale_changes_nothing_in_float64():
+  params_err, stats_err, counts, want_counts = compare("fsam", loss_scale=1024.0)
+  assert params_err < TOL and stats_err < 1e-12 and counts == want_counts
+
+
+# ---- The idiom against the split recipe, on a model without RNG streams ----
+
+
+class BNNet(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.linear1 = nnx.Linear(5, 6, param_dtype=jnp.float64, rngs=rngs)
+    self.bn = nnx.BatchNorm(6, param_dtype=jnp.float64, rngs=rngs)
+    self.linear2 = nnx.Linear(6, 3, param_dtype=jnp.float64, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.linear2(jnp.tanh(self.bn(self.linear1(x))))
+
+
+def noisy_loss(model, x, y, key):
+  """A loss with its own key (input noise), and the mean output as aux."""
+  out = model(x + 0.1 * jax.random.normal(key, x.shape))
+  return jnp.mean((out - y) ** 2), jnp.mean(out)
+
+
+def split_loss(params, graphdef, rest, x, y, key):
+  model = nnx.merge(graphdef, params, rest, copy=True)
+  (loss, aux), stats = noisy_loss(model, x, y, key), nnx.state(model, nnx.BatchStat)
+  return loss, (aux, stats)
+
+
+GRAD_KWARGS = dict(has_aux=True, return_diagnostics=True, rng_arg="key")
+
+
+def idiom_step(grad_fn):
+  @nnx.jit
+  def step(model, optimizer, x, y, key):
+    (loss, aux), grads, diag = grad_fn(model, optimizer, x, y, key)
+    optimizer.update(model, grads)
+    return loss, aux, diag
+
+  return step
+
+
+def split_step(grad_fn):
+  @nnx.jit
+  def step(model, optimizer, x, y, key):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    (loss, (aux, stats)), grads, diag = grad_fn(
+      params, optimizer.opt_state, graphdef, rest, x, y, key
+    )
+    nnx.update(model, stats)
+    optimizer.update(model, grads)
+    return loss, aux, diag
+
+  return step
+
+
+def test_idiom_equals_split_recipe_with_aux_diagnostics_and_a_key_argument():
+  """has_aux, return_diagnostics and rng_arg keep their meaning beside the model."""
+  with jax.enable_x64(True):
+    runs = []
+    for make_step, fun in ((idiom_step, noisy_loss), (split_step, split_loss)):
+      model = float64_stats(BNNet(nnx.Rngs(0)))
+      tx = optax.chain(fsam_optax.fsam(rho=0.2, sigma=1.0, lmbda=0.6), optax.sgd(LR, MOMENTUM))
+      optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+      step = make_step(fsam_optax.sam_value_and_grad(fun, **GRAD_KWARGS))
+      outs = []
+      for t, (x, y) in enumerate(ref.batches(seed=22, steps=4)):
+        loss, aux, diag = step(model, optimizer, x, y, jax.random.key(t))
+        outs.append((float(loss), float(aux), float(diag.sharpness), stats_of(model)))
+      runs.append((outs, params_of(model)))
+    (idiom, idiom_params), (split, split_params) = runs
+    for a, b in zip(idiom, split, strict=True):
+      assert a[:3] == b[:3]  # loss, aux, sharpness
+      assert all(np.array_equal(u, v) for u, v in zip(a[3], b[3], strict=True))
+    assert max_abs_diff(idiom_params, split_params) == 0.0
+
+
+def optimized_hlo(step, *args) -> str:
+  """The compiled program's text without metadata (source lines, op names) or its name."""
+  text = step.lower(*args).compile().as_text()
+  text = re.sub(r", metadata=\{[^}]*\}", "", text)
+  text = text.split("\nFileNames\n")[0]  # the table of source files and functions
+  return re.sub(r"^HloModule \S+", "HloModule", text)
+
+
+def test_idiom_compiles_to_the_split_recipe():
+  """Without RNG streams the idiom costs nothing: the same optimized HLO as the split recipe."""
+  with jax.enable_x64(True):
+    model = float64_stats(BNNet(nnx.Rngs(0)))
+    tx = optax.chain(fsam_optax.fsam(rho=0.2, sigma=1.0, lmbda=0.6), optax.sgd(LR, MOMENTUM))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x, y, key = jnp.ones((16, 5)), jnp.ones((16, 3)), jax.random.key(0)
+    idiom = idiom_step(fsam_optax.sam_value_and_grad(noisy_loss, **GRAD_KWARGS))
+    split = split_step(fsam_optax.sam_value_and_grad(split_loss, **GRAD_KWARGS))
+    assert optimized_hlo(idiom, model, optimizer, x, y, key) == optimized_hlo(
+      split, model, optimizer, x, y, key
+    )
+
+
+def test_opt_state_in_place_of_the_optimizer_differentiates_params():
+  """``optimizer.opt_state`` as second argument: ``nnx.Param`` is differentiated, as with
+  the optimizer itself built with ``wrt=nnx.Param``."""
+  with jax.enable_x64(True):
+    results = []
+    for second in (lambda o: o, lambda o: o.opt_state):
+      model = new_model()
+      tx = optax.chain(fsam_optax.fsam(rho=0.2), optax.sgd(LR))
+      optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+      grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
+
+      @nnx.jit
+      def step(model, optimizer, x, y, second=second, grad_fn=grad_fn):
+        loss, grads = grad_fn(model, second(optimizer), x, y)
+        optimizer.update(model, grads)
+        return loss
+
+      x, y = ref.batches(seed=23, steps=1, sizes=(5, 6, 3))[0]
+      step(model, optimizer, x, y)
+      results.append((params_of(model), count_of(model)))
+    assert max_abs_diff(results[0][0], results[1][0]) == 0.0
+    assert results[0][1] == results[1][1] == 2
+
+
+def test_optimizer_wrt_selects_what_is_differentiated():
+  """An optimizer of the second linear layer alone: only its Variables get gradients."""
+
+  class Head(nnx.Param):
+    pass
+
+  with jax.enable_x64(True):
+    model = float64_stats(BNNet(nnx.Rngs(0)))
+    model.linear2.kernel = Head(model.linear2.kernel.get_value())
+    tx = optax.chain(fsam_optax.sam(rho=0.1), optax.sgd(LR))
+    optimizer = nnx.Optimizer(model, tx, wrt=Head)
+    before = params_of(model)
+    grad_fn = fsam_optax.sam_value_and_grad(lambda m, x, y: jnp.mean((m(x) - y) ** 2))
+    x = jax.random.normal(jax.random.key(1), (8, 5))
+    _, grads = nnx.jit(grad_fn)(model, optimizer, x, jnp.zeros((8, 3)))
+    assert list(traverse_util.flatten_dict(nnx.to_pure_dict(grads), sep="/")) == ["linear2/kernel"]
+    optimizer.update(model, grads)
+    after = params_of(model)
+    assert [k for k in before if not np.array_equal(before[k], after[k])] == ["linear2/kernel"]
