@@ -1,4 +1,4 @@
-"""The static part of the F-SAM state: settings fixed when the state is built."""
+"""The static part of a SAM-family state: settings fixed when the state is built."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ class PerturbationConfig:
       gradients are not all finite.
     every, probability, seed: which steps take the SAM step (see
       ``fsam``'s arguments of the same names); ``1``, ``1.0``: every step.
+    method: the name of the transformation that built the state (``"fsam"``,
+      ``"sam"``, ``"gsam"``, ``"vasso"``, ``"looksam"``), for error messages;
+      ``""`` for a state built elsewhere (its type's name stands in).
   """
 
   adaptive: bool = False
@@ -35,6 +38,7 @@ class PerturbationConfig:
   every: int = 1
   probability: float = 1.0
   seed: int = 0
+  method: str = ""
 
   @property
   def schedule(self) -> tuple[int, float, int]:

@@ -19,7 +19,7 @@ from fsam_optax._buffers import zeros_buffer
 from fsam_optax._config import PerturbationConfig
 from fsam_optax._hyperparams import at, check, default_float
 from fsam_optax._mask import Mask, check_mask_leaves, resolve_mask
-from fsam_optax._method import Step, sam_state
+from fsam_optax._method import Step, method_name, sam_state
 from fsam_optax._pairs import SAMGrad, split_grads
 from fsam_optax._perturbation import Direction
 from fsam_optax._schedule import check_schedule
@@ -60,8 +60,8 @@ class FSAMState(NamedTuple):
     ema = jax.tree.leaves(self.ema)
     if len(ema) != len(grads):
       raise ValueError(
-        f"sam_value_and_grad: params have {len(grads)} leaves but the "
-        f"F-SAM state averages {len(ema)}; initialise the optimizer with "
+        f"sam_value_and_grad: params have {len(grads)} leaves but the moving average of "
+        f"the {method_name(self)} state covers {len(ema)}; initialise the optimizer with "
         "the same params you pass here."
       )
     sigma = step.hyperparam("sigma")
@@ -195,13 +195,45 @@ def fsam(
     Li et al., `Friendly Sharpness-Aware Minimization
     <https://arxiv.org/abs/2403.12350>`_, CVPR 2024.
   """
-  check("rho", rho, lambda v: v >= 0, "a radius >= 0")
-  check("sigma", sigma, lambda v: v >= 0, ">= 0")
-  check("lmbda", lmbda, lambda v: 0 <= v < 1, "in [0, 1)")
-  check("eps", eps, lambda v: v > 0, "> 0")
-  every, probability, seed = check_schedule(every, probability, seed)
+  return _fsam_or_sam(
+    "fsam",
+    rho,
+    sigma,
+    lmbda,
+    adaptive=adaptive,
+    eps=eps,
+    mask=mask,
+    every=every,
+    probability=probability,
+    seed=seed,
+    ema_dtype=ema_dtype,
+    skip_nonfinite=skip_nonfinite,
+  )
+
+
+def _fsam_or_sam(
+  method: str,
+  rho: optax.ScalarOrSchedule,
+  sigma: float | jax.Array,
+  lmbda: float | jax.Array,
+  *,
+  adaptive: bool,
+  eps: float | jax.Array,
+  mask: Mask | None,
+  every: int | None,
+  probability: float | None,
+  seed: int | None,
+  ema_dtype: Any | None,
+  skip_nonfinite: bool,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`fsam` (or :func:`sam`, as ``method``, which names it in errors and in the state)."""
+  check(method, "rho", rho, lambda v: v >= 0, "a radius >= 0")
+  check(method, "sigma", sigma, lambda v: v >= 0, ">= 0")
+  check(method, "lmbda", lmbda, lambda v: 0 <= v < 1, "in [0, 1)")
+  check(method, "eps", eps, lambda v: v > 0, "> 0")
+  every, probability, seed = check_schedule(every, probability, seed, method)
   if mask is not None and not callable(mask):
-    check_mask_leaves(jax.tree.leaves(mask))
+    check_mask_leaves(jax.tree.leaves(mask), method)
   if ema_dtype is not None:
     ema_dtype = jnp.dtype(ema_dtype)
   # Only a concrete Python zero drops the buffer: a traced sigma (for example
@@ -211,11 +243,12 @@ def fsam(
   def init_fn(params: optax.Params) -> FSAMState:
     config = PerturbationConfig(
       adaptive=bool(adaptive),
-      mask=resolve_mask(mask, params),
+      mask=resolve_mask(mask, params, method),
       skip_nonfinite=bool(skip_nonfinite),
       every=every,
       probability=probability,
       seed=seed,
+      method=method,
     )
     return FSAMState(
       count=jnp.zeros([], jnp.int32),
@@ -233,18 +266,18 @@ def fsam(
     **extra_args: Any,
   ) -> tuple[optax.Updates, FSAMState]:
     del params, extra_args
-    perturbed, clean, _, treedef = split_grads(updates, "fsam")
+    perturbed, clean, _, treedef = split_grads(updates, method)
     ema = state.ema
     if ema is not None:
       if any(c is None for c in clean):
         raise ValueError(
-          "fsam: these gradients carry no clean gradient; they were made "
-          "for a state without a moving average. Pass the same opt_state to "
+          f"{method}: these gradients carry no clean gradient for its moving average; "
+          "they were made from a state that keeps none. Pass the same opt_state to "
           "sam_value_and_grad and to tx.update."
         )
       if len(jax.tree.leaves(ema)) != len(clean):
         raise ValueError(
-          f"fsam: the gradients have {len(clean)} leaves but the state's "
+          f"{method}: the gradients have {len(clean)} leaves but the state's "
           f"moving average has {len(jax.tree.leaves(ema))}; initialise the optimizer "
           "with the params you differentiate."
         )
@@ -305,14 +338,17 @@ def sam(
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
   """
-  return fsam(
+  return _fsam_or_sam(
+    "sam",
     rho,
-    sigma=0.0,
+    0.0,
+    0.9,
     adaptive=adaptive,
     eps=eps,
     mask=mask,
     every=every,
     probability=probability,
     seed=seed,
+    ema_dtype=None,
     skip_nonfinite=skip_nonfinite,
   )

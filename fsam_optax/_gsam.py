@@ -18,7 +18,7 @@ from fsam_optax._config import PerturbationConfig
 from fsam_optax._hyperparams import at, check, default_float
 from fsam_optax._layout import Layout
 from fsam_optax._mask import Mask, mask_leaves, resolve_mask
-from fsam_optax._method import Step, sam_state
+from fsam_optax._method import Step, method_name, sam_state
 from fsam_optax._pairs import SAMGrad
 from fsam_optax._perturbation import Direction
 from fsam_optax._transformation import advancing_update, check_arguments
@@ -51,7 +51,7 @@ class GSAMState(NamedTuple):
     """``SAMGrad(g' - alpha * vertical, None)`` at each leaf."""
     g_prime, treedef = jax.tree.flatten(perturbed)
     g = jax.tree.leaves(clean)
-    mask = mask_leaves(self.config.mask, len(g), "gsam")
+    mask = mask_leaves(self.config.mask, len(g), method_name(self))
     combined = surrogate_gap_gradient(
       g_prime, g, step.hyperparam("alpha"), step.hyperparam("eps"), mask, step.layout
     )
@@ -152,13 +152,14 @@ def gsam(
     Training <https://arxiv.org/abs/2203.08065>`_, ICLR 2022.
   """
   check_arguments("gsam", rho, eps, mask)
-  check("alpha", alpha, lambda v: 0 <= v <= 1, "in [0, 1] (0: SAM)", "gsam")
+  check("gsam", "alpha", alpha, lambda v: 0 <= v <= 1, "in [0, 1] (0: SAM)")
 
   def init_fn(params: optax.Params) -> GSAMState:
     config = PerturbationConfig(
       adaptive=bool(adaptive),
       mask=resolve_mask(mask, params, "gsam"),
       skip_nonfinite=bool(skip_nonfinite),
+      method="gsam",
     )
     return GSAMState(
       count=jnp.zeros([], jnp.int32),

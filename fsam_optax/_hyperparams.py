@@ -10,19 +10,19 @@ import jax.numpy as jnp
 import optax
 
 
-def _concrete(value: Any) -> float | None:
+def _concrete(method: str, name: str, value: Any) -> float | None:
   """Returns ``value`` as a float when it is known now, else ``None``."""
   if callable(value) or isinstance(value, jax.core.Tracer):
     return None
   if jnp.ndim(value) != 0:
-    raise ValueError(f"expected a scalar hyperparameter, got shape {jnp.shape(value)}")
+    raise ValueError(
+      f"{method}: expected a scalar hyperparameter `{name}`, got shape {jnp.shape(value)}."
+    )
   return float(value)
 
 
-def check(
-  name: str, value: Any, ok: Callable[[float], bool], allowed: str, method: str = "fsam"
-) -> None:
-  """Raises a ValueError naming ``name`` if its concrete value is not ``allowed``.
+def check(method: str, name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
+  """Raises a ValueError naming ``method`` and ``name`` if its concrete value is not ``allowed``.
 
   Only ``rho`` may be a schedule; a traced value (``inject_hyperparams``) is
   checked by nobody, as optax's own transformations do.
@@ -32,7 +32,7 @@ def check(
       f"{method}: `{name}` must be a number or a scalar array; only `rho` takes a schedule "
       f"(use optax.inject_hyperparams to change `{name}` during training)."
     )
-  v = _concrete(value)
+  v = _concrete(method, name, value)
   if v is not None and not ok(v):
     raise ValueError(f"{method}: `{name}` must be {allowed}, got {v!r}.")
 

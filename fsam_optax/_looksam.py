@@ -20,7 +20,7 @@ from fsam_optax._config import PerturbationConfig
 from fsam_optax._hyperparams import at, check, default_float
 from fsam_optax._layout import Layout
 from fsam_optax._mask import Mask, mask_leaves, resolve_mask
-from fsam_optax._method import Step, sam_state
+from fsam_optax._method import Step, method_name, sam_state
 from fsam_optax._pairs import SAMGrad
 from fsam_optax._perturbation import Direction
 from fsam_optax._transformation import advancing_update, check_arguments
@@ -59,10 +59,11 @@ class LookSAMState(NamedTuple):
     g_v = jax.tree.leaves(self.g_v)
     if len(g_v) != len(g):
       raise ValueError(
-        f"sam_value_and_grad: params have {len(g)} leaves but the LookSAM state keeps "
-        f"{len(g_v)}; initialise the optimizer with the same params you pass here."
+        f"sam_value_and_grad: params have {len(g)} leaves but the `g_v` of the "
+        f"{method_name(self)} state covers {len(g_v)}; initialise the optimizer with the "
+        "same params you pass here."
       )
-    mask = mask_leaves(self.config.mask, len(g), "looksam")
+    mask = mask_leaves(self.config.mask, len(g), method_name(self))
     eps, layout = step.hyperparam("eps"), step.layout
     if step.sam_step:
       scale = projection(first, g, eps, mask, layout)
@@ -206,7 +207,7 @@ def looksam(
       f"looksam: `every` must be an integer >= 1 (1: SAM on every step), got {every!r}; "
       "it is static: under optax.inject_hyperparams pass static_args=('every',)."
     )
-  check("alpha", alpha, lambda v: v >= 0, ">= 0 (0: plain gradients between SAM steps)", "looksam")
+  check("looksam", "alpha", alpha, lambda v: v >= 0, ">= 0 (0: plain gradients between SAM steps)")
   if g_v_dtype is not None:
     g_v_dtype = jnp.dtype(g_v_dtype)
 
@@ -215,6 +216,7 @@ def looksam(
       mask=resolve_mask(mask, params, "looksam"),
       skip_nonfinite=bool(skip_nonfinite),
       every=int(every),
+      method="looksam",
     )
     return LookSAMState(
       count=jnp.zeros([], jnp.int32),

@@ -7,6 +7,7 @@ registering its state type with :func:`fsam_optax._method.sam_state`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -82,9 +83,29 @@ _INSIDE_APPLY_IF_FINITE = (
 
 _APPLY_IF_FINITE_NEEDS_SKIP = (
   "optax.apply_if_finite after {method} skips the base optimizer on a non-finite "
-  "step, but {method} would still fold that step into its moving average. Build "
-  "it with `fsam_optax.{method}(..., skip_nonfinite=True)`."
+  "step, but {method} would still {consequence}. Build it with "
+  "`fsam_optax.{method}(..., skip_nonfinite=True)`, which leaves its state unchanged "
+  "on such a step."
 )
+
+# What a state's buffers would take in from a non-finite step, by field name.
+_BUFFERS = {
+  "ema": "fold that step into its moving average (which a non-finite value never leaves)",
+  "g_v": "keep that step's component `g_v` (non-finite) for the steps after it",
+}
+
+
+def _non_finite_consequence(state: Any) -> str:
+  """What ``state`` does with a non-finite step that the base optimizer skips."""
+  kept = [words for field, words in _BUFFERS.items() if getattr(state, field, None) is not None]
+  follow = "`rho`'s schedule follows"
+  if state.config.every != 1 or state.config.probability != 1:
+    follow = "`rho`'s schedule and the choice of SAM steps follow"
+  ahead = f"so that its step count, which {follow}, runs ahead of the base optimizer's"
+  if not kept:
+    return f"count that step, {ahead}"
+  return f"{' and '.join(kept)}, and count it, {ahead}"
+
 
 _INSIDE_MASK = (
   "{method} cannot sit inside optax.masked or optax.multi_transform: the gradient "
@@ -136,10 +157,11 @@ def find_sam_state(opt_state: Any) -> Found:
   """Returns the one SAM-family state in ``opt_state``, or raises a helpful error."""
   hits = _search(opt_state, None, None)
   if not hits:
-    raise ValueError(f"sam_value_and_grad: opt_state holds no F-SAM state. {_HOW_TO_BUILD}")
+    raise ValueError(_no_state(opt_state))
   if len(hits) > 1:
+    names = ", ".join(method_name(hit.state) for hit in hits)
     raise ValueError(
-      f"sam_value_and_grad: opt_state holds {len(hits)} F-SAM states; a "
+      f"sam_value_and_grad: opt_state holds {len(hits)} SAM-family states ({names}); a "
       "chain must contain exactly one SAM-family transformation (fsam, sam, gsam, "
       "vasso or looksam)."
     )
@@ -148,8 +170,45 @@ def find_sam_state(opt_state: Any) -> Found:
   if hit.problem is not None:
     raise ValueError(hit.problem.format(method=method))
   if not hit.state.config.skip_nonfinite and _has_apply_if_finite(opt_state):
-    raise ValueError(_APPLY_IF_FINITE_NEEDS_SKIP.format(method=method))
+    consequence = _non_finite_consequence(hit.state)
+    raise ValueError(_APPLY_IF_FINITE_NEEDS_SKIP.format(method=method, consequence=consequence))
   return Found(hit.state, hit.hyperparams)
+
+
+def _no_state(opt_state: Any) -> str:
+  """The error for an ``opt_state`` with no SAM-family state: what it is, and what to pass."""
+  got = f"opt_state (of type `{_type_name(opt_state)}`)"
+  if _is_nnx_state(opt_state):
+    return (
+      f"sam_value_and_grad: {got} holds no SAM-family state (fsam, sam, gsam, vasso or "
+      "looksam): an `nnx.State`, such as `nnx.state(optimizer)` returns, keeps the "
+      "optimizer's arrays as nested dicts of variables, without the optax state that the "
+      "SAM-family transformation reads its settings from. Pass the `nnx.Optimizer` itself "
+      "or `optimizer.opt_state`."
+    )
+  return (
+    f"sam_value_and_grad: {got} holds no SAM-family state (fsam, sam, gsam, vasso or "
+    f"looksam). {_HOW_TO_BUILD}"
+  )
+
+
+def _is_nnx_state(x: Any) -> bool:
+  """Whether ``x`` is a ``flax.nnx.State`` (without importing Flax: only if it is loaded)."""
+  nnx = sys.modules.get("flax.nnx")
+  state_type = getattr(nnx, "State", None)
+  return isinstance(state_type, type) and isinstance(x, state_type)
+
+
+def _type_name(x: Any) -> str:
+  """``x``'s type as its package exports it: ``tuple``, ``optax.ScaleByAdamState``."""
+  cls = type(x)
+  if cls.__module__ == "builtins":
+    return cls.__qualname__
+  package = cls.__module__.split(".")[0]
+  for prefix in (package, "flax.nnx"):
+    if getattr(sys.modules.get(prefix), cls.__qualname__, None) is cls:
+      return f"{prefix}.{cls.__qualname__}"
+  return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _has_apply_if_finite(opt_state: Any) -> bool:

@@ -12,7 +12,7 @@ from fsam_optax._buffers import is_differentiated
 Mask = Any  # A pytree of bools (a prefix of the params), or a callable giving one.
 
 
-def check_mask_leaves(leaves: list[Any], method: str = "fsam") -> None:
+def check_mask_leaves(leaves: list[Any], method: str) -> None:
   """Raises a ValueError, naming ``method``, unless every leaf is a concrete scalar bool."""
   for leaf in leaves:
     if isinstance(leaf, jax.core.Tracer) or jnp.ndim(leaf) != 0:
@@ -22,7 +22,7 @@ def check_mask_leaves(leaves: list[Any], method: str = "fsam") -> None:
       )
 
 
-def resolve_mask(mask: Mask | None, params: Any, method: str = "fsam") -> tuple[bool, ...] | None:
+def resolve_mask(mask: Mask | None, params: Any, method: str) -> tuple[bool, ...] | None:
   """One Python bool per differentiated leaf of ``params`` (a callable mask is called on them)."""
   if mask is None:
     return None
@@ -33,7 +33,7 @@ def resolve_mask(mask: Mask | None, params: Any, method: str = "fsam") -> tuple[
   return tuple(bool(leaf) for leaf, k in zip(leaves, kept, strict=True) if k)
 
 
-def broadcast_mask(mask_tree: Any, params: Any, method: str = "fsam") -> Any:
+def broadcast_mask(mask_tree: Any, params: Any, method: str) -> Any:
   """``mask_tree`` broadcast to the structure of ``params``, or a ValueError."""
   try:
     return jax.tree.broadcast(mask_tree, params)
@@ -43,7 +43,7 @@ def broadcast_mask(mask_tree: Any, params: Any, method: str = "fsam") -> Any:
     ) from None
 
 
-def mask_leaves(mask: tuple[bool, ...] | None, n: int, method: str = "fsam") -> list[bool]:
+def mask_leaves(mask: tuple[bool, ...] | None, n: int, method: str) -> list[bool]:
   """The resolved mask for ``n`` parameter leaves (all True for ``None``), or a ValueError."""
   if mask is None:
     return [True] * n

@@ -54,7 +54,7 @@ class SAMState(Protocol):
 
   @property
   def config(self) -> PerturbationConfig:
-    """Adaptive mode, mask, non-finite guard and schedule."""
+    """Adaptive mode, mask, non-finite guard, schedule, and the method's name."""
 
   def direction(self, grads: list[jax.Array], step: Step) -> Direction:
     """The direction to perturb along, from the clean gradient's leaves.
@@ -79,8 +79,14 @@ STATE_TYPES: list[type] = []
 
 
 def method_name(state: Any) -> str:
-  """The transformation a state belongs to, for error messages: ``FSAMState`` -> ``fsam``."""
-  return type(state).__name__.removesuffix("State").lower()
+  """The transformation that built ``state``, for error messages: ``sam`` for ``sam(...)``'s.
+
+  The factory records it in the static config (``sam`` and ``fsam`` both build
+  an ``FSAMState``); a state built elsewhere is named after its type:
+  ``FixedDirectionState`` -> ``fixeddirection``.
+  """
+  config = getattr(state, "config", None)
+  return getattr(config, "method", "") or type(state).__name__.removesuffix("State").lower()
 
 
 def sam_state(cls: type) -> type:

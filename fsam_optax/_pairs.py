@@ -56,7 +56,8 @@ class SAMGrad(NamedTuple):
 
 _PAIR_AS_ARRAY = (
   "a fsam_optax.SAMGrad (perturbed, clean) pair was used as an array. Pass the "
-  "helper's gradients unchanged to an optimizer whose chain starts with fsam, or "
+  "helper's gradients unchanged to an optimizer whose chain starts with the SAM-family "
+  "transformation (fsam, sam, gsam, vasso or looksam), or "
   "take the plain trees with fsam_optax.perturbed_grads(grads) / "
   "fsam_optax.clean_grads(grads)."
 )

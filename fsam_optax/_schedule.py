@@ -22,7 +22,7 @@ _STATIC = (
 
 
 def check_schedule(
-  every: int | None, probability: float | None, seed: int | None, method: str = "fsam"
+  every: int | None, probability: float | None, seed: int | None, method: str
 ) -> tuple[int, float, int]:
   """``(every, probability, seed)`` as plain Python numbers, or a ValueError.
 

@@ -23,8 +23,8 @@ Update = Callable[..., tuple[optax.Updates, Any]]
 
 def check_arguments(method: str, rho: Any, eps: Any, mask: Mask | None) -> None:
   """The checks of the arguments every method takes, with ``method`` named in the errors."""
-  check("rho", rho, lambda v: v >= 0, "a radius >= 0", method)
-  check("eps", eps, lambda v: v > 0, "> 0", method)
+  check(method, "rho", rho, lambda v: v >= 0, "a radius >= 0")
+  check(method, "eps", eps, lambda v: v > 0, "> 0")
   if mask is not None and not callable(mask):
     check_mask_leaves(jax.tree.leaves(mask), method)
 

@@ -19,7 +19,7 @@ from fsam_optax._buffers import zeros_buffer
 from fsam_optax._config import PerturbationConfig
 from fsam_optax._hyperparams import at, check, default_float
 from fsam_optax._mask import Mask, resolve_mask
-from fsam_optax._method import Step, sam_state
+from fsam_optax._method import Step, method_name, sam_state
 from fsam_optax._pairs import SAMGrad
 from fsam_optax._perturbation import Direction
 from fsam_optax._transformation import advancing_update, check_arguments
@@ -50,8 +50,9 @@ class VaSSOState(NamedTuple):
     ema = jax.tree.leaves(self.ema)
     if len(ema) != len(grads):
       raise ValueError(
-        f"sam_value_and_grad: params have {len(grads)} leaves but the VaSSO state "
-        f"averages {len(ema)}; initialise the optimizer with the same params you pass here."
+        f"sam_value_and_grad: params have {len(grads)} leaves but the moving average of "
+        f"the {method_name(self)} state covers {len(ema)}; initialise the optimizer with "
+        "the same params you pass here."
       )
     m = updated_average(ema, grads, step.hyperparam("theta"), self.count)
     return Direction(m, m)
@@ -151,13 +152,15 @@ def vasso(
     Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023.
   """
   check_arguments("vasso", rho, eps, mask)
-  check("theta", theta, lambda v: 0 <= v <= 1, "in [0, 1] (1: SAM)", "vasso")
+  check("vasso", "theta", theta, lambda v: 0 <= v <= 1, "in [0, 1] (1: SAM)")
   if ema_dtype is not None:
     ema_dtype = jnp.dtype(ema_dtype)
 
   def init_fn(params: optax.Params) -> VaSSOState:
     config = PerturbationConfig(
-      mask=resolve_mask(mask, params, "vasso"), skip_nonfinite=bool(skip_nonfinite)
+      mask=resolve_mask(mask, params, "vasso"),
+      skip_nonfinite=bool(skip_nonfinite),
+      method="vasso",
     )
     return VaSSOState(
       count=jnp.zeros([], jnp.int32),

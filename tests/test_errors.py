@@ -6,12 +6,17 @@ A layout that F-SAM cannot honour, or that the arguments misdescribe, is refused
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -44,13 +49,13 @@ def test_out_of_range_hyperparameters_raise_at_construction(kwargs, message):
     fsam_optax.fsam(**kwargs)
 
 
-def test_sam_validates_too():
-  with pytest.raises(ValueError, match="`rho` must be a radius >= 0"):
+def test_sam_validates_too_and_names_itself():
+  with pytest.raises(ValueError, match=r"^sam: `rho` must be a radius >= 0"):
     fsam_optax.sam(rho=-1.0)
 
 
 def test_non_scalar_hyperparameter_is_refused():
-  with pytest.raises(ValueError, match="expected a scalar hyperparameter"):
+  with pytest.raises(ValueError, match=r"fsam: expected a scalar hyperparameter `rho`, got shape"):
     fsam_optax.fsam(rho=jnp.ones(2))
 
 
@@ -69,10 +74,12 @@ def test_traced_hyperparameters_are_accepted_unchecked():
   assert float(state.hyperparams["rho"]) == pytest.approx(0.1)
 
 
-def test_helper_without_fsam_state_says_how_to_build_the_optimizer():
+def test_helper_without_a_sam_state_says_what_it_got_and_how_to_build_the_optimizer():
   tx = optax.sgd(0.1, momentum=0.9)
   with pytest.raises(
-    ValueError, match=r"opt_state holds no F-SAM state.*optax\.chain\(fsam_optax\.fsam"
+    ValueError,
+    match=r"opt_state \(of type `tuple`\) holds no SAM-family state.*"
+    r"optax\.chain\(fsam_optax\.fsam",
   ):
     fsam_optax.sam_value_and_grad(loss)(PARAMS, tx.init(PARAMS))
 
@@ -97,7 +104,7 @@ def test_fsam_not_first_in_named_chain_is_caught():
 
 def test_two_fsam_states_are_refused():
   tx = optax.chain(fsam_optax.fsam(), fsam_optax.sam())
-  with pytest.raises(ValueError, match="holds 2 F-SAM states"):
+  with pytest.raises(ValueError, match=r"holds 2 SAM-family states \(fsam, sam\)"):
     fsam_optax.sam_value_and_grad(loss)(PARAMS, tx.init(PARAMS))
 
 
@@ -112,7 +119,9 @@ def test_sam_gradients_fed_to_an_fsam_state_are_refused():
 def test_params_that_do_not_match_the_state_are_refused():
   tx = optax.chain(fsam_optax.fsam(), optax.sgd(0.1))
   other = {"w": jnp.zeros(3), "v": jnp.zeros(2)}
-  with pytest.raises(ValueError, match="params have 2 leaves but the F-SAM state averages 1"):
+  with pytest.raises(
+    ValueError, match="params have 2 leaves but the moving average of the fsam state covers 1"
+  ):
     fsam_optax.sam_value_and_grad(lambda p: loss(p) + jnp.sum(p["v"]))(other, tx.init(PARAMS))
 
 
@@ -132,6 +141,109 @@ def test_helper_arguments_are_checked(kwargs, error, message):
 def test_helper_needs_a_callable():
   with pytest.raises(TypeError, match="`fun` must be callable"):
     fsam_optax.sam_value_and_grad(3.0)
+
+
+# ---- every method names itself ----
+# Each argument check and misuse, for each method: the message names the method as the
+# user wrote it (``sam`` builds an FSAMState, yet its errors say ``sam``) and speaks of
+# no buffer that the method's state lacks.
+
+FAMILY = {
+  "fsam": fsam_optax.fsam,
+  "sam": fsam_optax.sam,
+  "gsam": fsam_optax.gsam,
+  "vasso": fsam_optax.vasso,
+  "looksam": fsam_optax.looksam,
+}
+BUFFERS = {"fsam": ["moving average"], "vasso": ["moving average"], "looksam": ["g_v"]}
+ALL_BUFFERS = ["moving average", "g_v", "F-SAM"]
+SCHEDULE = [  # fsam's and sam's schedule of SAM steps
+  dict(every=0),
+  dict(every="2"),
+  dict(probability=0.0),
+  dict(probability=1.5),
+  dict(every=2, probability=0.5),
+  dict(seed=1),
+  dict(probability=0.5, seed=-1),
+]
+OWN_ARGUMENTS = {
+  "fsam": [dict(sigma=-1.0), dict(lmbda=1.0), dict(lmbda=jnp.ones(2)), *SCHEDULE],
+  "sam": SCHEDULE,
+  "gsam": [dict(alpha=1.5), dict(alpha=optax.constant_schedule(0.1))],
+  "vasso": [dict(theta=-0.1), dict(theta=jnp.ones(2))],
+  "looksam": [dict(alpha=-1.0), dict(every=0), dict(every=2.5)],
+}
+TWO_LEAVES = {"w": jnp.arange(3.0), "v": jnp.ones(2)}
+GRAD_FN = fsam_optax.sam_value_and_grad(lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p)))
+
+
+def named(message: str, name: str) -> bool:
+  """Whether ``message`` names ``name`` as a word (``fsam`` and ``fsam_optax`` are not ``sam``)."""
+  return re.search(rf"(?<![A-Za-z_]){name}(?![A-Za-z_])", message) is not None
+
+
+def misuses(name: str) -> list[tuple[str, Callable[[], Any]]]:
+  """Every refused use of the method ``name``: a label and a call that raises ValueError."""
+  build, sgd = FAMILY[name], optax.sgd(0.1)
+  arguments = [dict(rho=-1.0), dict(rho=jnp.ones(2)), dict(eps=0.0)]
+  arguments += [dict(eps=optax.constant_schedule(0.1)), *OWN_ARGUMENTS[name]]
+  arguments += [dict(mask={"w": jnp.array([True, False, True])})]
+  cases = [(f"{name}(**{kw})", functools.partial(build, **kw)) for kw in arguments]
+  helper = lambda tx: lambda: GRAD_FN(PARAMS, tx.init(PARAMS))
+  chain = optax.chain(build(), sgd)
+  other = optax.chain(fsam_optax.sam() if name == "gsam" else fsam_optax.gsam(), sgd)
+  every = dict(every=2) if name in ("fsam", "sam", "looksam") else {}
+  optimizer = nnx.Optimizer(nnx.Linear(3, 1, rngs=nnx.Rngs(0)), chain, wrt=nnx.Param)
+  cases += [
+    ("mask of another structure", lambda: build(mask={"v": True}).init(PARAMS)),
+    (
+      "params unlike the state's",
+      lambda: GRAD_FN(TWO_LEAVES, build(mask={"w": True}).init(PARAMS)),
+    ),
+    ("not first", helper(optax.chain(optax.clip(1.0), build(), sgd))),
+    ("not first, named", helper(optax.named_chain(("c", optax.clip(1.0)), ("m", build())))),
+    ("two methods", helper(optax.chain(build(), other))),
+    ("inside apply_if_finite", helper(optax.apply_if_finite(chain, 2))),
+    ("apply_if_finite after", helper(optax.chain(build(), optax.apply_if_finite(sgd, 2)))),
+    (
+      "apply_if_finite after, scheduled",
+      helper(optax.chain(build(**every), optax.apply_if_finite(sgd, 2))),
+    ),
+    ("inside masked", helper(optax.masked(chain, {"w": True}))),
+    ("inside MultiSteps", helper(optax.MultiSteps(chain, every_k_schedule=2))),
+    ("plain gradients", lambda: chain.update(jax.grad(loss)(PARAMS), chain.init(PARAMS))),
+    ("no SAM state", helper(optax.adam(0.1))),
+    ("nnx.state(optimizer)", lambda: GRAD_FN(PARAMS, nnx.state(optimizer))),
+  ]
+  if name in BUFFERS:  # gsam's gradients carry nothing for the method's buffer
+    grads = lambda: GRAD_FN(PARAMS, other.init(PARAMS))[1]
+    cases += [("gsam's gradients", lambda: chain.update(grads(), chain.init(PARAMS)))]
+  return cases
+
+
+# What the messages that list the methods (rather than name one) must also say.
+LISTING = {
+  "no SAM state": r"opt_state \(of type `tuple`\) holds no SAM-family state.*fsam_optax\.fsam",
+  "nnx.state(optimizer)": r"of type `flax\.nnx\.State`.*Pass the `nnx\.Optimizer` itself or "
+  r"`optimizer\.opt_state`",
+  "two methods": r"holds 2 SAM-family states \((\w+), (\w+)\)",
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_every_error_names_the_method_and_only_its_buffers(name):
+  lacks = [word for word in ALL_BUFFERS if word not in BUFFERS.get(name, [])]
+  for label, call in misuses(name):
+    with pytest.raises(ValueError) as info:
+      call()
+    message = str(info.value)
+    assert named(message, name), (label, message)
+    assert not [word for word in lacks if word in message], (label, message)
+    if label in LISTING:
+      assert re.search(LISTING[label], message), (label, message)
+      continue
+    others = [m for m in FAMILY if m != name and named(message, m)]
+    assert not others, (label, message)
 
 
 # ---- layouts ----
