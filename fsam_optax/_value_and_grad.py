@@ -383,9 +383,9 @@ def sam_value_and_grad(
   def grad_fn(
     params: Any, opt_state: Any, *args: Any, loss_scale: Any = None, **kwargs: Any
   ) -> Any:
+    model = bind(fun, params, opt_state)
     found = find_sam_state(opt_state)
     state: SAMState = found.state
-    model = bind(fun, params, opt_state)
     bound = layout.bind(model.params)
     scaled = scaled_value_and_grad(_with_state(model.call, has_aux), has_aux=True)
     value_and_grad: Callable[..., Any] = functools.partial(scaled, loss_scale)

@@ -368,3 +368,17 @@ def test_micro_batches_must_divide_the_batch():
     ValueError, match=r"positional argument \[0\] has shape \(8, 5\).*not a multiple of 3"
   ):
     grad_fn(params, tx.init(params), jnp.ones((8, 5)), jnp.ones((8, 3)))
+
+
+@pytest.mark.parametrize(
+  "params, where",
+  [
+    ({"w": jnp.ones(2), "steps": jnp.array(3)}, r"\['steps'\] \(dtype int32\)"),
+    ({"w": jnp.ones(2), "act": jax.nn.relu}, r"\['act'\] \(PjitFunction\)"),
+  ],
+)
+def test_plain_tree_leaf_that_cannot_be_differentiated_is_named_with_the_fix(params, where):
+  grad_fn = fsam_optax.sam_value_and_grad(lambda p: jnp.sum(p["w"] ** 2))
+  opt_state = optax.chain(fsam_optax.sam(), optax.sgd(0.1)).init({"w": params["w"]})
+  with pytest.raises(ValueError, match=rf"leaf at {where} cannot be differentiated.*nnx.split"):
+    grad_fn(params, opt_state)

@@ -10,6 +10,7 @@ with ``"same"``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 
@@ -19,6 +20,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx, traverse_util
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import fsam_optax
 from tests import reference as ref
@@ -376,3 +379,101 @@ def test_optimizer_wrt_selects_what_is_differentiated():
     optimizer.update(model, grads)
     after = params_of(model)
     assert [k for k in before if not np.array_equal(before[k], after[k])] == ["linear2/kernel"]
+
+
+# ---- Sharded parameters under nnx.jit, against one device ----
+
+
+def fsdp_spec(v: jax.Array) -> P:
+  """Each parameter split over "data" along its last even axis (FSDP); the rest replicated."""
+  even = [i for i, n in enumerate(v.shape) if n % 2 == 0]
+  return P(*("data" if i == even[-1] else None for i in range(v.ndim))) if even else P()
+
+
+def model_spec(v: jax.Array) -> P:
+  """Each parameter's last axis split over "model" where it divides (tensor parallelism)."""
+  return P(*("model" if i == v.ndim - 1 and v.shape[i] % 2 == 0 else None for i in range(v.ndim)))
+
+
+def gathered_loss(model, x, y):
+  """An Explicit mesh makes FSDP's gather the loss's to write: every parameter, first."""
+  params = nnx.state(model, nnx.Param)
+  nnx.update(model, jax.tree.map(lambda v: jax.sharding.reshard(v, P()), params))
+  return loss_fn(model, x, y)
+
+
+LAYOUTS = {
+  "fsdp": ((2,), ("data",), fsdp_spec),
+  "data_x_model": ((2, 2), ("data", "model"), model_spec),
+}
+
+
+def run_sharded(name, data, layout=None, axis_type=AxisType.Auto):
+  """(params, statistics, count) after each step, the model sharded as ``layout`` says."""
+  model = new_model()
+  fun, mesh = loss_fn, None
+  if layout is not None:
+    shape, axes, spec = LAYOUTS[layout]
+    devices = jax.devices()[: int(np.prod(shape))]
+    mesh = jax.make_mesh(shape, axes, axis_types=(axis_type,) * len(axes), devices=devices)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(
+      model, jax.tree.map(lambda v: jax.device_put(v, NamedSharding(mesh, spec(v))), params)
+    )
+    if layout == "fsdp" and axis_type == AxisType.Explicit:
+      fun = gathered_loss
+  tx = optax.chain(METHODS[name][0](), optax.sgd(LR, momentum=MOMENTUM))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  grad_fn = fsam_optax.sam_value_and_grad(fun)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    loss, grads = grad_fn(model, optimizer, x, y)
+    optimizer.update(model, grads)
+    return loss
+
+  path = []
+  with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+    for x, y in data:
+      if mesh is not None:
+        x, y = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
+      train_step(model, optimizer, x, y)
+      path.append((params_of(model), stats_of(model), count_of(model)))
+  if mesh is not None:
+    kernel = model.linear1.kernel.get_value()
+    assert kernel.sharding.spec == LAYOUTS[layout][2](kernel)  # still split as it was
+  return path
+
+
+@pytest.mark.parametrize("name", ["fsam", "looksam"])
+def test_sharded_parameters_equal_one_device(name):
+  """FSDP and data x model, on Auto and Explicit mesh axes, equal the model on one device."""
+  with jax.enable_x64(True):
+    data = ref.batches(seed=24, steps=8, sizes=(5, 6, 3))
+    one = run_sharded(name, data)
+    for layout in LAYOUTS:
+      for axis_type in (AxisType.Auto, AxisType.Explicit):
+        got = run_sharded(name, data, layout, axis_type)
+        for g, w in zip(got, one, strict=True):
+          assert max_abs_diff(g[0], w[0]) < 1e-14, (layout, axis_type)
+          assert max(float(np.max(np.abs(a - b))) for a, b in zip(g[1], w[1], strict=True)) < 1e-14
+          assert g[2] == w[2]
+
+
+# ---- Misuse ----
+
+
+def test_model_and_optimizer_swapped_say_which_goes_first():
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(fsam_optax.sam(), optax.sgd(0.1)), wrt=nnx.Param)
+  grad_fn = fsam_optax.sam_value_and_grad(lambda m, x: jnp.sum(m(x)))
+  with pytest.raises(TypeError, match=r"pass the model first.*grad_fn\(model, optimizer"):
+    grad_fn(optimizer, model, jnp.ones((1, 2)))
+
+
+def test_model_state_in_place_of_the_optimizer_says_what_to_pass():
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(fsam_optax.sam(), optax.sgd(0.1)), wrt=nnx.Param)
+  grad_fn = fsam_optax.sam_value_and_grad(lambda m, x: jnp.sum(m(x)))
+  with pytest.raises(ValueError, match=r"Pass the `nnx.Optimizer` itself or `optimizer.opt_state`"):
+    grad_fn(model, nnx.state(optimizer), jnp.ones((1, 2)))
