@@ -1,6 +1,6 @@
-"""Every ```python block of the README runs, and its result table is the committed one, so
-the README cannot drift from the code or the results; no install command of the README, the
-docs or the notebooks needs a package index."""
+"""Every ```python block of the README runs, its result table is the committed one and its
+digits figures are those of the results page, so the README cannot drift from the code or the
+results; and no install command of the README, the docs or the notebooks needs a package index."""
 
 from __future__ import annotations
 
@@ -42,6 +42,16 @@ def test_result_table_is_the_committed_study_table():
   assert len(table) == 1
   assert table[0].count("\n") == 6  # header, rule, four noise rates
   assert table[0] in committed
+
+
+def test_readme_links_the_main_job_result():
+  # The README quotes the 40% row of the digits result page, which the main job prints.
+  text = " ".join(README.read_text().split())
+  assert "([table and protocol](docs/results/digits.md))" in text
+  quoted = re.search(r"At 40% label noise: SGD ([\d.]+), SAM ([\d.]+), F-SAM ([\d.]+);", text)
+  row = re.search(r"^\| 40% \|.*$", (ROOT / "docs" / "results" / "digits.md").read_text(), re.M)
+  assert quoted and row
+  assert re.findall(r"(\d+\.\d+) ±", row[0]) == list(quoted.groups())
 
 
 def _install_texts():
