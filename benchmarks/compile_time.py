@@ -77,7 +77,9 @@ def measure(model: h.Model, repeats: int) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument(
+    "--repeats", type=int, default=7, help="fresh compilations per variant (default 7)"
+  )
   parser.add_argument("--smoke", action="store_true", help="a tiny MLP, one repeat")
   args = parser.parse_args()
   if args.smoke:

@@ -74,8 +74,12 @@ def compile_seconds(step: Callable[..., Any], *args: Any, repeats: int) -> tuple
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--leaves", type=int, default=1000)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument(
+    "--leaves", type=int, default=1000, help="leaves of the pytree (default 1000)"
+  )
+  parser.add_argument(
+    "--repeats", type=int, default=3, help="fresh compilations per step, median (default 3)"
+  )
   args = parser.parse_args()
   params, x = make_params(args.leaves), jnp.float32(0.5)
   fsam_tx = optax.chain(

@@ -153,9 +153,13 @@ def torch_runners(
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--rounds", type=int, default=20)
+  parser.add_argument(
+    "--device", choices=("cpu", "gpu"), default="gpu", help="where to run (default gpu)"
+  )
+  parser.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
+  parser.add_argument(
+    "--rounds", type=int, default=20, help="interleaved rounds, medians reported (default 20)"
+  )
   parser.add_argument("--steps", type=int, default=10, help="steps per round")
   parser.add_argument("--width", type=int, default=64, help="channels of the first stage")
   parser.add_argument("--torch", action="store_true", help="also time PyTorch on the device")

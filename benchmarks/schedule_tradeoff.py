@@ -76,12 +76,23 @@ def train(trainer: Any, cfg: Any, data: Any, rho: float, labels: Any, seed: int)
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   root = pathlib.Path(__file__).resolve().parents[1]
-  parser.add_argument("--example", type=pathlib.Path, default=root / "examples" / "digits.py")
+  parser.add_argument(
+    "--example",
+    type=pathlib.Path,
+    default=root / "examples" / "digits.py",
+    help="training example to run (default examples/digits.py)",
+  )
   parser.add_argument("--rho", type=float, required=True, help="every-step F-SAM's tuned rho")
   parser.add_argument("--lmbda", type=float, default=None, help="default: the example's")
-  parser.add_argument("--noise", type=float, default=0.4)
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--every", type=int, default=2)
+  parser.add_argument(
+    "--noise", type=float, default=0.4, help="rate of symmetric label noise (default 0.4)"
+  )
+  parser.add_argument(
+    "--seeds", type=int, default=3, help="paired seeds 0..N-1, N from 2 to 10 (default 3)"
+  )
+  parser.add_argument(
+    "--every", type=int, default=2, help="the F-SAM step every k steps (default 2)"
+  )
   parser.add_argument("--epochs", type=int, default=None, help="default: the example's")
   parser.add_argument("--quick", action="store_true", help="the example's smoke settings")
   args = parser.parse_args()

@@ -138,8 +138,12 @@ def family_report(model: h.Model, times: dict[str, list[float]], donate: bool) -
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rounds", type=int, default=100)
-  parser.add_argument("--steps-per-round", type=int, default=5)
+  parser.add_argument(
+    "--rounds", type=int, default=100, help="interleaved rounds, at least 30 (default 100)"
+  )
+  parser.add_argument(
+    "--steps-per-round", type=int, default=5, help="steps averaged per sample (default 5)"
+  )
   parser.add_argument("--mlp-only", action="store_true", help="skip the small CNN")
   parser.add_argument("--smoke", action="store_true", help="a tiny MLP, two rounds")
   parser.add_argument(

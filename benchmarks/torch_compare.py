@@ -139,8 +139,12 @@ def measure(model: h.Model, module: nn.Module, rounds: int, steps_per_round: int
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rounds", type=int, default=20)
-  parser.add_argument("--steps-per-round", type=int, default=3)
+  parser.add_argument(
+    "--rounds", type=int, default=20, help="interleaved rounds, medians reported (default 20)"
+  )
+  parser.add_argument(
+    "--steps-per-round", type=int, default=3, help="steps timed per sample (default 3)"
+  )
   args = parser.parse_args()
   # XLA's CPU backend uses every core; give PyTorch the same.
   torch.set_num_threads(os.cpu_count() or 1)

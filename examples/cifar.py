@@ -428,17 +428,49 @@ def train(cfg: Config) -> dict[str, Any]:
 SMOKE = dict(epochs=2, batch_size=16, eval_batch_size=16, width=8, workdir="runs/cifar_smoke")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Config:
+HELP = {
+  "dataset": "cifar10 or cifar100",
+  "data_dir": "the python-pickle folder (cifar-10-batches-py or cifar-100-python) or a folder "
+  "holding it; not needed with --tfds or --smoke",
+  "tfds": "read the data through tensorflow_datasets instead of --data-dir",
+  "method": "sgd, sam or fsam in front of the base optimizer",
+  "epochs": "training epochs",
+  "batch_size": "global minibatch size, split over the local devices",
+  "lr": "peak learning rate of the cosine schedule, which decays to 0 step by step",
+  "momentum": "momentum of the SGD base optimizer",
+  "weight_decay": "weight decay of the base optimizer",
+  "rho": "radius of the SAM and F-SAM perturbation",
+  "sigma": "F-SAM's sigma: how much of the moving average of gradients to remove",
+  "lmbda": "F-SAM's lmbda: the decay of that moving average",
+  "cutout": "side in pixels of the Cutout square, applied with probability 0.5",
+  "width": "channels of the first ResNet-18 stage",
+  "seed": "seed of the initialisation, the augmentation and the minibatch order",
+  "eval_batch_size": "batch size of the test-set evaluation",
+  "workdir": "folder for the checkpoints, log.jsonl and results.json; the same command again "
+  "resumes from its latest checkpoint",
+  "smoke": "a few steps of a narrow ResNet-18 on a tiny generated data set ("
+  + ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in SMOKE.items())
+  + "); flags given explicitly still win",
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+  """The command line: one flag per setting of :class:`Config`."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   for field in dataclasses.fields(Config):
     flag = "--" + field.name.replace("_", "-")
     if field.type == "bool":
-      parser.add_argument(flag, action="store_true")
+      parser.add_argument(flag, action="store_true", help=HELP[field.name])
     elif field.name == "data_dir":
-      parser.add_argument(flag, default=None)
+      parser.add_argument(flag, default=None, help=HELP[field.name])
     else:
-      parser.add_argument(flag, type=type(field.default), default=None)
-  args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v not in (None, False)}
+      help_text = f"{HELP[field.name]} (default {field.default})"
+      parser.add_argument(flag, type=type(field.default), default=None, help=help_text)
+  return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+  args = {k: v for k, v in vars(make_parser().parse_args(argv)).items() if v not in (None, False)}
   # --smoke shrinks the run; flags given explicitly still win.
   return Config(**({**SMOKE, **args} if args.get("smoke") else args))
 

@@ -31,13 +31,13 @@ slower per run than running them in turn.
 Usage::
 
   python examples/digits.py            # the full job (a few minutes on 2 CPU cores)
-  python examples/digits.py --quick    # a smoke run (under a minute)
+  python examples/digits.py --quick    # a smoke run (under a minute; its numbers mean nothing)
 
 Outputs go to ``--out-dir``: by default ``runs/digits`` of the repository (the
 script's parent folder), wherever it is run from, and ``runs/digits-quick`` for
 ``--quick``, so a smoke run never overwrites the main run's results. They are
-``results.csv`` (every method, noise level and rho), ``results.md`` (the table),
-``curves.png`` (test accuracy per epoch of the chosen runs) and ``config.json``.
+``results.csv`` (every method, noise level and rho), ``results.md`` (the table and its
+caption), ``curves.png`` (test accuracy per epoch of the chosen runs) and ``config.json``.
 """
 
 from __future__ import annotations
@@ -86,12 +86,19 @@ class Config:
   lmbda: float = 0.6
   methods: tuple[str, ...] = METHODS
   out_dir: str = str(RUNS / "digits")
+  # Set by --quick: the screen, results.md and config.json then say it was a smoke run.
+  smoke: bool = False
 
   @classmethod
   def quick(cls, **overrides: Any) -> Config:
     """A smoke-test configuration that runs in well under a minute."""
     settings = dict(
-      epochs=3, seeds=2, noise=(0.0, 0.4), rho_grid=(0.05, 0.1), out_dir=str(RUNS / "digits-quick")
+      epochs=3,
+      seeds=2,
+      noise=(0.0, 0.4),
+      rho_grid=(0.05, 0.1),
+      out_dir=str(RUNS / "digits-quick"),
+      smoke=True,
     )
     return cls(**{**settings, **overrides})
 
@@ -303,6 +310,34 @@ def run_experiment(cfg: Config, log: Callable[[str], None] = print) -> list[dict
   return rows
 
 
+def caption(cfg: Config) -> str:
+  """What the table measures, in the lines printed above it (and written to results.md)."""
+  seeds = "one seed (0)" if cfg.seeds == 1 else f"{cfg.seeds} seeds (0-{cfg.seeds - 1})"
+  return "\n".join(
+    [
+      f"Clean test accuracy (%) on digits at the last epoch (epoch {cfg.epochs}), "
+      f"mean ± std over {seeds}.",
+      "Rows: rate of symmetric label noise on the train and validation labels; "
+      "test labels are clean.",
+      f"SAM and F-SAM: the rho in each cell, chosen from {list(cfg.rho_grid)} for the best mean "
+      "last-epoch",
+      "accuracy on the noisy validation labels.",
+    ]
+  )
+
+
+def smoke_warning(cfg: Config) -> str:
+  """Says that a --quick run only checks that the job runs."""
+  return "\n".join(
+    [
+      f"SMOKE RUN (--quick: {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}, "
+      f"{cfg.seeds} seed{'s' * (cfg.seeds != 1)}): "
+      "it only checks that the job runs.",
+      "Its numbers mean nothing (SGD can come out above SAM); run without --quick for the result.",
+    ]
+  )
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
   """Test accuracy (%) of the chosen rho, mean +- std over seeds; methods as columns."""
   chosen = [r for r in rows if r["chosen"]]
@@ -340,10 +375,9 @@ def write_outputs(rows: Sequence[dict[str, Any]], cfg: Config, seconds: float) -
     writer = csv.DictWriter(f, fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-  header = (
-    f"Test accuracy (%) on digits, final epoch, mean ± std over {cfg.seeds} seeds; "
-    f"rho chosen on validation from {list(cfg.rho_grid)}. Wall time {seconds:.0f} s.\n\n"
-  )
+  header = f"{caption(cfg)}\nWall time {seconds:.0f} s.\n\n"
+  if cfg.smoke:
+    header = f"**{smoke_warning(cfg)}**\n\n{header}"
   (out / "results.md").write_text(header + markdown_table(rows) + "\n")
   (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
   plot_curves(rows, out / "curves.png")
@@ -375,30 +409,90 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Config:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="a smoke run in under a minute")
-  defaults = Config()
+HELP = {
+  "epochs": "training epochs of every run; the table reports the last one",
+  "batch_size": "minibatch size",
+  "lr": "peak learning rate of the cosine schedule, which decays to 0 over the run",
+  "momentum": "momentum of the SGD base optimizer, shared by the three methods",
+  "weight_decay": "weight decay of the base optimizer",
+  "width": "channels of the first convolution; the second has twice as many",
+  "seeds": "runs per method, noise level and rho, with seeds 0 to N-1; a seed fixes the label "
+  "noise, the initialisation and the minibatch order",
+  "noise": "rates (fractions) of symmetric label noise on the train and validation labels, "
+  "one table row each",
+  "rho_grid": "values of rho tried by SAM and F-SAM; each keeps the one with the best mean "
+  "last-epoch accuracy on the noisy validation labels",
+  "sigma": "F-SAM's sigma: how much of the moving average of gradients to remove",
+  "lmbda": "F-SAM's lmbda: the decay of that moving average",
+  "methods": f"methods to train, among {' '.join(METHODS)}",
+  "out_dir": "folder for results.csv, results.md, curves.png and config.json",
+}
+
+
+def _shown(value: Any) -> str:
+  return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def make_parser() -> argparse.ArgumentParser:
+  """The command line: ``--quick`` and one flag per setting of :class:`Config`."""
+  defaults, quick = Config(), Config.quick()
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0],
+    epilog="Prints, and writes to results.md, the clean test accuracy at the last epoch, "
+    "mean ± std over the seeds, of SGD and of SAM and F-SAM at their chosen rho.",
+  )
+  smaller = ", ".join(
+    f"--{f.name.replace('_', '-')} {_shown(getattr(quick, f.name))}"
+    for f in dataclasses.fields(Config)
+    if f.name not in ("out_dir", "smoke") and getattr(quick, f.name) != getattr(defaults, f.name)
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help=f"a smoke run in under a minute ({smaller}), written to {quick.out_dir}; "
+    "it checks that the job runs, and its numbers mean nothing",
+  )
   for field in dataclasses.fields(Config):
+    if field.name == "smoke":  # set by --quick
+      continue
     flag = "--" + field.name.replace("_", "-")
-    value = getattr(defaults, field.name)
+    value, small = getattr(defaults, field.name), getattr(quick, field.name)
+    shown = f"default {_shown(value)}"
+    if small != value:
+      shown += f"; with --quick {_shown(small)}"
+    help_text = f"{HELP[field.name]} ({shown})"
     if isinstance(value, tuple):
       kind = str if field.name == "methods" else float
-      parser.add_argument(flag, type=kind, nargs="+", default=None)
+      parser.add_argument(flag, type=kind, nargs="+", default=None, help=help_text)
     else:
-      parser.add_argument(flag, type=type(value), default=None)
-  args = vars(parser.parse_args(argv))
+      parser.add_argument(flag, type=type(value), default=None, help=help_text)
+  return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+  args = vars(make_parser().parse_args(argv))
   quick = args.pop("quick")
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None}
   return Config.quick(**overrides) if quick else Config(**overrides)
 
 
+def _banner(text: str) -> str:
+  rule = "=" * max(len(line) for line in text.splitlines())
+  return f"{rule}\n{text}\n{rule}"
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   cfg = parse_args(argv)
+  if cfg.smoke:
+    print(_banner(smoke_warning(cfg)))
   start = time.perf_counter()
   rows = run_experiment(cfg)
   seconds = time.perf_counter() - start
   out = write_outputs(rows, cfg, seconds)
+  print()
+  if cfg.smoke:
+    print(_banner(smoke_warning(cfg)))
+  print(caption(cfg))
   print()
   print(markdown_table(rows))
   print(

@@ -888,34 +888,91 @@ def smoke_data(folder: pathlib.Path, n_train: int = 600, n_test: int = 200) -> p
   return folder
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+SETTINGS_HELP = {
+  "subset": "training images used, a fixed random subset of the 60,000, split 90/10 into "
+  "train and validation",
+  "pool": "average-pool the 28x28 images by this factor; 2 gives 14x14",
+  "conv": "channels of the 3x3 convolutions, each followed by ReLU and 2x2 average pooling, "
+  "before the dense layers; none: an MLP",
+  "hidden": "widths of the dense ReLU layers before the linear head",
+  "epochs": "training epochs of every run; final-epoch accuracy is reported",
+  "batch_size": "minibatch size",
+  "lr": "peak learning rate of the cosine schedule",
+  "momentum": "momentum of the SGD base optimizer",
+  "weight_decay": "weight decay of the base optimizer",
+}
+SMOKE_DEFAULTS = dict(
+  subset=300,
+  hidden=[16],
+  epochs=2,
+  batch_size=32,
+  noise=[0.0, 0.4],
+  seeds=2,
+  out_dir="runs/fashion_mnist_smoke",
+)
+
+
+def make_parser() -> argparse.ArgumentParser:
+  """The command line: the study's flags and one flag per field of :class:`Settings`."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   defaults = Settings()
-  parser.add_argument("--data-dir", default=None, help=f"IDX files (default {DEFAULT_DATA_DIR})")
-  parser.add_argument("--out-dir", default="results/fashion_mnist", help="CSV, tables, figure")
-  parser.add_argument("--methods", nargs="+", default=list(STUDY_METHODS), choices=list(METHODS))
-  parser.add_argument("--noise", nargs="+", type=float, default=[0.4, 0.2, 0.6, 0.0])
-  parser.add_argument("--seeds", type=int, default=3, help="reporting seeds 1..N (seed 0 tunes)")
+  shown = lambda value: " ".join(map(str, value)) if isinstance(value, list | tuple) else value
+  parser.add_argument(
+    "--data-dir",
+    default=None,
+    help=f"folder of the IDX files, gzipped or not (default {DEFAULT_DATA_DIR})",
+  )
+  parser.add_argument(
+    "--out-dir",
+    default="results/fashion_mnist",
+    help="folder of runs.csv, config.json, the tables and the figure; a folder that holds runs "
+    "is resumed (default results/fashion_mnist)",
+  )
+  parser.add_argument(
+    "--methods",
+    nargs="+",
+    default=list(STUDY_METHODS),
+    choices=list(METHODS),
+    help=f"methods to run (default {shown(STUDY_METHODS)})",
+  )
+  parser.add_argument(
+    "--noise",
+    nargs="+",
+    type=float,
+    default=[0.4, 0.2, 0.6, 0.0],
+    help="rates (fractions) of symmetric label noise on the train and validation labels, "
+    "run in this order (default 0.4 0.2 0.6 0.0)",
+  )
+  parser.add_argument(
+    "--seeds", type=int, default=3, help="reporting seeds 1..N; seed 0 tunes (default 3)"
+  )
   for field in dataclasses.fields(Settings):
     flag = "--" + field.name.replace("_", "-")
     value = getattr(defaults, field.name)
+    help_text = f"{SETTINGS_HELP[field.name]} (default {shown(value) or 'none'})"
     if isinstance(value, tuple):
-      parser.add_argument(flag, type=int, nargs="*", default=list(value))
+      parser.add_argument(flag, type=int, nargs="*", default=list(value), help=help_text)
     else:
-      parser.add_argument(flag, type=type(value), default=value)
-  parser.add_argument("--smoke", action="store_true", help="tiny settings on generated data")
-  parser.add_argument("--report-only", action="store_true", help="tables and figure from the CSV")
+      parser.add_argument(flag, type=type(value), default=value, help=help_text)
+  smoke = ", ".join(f"--{k.replace('_', '-')} {shown(v)}" for k, v in SMOKE_DEFAULTS.items())
+  parser.add_argument(
+    "--smoke",
+    action="store_true",
+    help=f"tiny settings on generated data ({smoke}); flags given explicitly still win",
+  )
+  parser.add_argument(
+    "--report-only",
+    action="store_true",
+    help="rewrite the tables and figure from runs.csv in --out-dir, training nothing",
+  )
+  return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = make_parser()
   if "--smoke" in (sys.argv[1:] if argv is None else argv):
     # Smoke defaults: explicit flags still win.
-    parser.set_defaults(
-      subset=300,
-      hidden=[16],
-      epochs=2,
-      batch_size=32,
-      noise=[0.0, 0.4],
-      seeds=2,
-      out_dir="runs/fashion_mnist_smoke",
-    )
+    parser.set_defaults(**SMOKE_DEFAULTS)
   return parser.parse_args(argv)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 import csv
 import json
 import pathlib
@@ -20,9 +22,43 @@ pytest.importorskip("sklearn")
 
 digits = load_example("digits")
 cifar = load_example("cifar")
+fashion_mnist = load_example("fashion_mnist")
+BENCHMARKS = EXAMPLES.parent / "benchmarks"
 
 
-def test_digits_writes_table_csv_and_plot(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("module", [digits, cifar, fashion_mnist], ids=lambda m: m.__name__)
+def test_every_option_of_an_example_has_a_help_text(
+  module: ModuleType, capsys: pytest.CaptureFixture
+) -> None:
+  actions = [a for a in module.make_parser()._actions if not isinstance(a, argparse._HelpAction)]
+  assert actions
+  for action in actions:
+    assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+  # --help, as the script answers it, lists every option with its text.
+  with pytest.raises(SystemExit) as exit_:
+    module.parse_args(["--help"])
+  assert exit_.value.code == 0
+  shown = " ".join(capsys.readouterr().out.split())
+  for action in actions:
+    assert action.option_strings[0] in shown
+    assert " ".join(action.help.split()) in shown.replace("- ", "-")
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
+def test_every_option_of_a_benchmark_has_a_help_text(script: str) -> None:
+  # Read, not run: the benchmarks import what the tests do not install (torch).
+  tree = ast.parse((BENCHMARKS / script).read_text())
+  for call in ast.walk(tree):
+    if isinstance(call, ast.Call) and getattr(call.func, "attr", None) == "add_argument":
+      helps = [k.value for k in call.keywords if k.arg == "help"]
+      flag = ast.literal_eval(call.args[0])
+      assert helps, f"{script}: {flag} has no help text"
+      assert not isinstance(helps[0], ast.Constant) or helps[0].value, f"{script}: {flag}"
+
+
+def test_digits_writes_table_csv_and_plot(
+  tmp_path: pathlib.Path, capsys: pytest.CaptureFixture
+) -> None:
   rows = digits.main(
     [
       "--quick",
@@ -54,6 +90,27 @@ def test_digits_writes_table_csv_and_plot(tmp_path: pathlib.Path) -> None:
   table = (tmp_path / "results.md").read_text()
   assert "| 20% |" in table and "F-SAM" in table
   assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+  # A --quick run says, on screen and in its files, that its numbers mean nothing; the table
+  # comes with what it measures.
+  out = capsys.readouterr().out
+  caption = (
+    "Clean test accuracy (%) on digits at the last epoch (epoch 1), mean ± std over 2 seeds (0-1)."
+  )
+  assert caption in out and caption in table
+  assert "the rho in each cell, chosen from [0.05, 0.1] for the best mean" in out
+  warning = "SMOKE RUN (--quick: 1 epoch, 2 seeds)"
+  assert out.count(warning) == 2 and "numbers mean nothing" in out
+  assert out.rindex(warning) < out.index(caption) < out.index("| label noise |")
+  assert table.startswith(f"**{warning}") and "numbers mean nothing" in table
+  assert json.loads((tmp_path / "config.json").read_text())["smoke"] is True
+
+
+def test_digits_main_job_prints_no_smoke_warning() -> None:
+  cfg = digits.parse_args([])
+  assert not cfg.smoke and digits.parse_args(["--quick"]).smoke
+  assert digits.caption(cfg).startswith(
+    "Clean test accuracy (%) on digits at the last epoch (epoch 20), mean ± std over 5 seeds (0-4)."
+  )
 
 
 def test_digits_outputs_go_to_the_repository_and_quick_runs_apart() -> None:

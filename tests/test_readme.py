@@ -1,5 +1,6 @@
-"""Every ```python block of the README runs, and its result table is the committed one, so
-the README cannot drift from the code or the results."""
+"""Every ```python block of the README runs, its result table is the committed one and its
+digits figures are those of the results page, so the README cannot drift from the code or the
+results; and no install command of the README, the docs or the notebooks needs a package index."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import re
 
 import pytest
 
-README = pathlib.Path(__file__).parent.parent / "README.md"
+import fsam_optax
+
+ROOT = pathlib.Path(__file__).parent.parent
+README = ROOT / "README.md"
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
 
 
@@ -38,3 +42,34 @@ def test_result_table_is_the_committed_study_table():
   assert len(table) == 1
   assert table[0].count("\n") == 6  # header, rule, four noise rates
   assert table[0] in committed
+
+
+def test_readme_links_the_main_job_result():
+  # The README quotes the 40% row of the digits result page, which the main job prints.
+  text = " ".join(README.read_text().split())
+  assert "([table and protocol](docs/results/digits.md))" in text
+  quoted = re.search(r"At 40% label noise: SGD ([\d.]+), SAM ([\d.]+), F-SAM ([\d.]+);", text)
+  row = re.search(r"^\| 40% \|.*$", (ROOT / "docs" / "results" / "digits.md").read_text(), re.M)
+  assert quoted and row
+  assert re.findall(r"(\d+\.\d+) ±", row[0]) == list(quoted.groups())
+
+
+def _install_texts():
+  """README, the docs pages and the notebooks (the docs show the notebooks too)."""
+  files = {README, *(ROOT / "docs").rglob("*.md"), *(ROOT / "notebooks").glob("*.ipynb")}
+  return {path.relative_to(ROOT): path.read_text() for path in sorted(files)}
+
+
+def test_install_commands_work_without_a_package_index():
+  # fsam-optax is not on PyPI: every install command names a clone or a built file.
+  texts = _install_texts()
+  assert any(path.suffix == ".ipynb" for path in texts)
+  by_name = re.compile(r"pip install[^\n]*?(?<![\w./-])[\"']?fsam[-_]optax(?![\w.-])")
+  for path, text in texts.items():
+    assert "pip install fsam-optax" not in text, path
+    assert not by_name.search(text), (path, by_name.search(text)[0])
+  # The built files the install text names are those of the current version.
+  version = fsam_optax.__version__
+  for path, text in texts.items():
+    for name in re.findall(r"fsam_optax-(\d[\w.]*?)(?:-py3|\.tar)", text):
+      assert name == version, (path, name, version)
