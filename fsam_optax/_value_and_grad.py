@@ -251,6 +251,22 @@ def sam_value_and_grad(
   :class:`SAMGrad` ``(perturbed=g', clean=g)`` at each leaf: pass it unchanged
   to ``tx.update`` (or ``TrainState.apply_gradients``, ``nnx.Optimizer.update``).
 
+  ``params`` may also be a whole model, in its framework's idiom:
+
+  - an ``nnx.Module``, with the ``nnx.Optimizer`` (or its ``opt_state``)
+    second and ``fun(model, *args)``: the optimizer's ``wrt`` Variables are
+    differentiated (``nnx.Param`` beside a bare ``opt_state``) and ``grads``
+    is an ``nnx.State`` of them for ``optimizer.update(model, grads)``. Both
+    passes run on copies of the model as the clean pass found it; the model
+    then holds what the clean pass wrote to its other Variables (BatchNorm
+    statistics) and its RNG streams after both passes (``second_pass_rng``);
+  - an ``equinox.Module``: its inexact arrays are differentiated and its
+    other leaves passed through, as ``eqx.filter_value_and_grad`` does;
+    ``grads`` has ``None`` at the leaves that are not differentiated.
+
+  A leaf of a plain parameter tree that cannot be differentiated (an integer
+  array, a function) is refused with its path.
+
   On one device, and under ``jax.jit`` with sharded arrays (``NamedSharding``,
   FSDP included), nothing needs to be said about the layout: the program
   sees whole arrays. Inside ``jax.shard_map`` or ``jax.pmap`` the function
@@ -306,10 +322,12 @@ def sam_value_and_grad(
       by keyword or positionally (and so does a position); a name that is not
       a parameter of ``fun`` (nor, for ``**kwargs``, a keyword of the call) is
       refused.
-    second_pass_rng: with ``rng_arg``, the key of the second pass:
-      ``"fresh"`` (the default, as the official code, where each forward pass
-      draws its own dropout mask) gives it ``jax.random.fold_in(key, 1)``;
-      ``"same"`` gives both passes the same key. Without ``rng_arg`` both
+    second_pass_rng: the randomness of the second pass. ``"fresh"`` (the
+      default, as the official code, where each forward pass draws its own
+      dropout mask) gives the key named by ``rng_arg`` as
+      ``jax.random.fold_in(key, 1)``, and an NNX model's RNG streams continue
+      where the clean pass left them; ``"same"`` gives both passes the same
+      key and restarts the streams where the clean pass began. Otherwise both
       passes receive the same arguments.
     clip_clean_grad: if set, the clean gradient is clipped to this global
       norm (as ``optax.clip_by_global_norm``) before it forms the direction
