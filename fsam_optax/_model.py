@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 import jax
 
 from fsam_optax._buffers import is_differentiated
+from fsam_optax._lookup import find_sam_state
+from fsam_optax._method import method_name
 
 
 class Bound(NamedTuple):
@@ -89,9 +91,37 @@ def _nothing_to_write(rngs: Any, rest: Any) -> None:
   del rngs, rest
 
 
+_TAKES_A_MODEL = (
+  "If fun takes a model (`fun(model, ...)`), pass the model itself first: an nnx.Module "
+  "(with its nnx.Optimizer second) or an equinox.Module."
+)
+_TAKES_PARAMS = (
+  "If fun takes parameters, pass those first (e.g. `nnx.split(model, nnx.Param, ...)`, "
+  "merged back inside fun), or write fun to take the model."
+)
+
+
+def _call(fun: Callable[..., Any], first: Any, fix: str, *args: Any, **kwargs: Any) -> Any:
+  """``fun(first, *args, **kwargs)``, or a TypeError saying what ``first`` was if fun fails."""
+  try:
+    return fun(first, *args, **kwargs)
+  except (TypeError, AttributeError) as err:
+    # Only an error that names the first argument's type is about it ("'State'
+    # object is not callable", "'Linear' object is not subscriptable").
+    if f"'{type(first).__name__}'" not in str(err):
+      raise
+    raise TypeError(
+      f"sam_value_and_grad: fun failed on its first argument, a {type(first).__name__} "
+      f"({err}). {fix}"
+    ) from err
+
+
 def _tree(fun: Callable[..., Any], params: Any) -> Bound:
   _check_differentiable(params)
-  call = lambda params, rngs, rest, *args, **kwargs: (fun(params, *args, **kwargs), rngs, rest)
+
+  def call(params: Any, rngs: Any, rest: Any, *args: Any, **kwargs: Any) -> Any:
+    return _call(fun, params, _TAKES_A_MODEL, *args, **kwargs), rngs, rest
+
   return Bound(params, None, None, call, _nothing_to_write)
 
 
@@ -115,7 +145,7 @@ def _equinox(fun: Callable[..., Any], model: Any) -> Bound:
   params, static = eqx.partition(model, eqx.is_inexact_array)
 
   def call(params: Any, rngs: Any, rest: Any, *args: Any, **kwargs: Any) -> Any:
-    return fun(eqx.combine(params, static), *args, **kwargs), rngs, rest
+    return _call(fun, eqx.combine(params, static), _TAKES_PARAMS, *args, **kwargs), rngs, rest
 
   return Bound(params, None, None, call, _nothing_to_write)
 
@@ -127,16 +157,40 @@ def _nnx_wrt(second: Any) -> Any:
   return sys.modules["flax.nnx"].Param
 
 
+def _check_buffers_match(params: Any, opt_state: Any) -> None:
+  """A ValueError if the state's parameter-shaped buffers were built for other Variables.
+
+  Beside a bare ``optimizer.opt_state`` the model's ``nnx.Param`` are differentiated; an
+  optimizer built with another ``wrt`` keeps its buffers for those instead.
+  """
+  nnx = sys.modules["flax.nnx"]
+  state = find_sam_state(opt_state).state
+  # By paths: the optimizer keeps its buffers in Variables of its own type.
+  paths = lambda tree: [
+    jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)
+  ]
+  for name, value in state._asdict().items():
+    if isinstance(value, nnx.State) and paths(value) != paths(params):
+      raise ValueError(
+        f"sam_value_and_grad: the {method_name(state)} state's `{name}` was built for other "
+        "Variables than the model's nnx.Param, which are differentiated beside a bare "
+        "opt_state. If the optimizer was built with another `wrt`, pass the nnx.Optimizer "
+        "itself: `grad_fn(model, optimizer, ...)`."
+      )
+
+
 def _nnx(fun: Callable[..., Any], model: Any, second: Any) -> Bound:
   nnx = sys.modules["flax.nnx"]
   wrt = _nnx_wrt(second)
   graphdef, params, rngs, rest = nnx.split(model, wrt, nnx.RngState, ...)
+  if not is_nnx_optimizer(second):
+    _check_buffers_match(params, second)
 
   def call(params: Any, rngs: Any, rest: Any, *args: Any, **kwargs: Any) -> Any:
     # A copy: the pass runs inside jax.value_and_grad, where the model's own
     # Variables (from the caller's trace) cannot be written.
     copy = nnx.merge(graphdef, params, rngs, rest, copy=True)
-    out = fun(copy, *args, **kwargs)
+    out = _call(fun, copy, _TAKES_PARAMS, *args, **kwargs)
     _, _, rngs, rest = nnx.split(copy, wrt, nnx.RngState, ...)
     return out, rngs, rest
 

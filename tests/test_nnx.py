@@ -477,3 +477,34 @@ def test_model_state_in_place_of_the_optimizer_says_what_to_pass():
   grad_fn = fsam_optax.sam_value_and_grad(lambda m, x: jnp.sum(m(x)))
   with pytest.raises(ValueError, match=r"Pass the `nnx.Optimizer` itself or `optimizer.opt_state`"):
     grad_fn(model, nnx.state(optimizer), jnp.ones((1, 2)))
+
+
+def test_opt_state_of_an_optimizer_with_another_wrt_says_to_pass_the_optimizer():
+  class Head(nnx.Param):
+    pass
+
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  model.kernel = Head(model.kernel.get_value())
+  optimizer = nnx.Optimizer(model, optax.chain(fsam_optax.fsam(), optax.sgd(0.1)), wrt=Head)
+  grad_fn = fsam_optax.sam_value_and_grad(lambda m, x: jnp.sum(m(x)))
+  with pytest.raises(ValueError, match=r"`ema` was built for other Variables.*pass the nnx"):
+    grad_fn(model, optimizer.opt_state, jnp.ones((1, 2)))
+  grad_fn(model, optimizer, jnp.ones((1, 2)))  # the optimizer itself: its wrt
+
+
+@pytest.mark.parametrize(
+  "loss, first, fix",
+  [
+    # A loss written for a tree of parameters, given the model.
+    (lambda p, x: jnp.sum(x @ p["kernel"]), "model", "If fun takes parameters"),
+    # A loss written for the model, given its split parameters.
+    (lambda m, x: jnp.sum(m(x)), "params", r"pass the model itself first"),
+  ],
+)
+def test_loss_whose_first_argument_is_not_what_it_is_given(loss, first, fix):
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(fsam_optax.sam(), optax.sgd(0.1)), wrt=nnx.Param)
+  given = model if first == "model" else nnx.state(model, nnx.Param)
+  grad_fn = fsam_optax.sam_value_and_grad(loss)
+  with pytest.raises(TypeError, match=rf"fun failed on its first argument, a \w+ .*{fix}"):
+    grad_fn(given, optimizer.opt_state, jnp.ones((1, 2)))
