@@ -40,6 +40,8 @@ myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
 
 # Every guide and notebook runs on every build; a cell that fails fails the build.
+# FSAM_DOCS_EXECUTE=off builds the pages without outputs (CI does, after the test suite
+# has run every guide and notebook).
 nb_execution_mode = os.environ.get("FSAM_DOCS_EXECUTE", "force")
 nb_execution_timeout = 900
 nb_execution_raise_on_error = True
@@ -48,6 +50,9 @@ nb_merge_streams = True
 # Tracebacks of the cells that show an error are not always valid for the
 # IPython traceback lexer; they are then shown as plain text, which is fine.
 suppress_warnings = ["misc.highlighting_failure"]
+if nb_execution_mode == "off":
+  # Unexecuted cells carry no kernel language for myst-nb to pick their lexer from.
+  suppress_warnings.append("myst-nb.lexer")
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"

@@ -278,25 +278,24 @@ class Trainer:
     self.train_step = jax.jit(self._train_step, donate_argnums=0)
     self.eval_step = jax.jit(self._eval_step)
 
-  def _loss(self, params: Any, stats: Any, images: jax.Array, labels: jax.Array):
-    # copy=True: fresh Variables at this trace level, which BatchNorm may update.
-    model = nnx.merge(self.graphdef, params, stats, copy=True)
+  def _loss(self, model: ResNet18, images: jax.Array, labels: jax.Array):
     logits = model(images, train=True)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, (nnx.state(model, nnx.BatchStat), jnp.mean(jnp.argmax(logits, -1) == labels))
+    return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
   def _train_step(
     self, state: dict[str, Any], images: jax.Array, labels: jax.Array, key: jax.Array
   ):
     images = augment(key, normalize(images), self.cfg.cutout)
-    params, opt_state = state["params"], state["opt_state"]
+    model = nnx.merge(self.graphdef, state["params"], state["stats"])
     if self.cfg.method == "sgd":
-      grad_fn = lambda p, s, *args: jax.value_and_grad(self._loss, has_aux=True)(p, *args)
+      (loss, accuracy), grads = nnx.value_and_grad(self._loss, has_aux=True)(model, images, labels)
     else:
+      # The model keeps the BatchNorm statistics of the clean pass; the aux is the clean pass's.
       grad_fn = fsam_optax.sam_value_and_grad(self._loss, has_aux=True)
-    # The aux (new BatchNorm statistics) comes from the clean pass.
-    (loss, (stats, accuracy)), grads = grad_fn(params, opt_state, state["stats"], images, labels)
-    updates, opt_state = self.tx.update(grads, opt_state, params)
+      (loss, accuracy), grads = grad_fn(model, state["opt_state"], images, labels)
+    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     return {"params": params, "stats": stats, "opt_state": opt_state}, {
       "loss": loss,

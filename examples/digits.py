@@ -192,21 +192,18 @@ class Trainer:
     _, params, stats = nnx.split(CNN(self.cfg.width, rngs=nnx.Rngs(key)), nnx.Param, nnx.BatchStat)
     return params, stats, self._tx(rho).init(params)
 
-  def _loss(self, params: Any, stats: Any, x: jax.Array, y: jax.Array) -> tuple[jax.Array, Any]:
-    # copy=True: fresh Variables at this trace level, which BatchNorm may update.
-    model = nnx.merge(self.graphdef, params, stats, copy=True)
-    logits = model(x, train=True)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, nnx.state(model, nnx.BatchStat)
+  def _loss(self, model: CNN, x: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(model(x, train=True), y).mean()
 
   def _step(self, rho: jax.Array, carry: tuple[Any, ...], batch: tuple[jax.Array, jax.Array]):
     params, stats, opt_state = carry
+    model = nnx.merge(self.graphdef, params, stats)
     if self.method == "sgd":
-      (loss, stats), grads = jax.value_and_grad(self._loss, has_aux=True)(params, stats, *batch)
+      loss, grads = nnx.value_and_grad(self._loss)(model, *batch)
     else:
-      grad_fn = fsam_optax.sam_value_and_grad(self._loss, has_aux=True)
-      # Batch statistics come from the clean pass only (the helper returns its aux).
-      (loss, stats), grads = grad_fn(params, opt_state, stats, *batch)
+      # The model keeps the batch statistics of the clean pass only.
+      loss, grads = fsam_optax.sam_value_and_grad(self._loss)(model, opt_state, *batch)
+    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     updates, opt_state = self._tx(rho).update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), stats, opt_state), loss
 

@@ -84,3 +84,21 @@ def test_hand_written_fsam_takes_the_same_steps_as_the_library(
     assert min(jax.tree.leaves(moved)) > 1e-6  # the steps did something
     gaps = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), library, hand)
     assert max(jax.tree.leaves(gaps)) < 1e-12, gaps
+
+
+def test_fsam_costs_a_train_step_at_most_two_lines_in_each_framework() -> None:
+  """NNX, Equinox and Linen steps, each run: F-SAM's is at most 2 lines longer than SGD's."""
+  pytest.importorskip("flax")
+  pytest.importorskip("equinox")
+  result = subprocess.run(
+    [sys.executable, str(BENCHMARKS / "step_lines.py")],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr
+  rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[1:]}
+  assert sorted(rows) == ["equinox", "linen", "nnx"], result.stdout
+  for sgd, fsam, more in rows.values():
+    assert int(fsam) - int(sgd) == int(more) <= 2, result.stdout
