@@ -79,7 +79,7 @@ def accumulated(value_and_grad: Callable[..., Any], micro_batches: int) -> Calla
 
 
 def _check_state_kept(before: Any, after: Any) -> None:
-  """A ValueError unless one micro-batch leaves the model's state as it found its types."""
+  """A ValueError unless one micro-batch leaves the model's Variables of the same types."""
   shape = lambda tree: (
     jax.tree.structure(tree),
     [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(tree)],
@@ -88,7 +88,6 @@ def _check_state_kept(before: Any, after: Any) -> None:
     raise ValueError(
       "sam_value_and_grad: with micro_batches, the model's Variables go from one "
       "micro-batch to the next, but the loss changes their structure, shapes or dtypes "
-      "(nnx.sow adds a value at each call, or a statistic changes dtype). Leave "
-      "micro_batches off, or keep the Variables' shapes and dtypes fixed (e.g. sow "
-      "with a reduce_fn that replaces the value)."
+      "(it creates a Variable, or a statistic changes dtype). Leave micro_batches off, "
+      "or create every Variable in the model's __init__, with the dtype it keeps."
     )

@@ -23,11 +23,6 @@ def is_differentiated(leaf: Any) -> bool:
   return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
 
 
-def differentiated_leaves(params: Any) -> list[Any]:
-  """The leaves of ``params`` that are differentiated, in tree order."""
-  return [p for p in jax.tree.leaves(params) if is_differentiated(p)]
-
-
 def zeros_buffer(params: Any, dtype: jnp.dtype | None) -> Any:
   """A buffer of zeros for each differentiated leaf of ``params``, ``None`` elsewhere.
 

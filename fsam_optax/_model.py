@@ -7,8 +7,8 @@ it, in each framework's own idiom:
 - a parameter tree (a dict, an ``nnx.State``, a Linen ``params``) is
   differentiated whole and handed to the loss as it is;
 - an ``nnx.Module`` is split into the Variables the optimizer updates (its
-  ``wrt``), its RNG streams, and the rest (BatchNorm statistics, sown
-  values). Each pass runs the loss on a copy of the model; what the clean
+  ``wrt``), its RNG streams, and the rest (BatchNorm statistics, other
+  Variables). Each pass runs the loss on a copy of the model; what the clean
   pass writes to the rest, and the RNG streams as the passes leave them, are
   written back to the model afterwards;
 - an ``equinox.Module`` has its inexact arrays differentiated and every
@@ -26,10 +26,9 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+from jax.tree_util import keystr
 
 from fsam_optax._buffers import is_differentiated
-from fsam_optax._lookup import find_sam_state
-from fsam_optax._method import method_name
 
 
 class Bound(NamedTuple):
@@ -95,9 +94,13 @@ _TAKES_A_MODEL = (
   "If fun takes a model (`fun(model, ...)`), pass the model itself first: an nnx.Module "
   "(with its nnx.Optimizer second) or an equinox.Module."
 )
-_TAKES_PARAMS = (
+_NNX_TAKES_PARAMS = (
   "If fun takes parameters, pass those first (e.g. `nnx.split(model, nnx.Param, ...)`, "
   "merged back inside fun), or write fun to take the model."
+)
+_EQX_TAKES_PARAMS = (
+  "If fun takes parameters, pass those first (e.g. `eqx.partition(model, "
+  "eqx.is_inexact_array)`, combined back inside fun), or write fun to take the model."
 )
 
 
@@ -105,14 +108,15 @@ def _call(fun: Callable[..., Any], first: Any, fix: str, *args: Any, **kwargs: A
   """``fun(first, *args, **kwargs)``, or a TypeError saying what ``first`` was if fun fails."""
   try:
     return fun(first, *args, **kwargs)
-  except (TypeError, AttributeError) as err:
-    # Only an error that names the first argument's type is about it ("'State'
-    # object is not callable", "'Linear' object is not subscriptable").
-    if f"'{type(first).__name__}'" not in str(err):
+  except TypeError as err:
+    # Only the errors of using the first argument as the other kind of thing: a
+    # parameter tree called as a model, a model indexed as a parameter tree.
+    name = type(first).__name__
+    misuse = (f"'{name}' object is not callable", f"'{name}' object is not subscriptable")
+    if not any(m in str(err) for m in misuse):
       raise
     raise TypeError(
-      f"sam_value_and_grad: fun failed on its first argument, a {type(first).__name__} "
-      f"({err}). {fix}"
+      f"sam_value_and_grad: fun failed on its first argument, a {name} ({err}). {fix}"
     ) from err
 
 
@@ -131,7 +135,7 @@ def _check_differentiable(params: Any) -> None:
     if not is_differentiated(leaf):
       what = f"dtype {leaf.dtype}" if hasattr(leaf, "dtype") else type(leaf).__name__
       raise ValueError(
-        f"sam_value_and_grad: the params leaf at {jax.tree_util.keystr(path) or 'the root'} "
+        f"sam_value_and_grad: the params leaf at {keystr(path) or 'the root'} "
         f"({what}) cannot be differentiated: every leaf of a parameter tree must be a "
         "floating-point array. Pass only what is trained (split the model, e.g. "
         "`nnx.split(model, nnx.Param, ...)` or `eqx.partition(model, eqx.is_inexact_array)`), "
@@ -145,7 +149,7 @@ def _equinox(fun: Callable[..., Any], model: Any) -> Bound:
   params, static = eqx.partition(model, eqx.is_inexact_array)
 
   def call(params: Any, rngs: Any, rest: Any, *args: Any, **kwargs: Any) -> Any:
-    return _call(fun, eqx.combine(params, static), _TAKES_PARAMS, *args, **kwargs), rngs, rest
+    return _call(fun, eqx.combine(params, static), _EQX_TAKES_PARAMS, *args, **kwargs), rngs, rest
 
   return Bound(params, None, None, call, _nothing_to_write)
 
@@ -157,40 +161,47 @@ def _nnx_wrt(second: Any) -> Any:
   return sys.modules["flax.nnx"].Param
 
 
-def _check_buffers_match(params: Any, opt_state: Any) -> None:
-  """A ValueError if the state's parameter-shaped buffers were built for other Variables.
+def _check_wrt(params: Any, opt_state: Any, from_optimizer: bool) -> None:
+  """ValueErrors for Variables that cannot be differentiated, or an opt_state built for others.
 
   Beside a bare ``optimizer.opt_state`` the model's ``nnx.Param`` are differentiated; an
-  optimizer built with another ``wrt`` keeps its buffers for those instead.
+  optimizer built with another ``wrt`` keeps its parameter-shaped buffers (its own method's,
+  the base optimizer's) for those instead.
   """
   nnx = sys.modules["flax.nnx"]
-  state = find_sam_state(opt_state).state
-  # By paths: the optimizer keeps its buffers in Variables of its own type.
-  paths = lambda tree: [
-    jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)
-  ]
-  for name, value in state._asdict().items():
-    if isinstance(value, nnx.State) and paths(value) != paths(params):
+  paths = lambda tree: [keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if not is_differentiated(leaf):
       raise ValueError(
-        f"sam_value_and_grad: the {method_name(state)} state's `{name}` was built for other "
-        "Variables than the model's nnx.Param, which are differentiated beside a bare "
-        "opt_state. If the optimizer was built with another `wrt`, pass the nnx.Optimizer "
-        "itself: `grad_fn(model, optimizer, ...)`."
+        f"sam_value_and_grad: the model's Variable at {keystr(path)} ({leaf.dtype}) is "
+        "differentiated, being in the optimizer's `wrt`, but is not floating point. Build "
+        "the nnx.Optimizer with a `wrt` that selects only trained Variables (e.g. nnx.Param)."
       )
+  is_state = lambda x: isinstance(x, nnx.State)
+  if from_optimizer or is_state(opt_state):  # an nnx.State whole is refused by the lookup
+    return
+  buffers = [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
+  # By paths: the optimizer keeps its buffers in Variables of its own type.
+  if any(paths(b) != paths(params) for b in buffers):
+    raise ValueError(
+      "sam_value_and_grad: this opt_state was built for other Variables than the model's "
+      "nnx.Param, which are differentiated beside a bare opt_state. If the optimizer was "
+      "built with another `wrt`, pass the nnx.Optimizer itself: "
+      "`grad_fn(model, optimizer, ...)`."
+    )
 
 
 def _nnx(fun: Callable[..., Any], model: Any, second: Any) -> Bound:
   nnx = sys.modules["flax.nnx"]
   wrt = _nnx_wrt(second)
   graphdef, params, rngs, rest = nnx.split(model, wrt, nnx.RngState, ...)
-  if not is_nnx_optimizer(second):
-    _check_buffers_match(params, second)
+  _check_wrt(params, second, from_optimizer=is_nnx_optimizer(second))
 
   def call(params: Any, rngs: Any, rest: Any, *args: Any, **kwargs: Any) -> Any:
     # A copy: the pass runs inside jax.value_and_grad, where the model's own
     # Variables (from the caller's trace) cannot be written.
     copy = nnx.merge(graphdef, params, rngs, rest, copy=True)
-    out = _call(fun, copy, _TAKES_PARAMS, *args, **kwargs)
+    out = _call(fun, copy, _NNX_TAKES_PARAMS, *args, **kwargs)
     _, _, rngs, rest = nnx.split(copy, wrt, nnx.RngState, ...)
     return out, rngs, rest
 

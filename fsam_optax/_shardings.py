@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from fsam_optax._buffers import is_differentiated
 from fsam_optax._layout import is_spec
 
 
@@ -46,15 +47,29 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_sha
   named = [s for s in leaves if isinstance(s, NamedSharding)]
   replicated = NamedSharding(named[0].mesh, PartitionSpec()) if named else PartitionSpec()
   full = jax.tree.map(lambda s: replicated if s is None else s, full, is_leaf=is_spec)
-  structure: Any = jax.tree.structure(params)
-  shapes = [jnp.shape(x) for x in jax.tree.leaves(params)]
+  leaves, treedef = jax.tree.flatten(params)
+  shardings = jax.tree.leaves(full, is_leaf=is_spec)
+  kept = [is_differentiated(p) for p in leaves]
+  only_kept = lambda xs: jax.tree.unflatten(
+    treedef, [x if k else None for x, k in zip(xs, kept, strict=True)]
+  )
+  # A parameter-shaped node: like the params, or like the methods' buffers, which hold
+  # None at the leaves that are not differentiated.
+  forms = [(params, full), (only_kept(leaves), only_kept(shardings))]
 
   # By structure and shapes, not by optax.tree_map_params: that one calls tx.init on a
   # placeholder, which a mask (a tree or a callable of the params) cannot be resolved on.
-  def like_params(node: Any) -> bool:
-    leaves = jax.tree.leaves(node)
-    return jax.tree.structure(node) == structure and [jnp.shape(x) for x in leaves] == shapes
+  def shardings_of(node: Any) -> Any:
+    for like, node_shardings in forms:
+      structure: Any = jax.tree.structure(node)
+      same = structure == jax.tree.structure(like)
+      shapes = lambda tree: [jnp.shape(x) for x in jax.tree.leaves(tree)]
+      if same and shapes(node) == shapes(like):
+        return node_shardings
+    return None
 
-  return jax.tree.map(
-    lambda node: full if like_params(node) else replicated, state, is_leaf=like_params
-  )
+  def place(node: Any) -> Any:
+    found = shardings_of(node)
+    return replicated if found is None else found
+
+  return jax.tree.map(place, state, is_leaf=lambda node: shardings_of(node) is not None)

@@ -57,8 +57,8 @@ from fsam_optax._schedule import is_sam_step
 class _CleanPass(NamedTuple):
   value: jax.Array  # this device's loss at theta
   aux: Any
-  rngs: Any  # an NNX model's RNG streams and other Variables as the pass left them
-  rest: Any
+  rngs: Any  # an NNX model's RNG streams as the pass left them (None for the others)
+  rest: Any  # its other Variables (BatchNorm statistics) as the pass left them
   grads: Any  # g, averaged over the data axes (None where nothing needs it)
   for_rules: Any  # g as the method's rules take it: averaged, or the replica's own per device
 
@@ -259,7 +259,10 @@ def sam_value_and_grad(
     is an ``nnx.State`` of them for ``optimizer.update(model, grads)``. Both
     passes run on copies of the model as the clean pass found it; the model
     then holds what the clean pass wrote to its other Variables (BatchNorm
-    statistics) and its RNG streams after both passes (``second_pass_rng``);
+    statistics, also on a step that ``skip_nonfinite`` refuses) and its RNG
+    streams after the passes that drew from them (``second_pass_rng``). Under
+    ``jit`` only: inside ``shard_map`` or ``pmap`` (``axis_name``), pass the
+    split parameters and carry the other Variables through the loss;
   - an ``equinox.Module``: its inexact arrays are differentiated and its
     other leaves passed through, as ``eqx.filter_value_and_grad`` does;
     ``grads`` has ``None`` at the leaves that are not differentiated.
@@ -402,6 +405,14 @@ def sam_value_and_grad(
     params: Any, opt_state: Any, *args: Any, loss_scale: Any = None, **kwargs: Any
   ) -> Any:
     model = bind(fun, params, opt_state)
+    if model.rest is not None and layout.data_axes:
+      raise ValueError(
+        "sam_value_and_grad: an nnx.Module is taken whole under jit (with sharded arrays) "
+        "only; with `axis_name` (inside shard_map or pmap) each replica would write its "
+        "own statistics into the model. Split it and pass its parameters: "
+        "`nnx.split(model, nnx.Param, ...)`, carrying the other Variables through the loss "
+        "(as aux, averaged with `average_aux=True`)."
+      )
     found = find_sam_state(opt_state)
     state: SAMState = found.state
     bound = layout.bind(model.params)

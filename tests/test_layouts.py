@@ -501,3 +501,13 @@ def test_varying_axes_reads_jax_types():
   pmap_manual = jax.pmap(lambda x: (seen.update(pmap=manual_axes()), x)[1], "i")
   pmap_manual(jnp.zeros((2, 1)))
   assert seen["pmap"] == frozenset({"i"})
+
+
+def test_opt_state_shardings_with_a_leaf_that_is_not_differentiated():
+  # The methods' buffers skip an integer leaf (None there); they are still sharded like the
+  # params, and the base optimizer's, which keep the leaf, too.
+  params = {**init(), "steps": jnp.zeros((), jnp.int32)}
+  tx = optax.chain(fsam_optax.fsam(), optax.sgd(0.1, momentum=0.9))
+  specs = fsam_optax.opt_state_shardings(tx, params, {**MODEL_SPECS, "steps": P()})
+  assert specs[0].ema == {**MODEL_SPECS, "steps": None}
+  assert specs[1][0].trace == {**MODEL_SPECS, "steps": P()}

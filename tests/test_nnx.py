@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -236,7 +238,7 @@ def test_micro_batches_run_through_the_model_in_turn(mode):
   assert counts == want_counts == [(4 if mode == "fresh" else 2) * (t + 1) for t in range(STEPS)]
 
 
-def test_loss_scale_changes_nothing_in_float64():
+def test_loss_scale_is_taken_and_changes_nothing_in_float64():
   params_err, stats_err, counts, want_counts = compare("fsam", loss_scale=1024.0)
   assert params_err < TOL and stats_err < 1e-12 and counts == want_counts
 
@@ -487,9 +489,104 @@ def test_opt_state_of_an_optimizer_with_another_wrt_says_to_pass_the_optimizer()
   model.kernel = Head(model.kernel.get_value())
   optimizer = nnx.Optimizer(model, optax.chain(fsam_optax.fsam(), optax.sgd(0.1)), wrt=Head)
   grad_fn = fsam_optax.sam_value_and_grad(lambda m, x: jnp.sum(m(x)))
-  with pytest.raises(ValueError, match=r"`ema` was built for other Variables.*pass the nnx"):
+  with pytest.raises(ValueError, match=r"built for other Variables.*pass the nnx.Optimizer"):
     grad_fn(model, optimizer.opt_state, jnp.ones((1, 2)))
   grad_fn(model, optimizer, jnp.ones((1, 2)))  # the optimizer itself: its wrt
+  # SAM keeps no buffer of its own; the base optimizer's momentum tells.
+  tx = optax.chain(fsam_optax.sam(), optax.sgd(0.1, momentum=0.9))
+  optimizer = nnx.Optimizer(model, tx, wrt=Head)
+  with pytest.raises(ValueError, match=r"built for other Variables"):
+    grad_fn(model, optimizer.opt_state, jnp.ones((1, 2)))
+
+
+def test_a_wrt_that_selects_integer_variables_is_refused_by_path():
+  class Counter(nnx.Variable):
+    pass
+
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  model.calls = Counter(jnp.zeros((), jnp.int32))
+  tx = optax.chain(fsam_optax.sam(), optax.sgd(0.1))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Any(nnx.Param, Counter))
+  grad_fn = fsam_optax.sam_value_and_grad(lambda m, x: jnp.sum(m(x)))
+  with pytest.raises(ValueError, match=r"Variable at \['calls'\].*int32.*`wrt`"):
+    grad_fn(model, optimizer, jnp.ones((1, 2)))
+
+
+def test_inside_shard_map_a_whole_model_is_refused_with_the_split_recipe():
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(fsam_optax.sam(), optax.sgd(0.1)), wrt=nnx.Param)
+  grad_fn = fsam_optax.sam_value_and_grad(lambda m, x: jnp.sum(m(x)), axis_name="data")
+  with pytest.raises(ValueError, match=r"under jit.*nnx.split\(model, nnx.Param"):
+    grad_fn(model, optimizer, jnp.ones((1, 2)))
+
+
+def test_the_package_does_not_import_nnx():
+  code = "import sys, fsam_optax; assert 'flax.nnx' not in sys.modules, 'flax.nnx imported'"
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr
+
+
+# ---- Variables the forward pass reads and writes ----
+
+
+class Counted(nnx.Module):
+  """A linear layer whose output is scaled by how often it ran: read, then written."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(3, 1, param_dtype=jnp.float64, rngs=rngs)
+    self.calls = nnx.BatchStat(jnp.ones((), jnp.float64))
+
+  def __call__(self, x):
+    out = self.linear(x) * self.calls[...]
+    self.calls[...] += 1.0
+    return out
+
+
+def counted_loss(model, x):
+  return jnp.mean(model(x) ** 2)
+
+
+def test_both_passes_read_the_model_as_the_clean_pass_found_it():
+  """g' is taken with the Variables the step began with; the model keeps the clean pass's."""
+  with jax.enable_x64(True):
+    model = Counted(nnx.Rngs(0))
+    tx = optax.chain(fsam_optax.sam(rho=0.3), optax.sgd(LR))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (8, 3))
+    model.calls[...] = 3.0
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    def by_hand(p, calls):
+      return jnp.mean(((x @ p["linear"]["kernel"] + p["linear"]["bias"][None]) * calls) ** 2)
+
+    g = jax.grad(by_hand)(params, 3.0)
+    norm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(g)))
+    moved = jax.tree.map(lambda p, v: p + 0.3 * v / (norm + 1e-12), params, g)
+    want = jax.grad(by_hand)(moved, 3.0)  # not 4.0, what the clean pass left
+
+    grad_fn = fsam_optax.sam_value_and_grad(counted_loss)
+    _, grads = nnx.jit(grad_fn)(model, optimizer, x)
+    got = nnx.to_pure_dict(fsam_optax.perturbed_grads(grads))
+    assert max_abs_diff(traverse_util.flatten_dict(got), traverse_util.flatten_dict(want)) < 1e-14
+    assert float(model.calls[...]) == 4.0  # one pass's write, the clean pass's
+
+
+class Recording(Counted):
+  """Keeps its last output in a Variable it creates on its first call."""
+
+  def __call__(self, x):
+    out = super().__call__(x)
+    self.last = nnx.Intermediate(out)
+    return out
+
+
+def test_micro_batches_refuse_a_loss_that_adds_variables():
+  with jax.enable_x64(True):
+    model = Recording(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.chain(fsam_optax.sam(), optax.sgd(LR)), wrt=nnx.Param)
+    grad_fn = fsam_optax.sam_value_and_grad(counted_loss, micro_batches=2)
+    with pytest.raises(ValueError, match=r"micro_batches.*changes their structure"):
+      grad_fn(model, optimizer, jnp.ones((4, 3)))
 
 
 @pytest.mark.parametrize(
