@@ -241,8 +241,8 @@ class Grid:
 
 
 def _plain_value_and_grad(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  return lambda params, opt_state, *args: grad_fn(params, *args)
+  grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+  return lambda model, opt_state, *args: grad_fn(model, *args)
 
 
 def _sam_value_and_grad(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -258,8 +258,8 @@ class Method:
     front: builds what goes before the shared base optimizer in the chain
       (``None``: nothing) from the hyperparameters. Values in ``fixed`` arrive
       as Python constants, the others as traced scalars (one compile per method).
-    value_and_grad: turns ``loss_fn(params, *args) -> (loss, aux)`` into
-      ``fn(params, opt_state, *args) -> ((loss, aux), grads)`` for ``tx.update``.
+    value_and_grad: turns ``loss_fn(model, *args) -> (loss, aux)`` into
+      ``fn(model, opt_state, *args) -> ((loss, aux), grads)`` for ``tx.update``.
     fixed: hyperparameters that are never tuned.
     tuned: hyperparameters tuned on seed 0, one after the other.
     start_from: a method whose chosen hyperparameters this one starts from.
@@ -416,8 +416,8 @@ class Trainer:
     params = nnx.state(model, nnx.Param)
     return params, self._tx(hp).init(params)
 
-  def _loss(self, params: Any, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    logits = nnx.merge(self.graphdef, params)(x)
+  def _loss(self, model: Net, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits = model(x)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, jnp.sum(jnp.argmax(logits, -1) == y)
 
@@ -433,7 +433,8 @@ class Trainer:
 
     def step(carry, idx):
       params, opt_state = carry
-      (loss, correct), grads = grad_fn(params, opt_state, x[idx], y[idx])
+      model = nnx.merge(self.graphdef, params)
+      (loss, correct), grads = grad_fn(model, opt_state, x[idx], y[idx])
       updates, opt_state = tx.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), (loss, correct)
 
