@@ -14,8 +14,25 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+import fsam_optax
 from tests import reference as ref
 from tests.train_step import sam_step
+
+# Each method of the family, and its NumPy reference driven through ``gradient(theta,
+# grad_at)``, for tests that train a model of their own with both.
+METHOD_PAIRS = {
+  "fsam": (
+    lambda: fsam_optax.fsam(rho=0.2, sigma=1.0, lmbda=0.6),
+    lambda: ref.FSAMReference(rho=0.2, sigma=1.0, lmbda=0.6),
+  ),
+  "sam": (lambda: fsam_optax.sam(rho=0.1), lambda: ref.FSAMReference(0.1, 0.0, 0.0)),
+  "gsam": (lambda: fsam_optax.gsam(rho=0.2, alpha=0.4), lambda: ref.GSAMReference(0.2, 0.4)),
+  "vasso": (lambda: fsam_optax.vasso(rho=0.2, theta=0.4), lambda: ref.VaSSOReference(0.2, 0.4)),
+  "looksam": (
+    lambda: fsam_optax.looksam(rho=0.2, every=5, alpha=0.7),
+    lambda: ref.LookSAMReference(rho=0.2, k=5, alpha=0.7),
+  ),
+}
 
 
 def mlp_loss(params: dict, x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:

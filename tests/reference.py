@@ -49,6 +49,11 @@ class FSAMReference:
     self.m = {k: self.lmbda * self.m[k] + (1 - self.lmbda) * feed[k] for k in g}
     return d
 
+  def gradient(self, theta: dict, grad_at: Callable[[dict], dict]) -> dict:
+    """g' at theta + e, the moving average advanced: as the family's references take it."""
+    g = grad_at(theta)
+    return grad_at(shift(theta, self.perturbation(theta, self.direction(g))))
+
   def perturbation(self, theta: dict, d: dict) -> dict:
     """Steps 3 and 4: e = rho d / (||d|| + eps), or the adaptive form."""
     scaled = {k: np.abs(theta[k]) * d[k] if self.adaptive else d[k] for k in d}

@@ -26,6 +26,7 @@ import pytest
 
 import fsam_optax
 from tests import reference as ref
+from tests.jax_mlp import METHOD_PAIRS as METHODS
 from tests.jax_mlp import max_abs_diff
 
 eqx = pytest.importorskip("equinox")
@@ -200,32 +201,6 @@ class BNReference:
     """The running statistics after a batch at ``theta``."""
     h = np.asarray(dense(theta, "linear1", x))
     return bn_stats(h, running, self.mode, first)[1]
-
-
-@dataclasses.dataclass
-class FSAMGradient:
-  """F-SAM as the family's references take it: g' at theta + e, the moving average advanced."""
-
-  fsam: ref.FSAMReference
-
-  def gradient(self, theta, grad_at):
-    g = grad_at(theta)
-    return grad_at(ref.shift(theta, self.fsam.perturbation(theta, self.fsam.direction(g))))
-
-
-METHODS = {
-  "fsam": (
-    lambda: fsam_optax.fsam(rho=0.2, sigma=1.0, lmbda=0.6),
-    lambda: FSAMGradient(ref.FSAMReference(rho=0.2, sigma=1.0, lmbda=0.6)),
-  ),
-  "sam": (lambda: fsam_optax.sam(rho=0.1), lambda: FSAMGradient(ref.FSAMReference(0.1, 0.0, 0.0))),
-  "gsam": (lambda: fsam_optax.gsam(rho=0.2, alpha=0.4), lambda: ref.GSAMReference(0.2, 0.4)),
-  "vasso": (lambda: fsam_optax.vasso(rho=0.2, theta=0.4), lambda: ref.VaSSOReference(0.2, 0.4)),
-  "looksam": (
-    lambda: fsam_optax.looksam(rho=0.2, every=5, alpha=0.7),
-    lambda: ref.LookSAMReference(rho=0.2, k=5, alpha=0.7),
-  ),
-}
 
 
 # ---- The Equinox idiom ----

@@ -27,7 +27,9 @@ from jax.sharding import PartitionSpec as P
 
 import fsam_optax
 from tests import reference as ref
+from tests.jax_mlp import METHOD_PAIRS as METHODS
 from tests.jax_mlp import max_abs_diff
+from tests.test_flax import NNXNet as BNNet  # Linear, BatchNorm, Linear: no RNG streams
 
 STEPS = 32
 LR, MOMENTUM = 0.05, 0.9
@@ -140,32 +142,6 @@ class Reference:
     return [(x[i * n : (i + 1) * n], y[i * n : (i + 1) * n]) for i in range(self.micro_batches)]
 
 
-@dataclasses.dataclass
-class FSAMGradient:
-  """F-SAM as the family's references take it: g' at theta + e, the moving average advanced."""
-
-  fsam: ref.FSAMReference
-
-  def gradient(self, theta, grad_at):
-    g = grad_at(theta)
-    return grad_at(ref.shift(theta, self.fsam.perturbation(theta, self.fsam.direction(g))))
-
-
-METHODS = {
-  "fsam": (
-    lambda: fsam_optax.fsam(rho=0.2, sigma=1.0, lmbda=0.6),
-    lambda: FSAMGradient(ref.FSAMReference(rho=0.2, sigma=1.0, lmbda=0.6)),
-  ),
-  "sam": (lambda: fsam_optax.sam(rho=0.1), lambda: FSAMGradient(ref.FSAMReference(0.1, 0.0, 0.0))),
-  "gsam": (lambda: fsam_optax.gsam(rho=0.2, alpha=0.4), lambda: ref.GSAMReference(0.2, 0.4)),
-  "vasso": (lambda: fsam_optax.vasso(rho=0.2, theta=0.4), lambda: ref.VaSSOReference(0.2, 0.4)),
-  "looksam": (
-    lambda: fsam_optax.looksam(rho=0.2, every=5, alpha=0.7),
-    lambda: ref.LookSAMReference(rho=0.2, k=5, alpha=0.7),
-  ),
-}
-
-
 def run_nnx(method, data, *, micro_batches=None, loss_scale=None, **grad_kwargs):
   """The NNX idiom: (params, statistics, count) after each step, and the model."""
   model = new_model()
@@ -244,16 +220,6 @@ def test_loss_scale_is_taken_and_changes_nothing_in_float64():
 
 
 # ---- The idiom against the split recipe, on a model without RNG streams ----
-
-
-class BNNet(nnx.Module):
-  def __init__(self, rngs: nnx.Rngs):
-    self.linear1 = nnx.Linear(5, 6, param_dtype=jnp.float64, rngs=rngs)
-    self.bn = nnx.BatchNorm(6, param_dtype=jnp.float64, rngs=rngs)
-    self.linear2 = nnx.Linear(6, 3, param_dtype=jnp.float64, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.linear2(jnp.tanh(self.bn(self.linear1(x))))
 
 
 def noisy_loss(model, x, y, key):
