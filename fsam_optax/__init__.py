@@ -6,6 +6,7 @@ from fsam_optax._fsam import FSAMState, fsam, sam
 from fsam_optax._gsam import GSAMState, gsam, gsam_rho_schedule
 from fsam_optax._looksam import LookSAMState, looksam
 from fsam_optax._pairs import SAMGrad, clean_grads, perturbed_grads
+from fsam_optax._schedule import is_sam_step
 from fsam_optax._shardings import opt_state_shardings
 from fsam_optax._value_and_grad import sam_value_and_grad
 from fsam_optax._vasso import VaSSOState, vasso
@@ -24,6 +25,7 @@ __all__ = [
   "fsam",
   "gsam",
   "gsam_rho_schedule",
+  "is_sam_step",
   "looksam",
   "opt_state_shardings",
   "perturbed_grads",

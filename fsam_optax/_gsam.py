@@ -48,7 +48,9 @@ class GSAMState(NamedTuple):
     return Direction(grads, grads)
 
   def pairs(self, perturbed: Any, clean: Any, step: Step) -> Any:
-    """``SAMGrad(g' - alpha * vertical, None)`` at each leaf."""
+    """``SAMGrad(g' - alpha * vertical, None)`` at each leaf; ``SAMGrad(g, None)`` on one pass."""
+    if not step.sam_step:
+      return jax.tree.map(lambda g: SAMGrad(g, None), clean)
     g_prime, treedef = jax.tree.flatten(perturbed)
     g = jax.tree.leaves(clean)
     mask = mask_leaves(self.config.mask, len(g), method_name(self))

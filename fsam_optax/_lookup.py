@@ -153,15 +153,18 @@ def _search(node: Any, hyperparams: Any, problem: str | None) -> list[_Hit]:
   return hits
 
 
-def find_sam_state(opt_state: Any) -> Found:
-  """Returns the one SAM-family state in ``opt_state``, or raises a helpful error."""
+def find_sam_state(opt_state: Any, caller: str = "sam_value_and_grad") -> Found:
+  """Returns the one SAM-family state in ``opt_state``, or raises a helpful error.
+
+  ``caller`` names the public function in the errors.
+  """
   hits = _search(opt_state, None, None)
   if not hits:
-    raise ValueError(_no_state(opt_state))
+    raise ValueError(_no_state(opt_state, caller))
   if len(hits) > 1:
     names = ", ".join(method_name(hit.state) for hit in hits)
     raise ValueError(
-      f"sam_value_and_grad: opt_state holds {len(hits)} SAM-family states ({names}); a "
+      f"{caller}: opt_state holds {len(hits)} SAM-family states ({names}); a "
       "chain must contain exactly one SAM-family transformation (fsam, sam, gsam, "
       "vasso or looksam)."
     )
@@ -175,19 +178,19 @@ def find_sam_state(opt_state: Any) -> Found:
   return Found(hit.state, hit.hyperparams)
 
 
-def _no_state(opt_state: Any) -> str:
+def _no_state(opt_state: Any, caller: str) -> str:
   """The error for an ``opt_state`` with no SAM-family state: what it is, and what to pass."""
   got = f"opt_state (of type `{_type_name(opt_state)}`)"
   if _is_nnx_state(opt_state):
     return (
-      f"sam_value_and_grad: {got} holds no SAM-family state (fsam, sam, gsam, vasso or "
+      f"{caller}: {got} holds no SAM-family state (fsam, sam, gsam, vasso or "
       "looksam): an `nnx.State`, such as `nnx.state(optimizer)` returns, keeps the "
       "optimizer's arrays as nested dicts of variables, without the optax state that the "
       "SAM-family transformation reads its settings from. Pass the `nnx.Optimizer` itself "
       "or `optimizer.opt_state`."
     )
   return (
-    f"sam_value_and_grad: {got} holds no SAM-family state (fsam, sam, gsam, vasso or "
+    f"{caller}: {got} holds no SAM-family state (fsam, sam, gsam, vasso or "
     f"looksam). {_HOW_TO_BUILD}"
   )
 

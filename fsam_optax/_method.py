@@ -27,9 +27,10 @@ class Step(NamedTuple):
     layout: the parallel layout: whole-tree norms and means over the devices.
     hyperparam: the live value of one of the state's scalars, by name (under
       ``inject_hyperparams``, the value the user set last).
-    sam_step: whether this step takes the SAM step, a Python bool: where a
-      schedule skips steps, the helper runs the method's rules in each branch
-      of a ``lax.cond``, and ``False`` is the branch of a skipped step.
+    sam_step: whether this step takes the SAM step, a Python bool. ``False``
+      is a one-pass step: the host chose it (``sam_step=False``), or it is
+      the branch of a skipped step in the ``lax.cond`` of a schedule on the
+      device, where the helper runs the method's rules in each branch.
   """
 
   layout: Layout
@@ -66,7 +67,7 @@ class SAMState(Protocol):
   def pairs(self, perturbed: Any, clean: Any, step: Step) -> Any:
     """The tree of ``SAMGrad`` pairs that the method's update consumes.
 
-    ``perturbed`` is ``g'`` (on a step the schedule skips, ``step.sam_step``
+    ``perturbed`` is ``g'`` (on a one-pass step, ``step.sam_step``
     is ``False`` and it is ``g``) and ``clean``
     is ``g``, both averaged over the data axes; with
     ``perturbation="per_device"`` both are the data replica's own, and the

@@ -7,10 +7,11 @@ One call of the returned function is one SAM step, in named parts:
 2. :func:`_perturb`: the state at the front of the chain gives the direction
    ``d`` (:meth:`FSAMState.direction`), scaled to the radius: ``theta + e``.
 3. :func:`_perturbed_pass`: the loss and gradient ``g'`` at ``theta + e``; or, on a
-   step that a schedule skips, :func:`_skipped_step` hands on ``g``.
+   one-pass step, :func:`_skipped_step` hands on ``g``.
 4. The state makes the pairs the update consumes (:meth:`FSAMState.pairs`:
-   ``SAMGrad(g', g)``), in the same branch as the pass (a schedule's
-   ``lax.cond`` runs one branch, and the rules know which one statically);
+   ``SAMGrad(g', g)``), in the same branch as the pass (the host's
+   ``sam_step`` compiles one branch; the schedule's ``lax.cond`` on the device
+   runs one of both; either way the rules know which one statically);
    returned with :class:`SAMDiagnostics`, the transformation's update turns
    them into the base optimizer's gradient.
 
@@ -29,6 +30,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fsam_optax._accumulate import accumulated
 from fsam_optax._diagnostics import PerturbationNorms, SAMDiagnostics
@@ -51,7 +53,7 @@ from fsam_optax._randomness import (
   resolve_rng_arg,
   second_pass_args,
 )
-from fsam_optax._schedule import is_sam_step
+from fsam_optax._schedule import device_choice
 
 
 class _CleanPass(NamedTuple):
@@ -197,6 +199,20 @@ def _diagnostics(clean: _CleanPass, second: _HandedOn, layout: Layout) -> SAMDia
   )
 
 
+def _check_sam_step(sam_step: Any) -> bool | None:
+  """``sam_step`` as a Python bool (or ``None``), or a ValueError saying how to make it static."""
+  if sam_step is None or isinstance(sam_step, bool | np.bool_):
+    return None if sam_step is None else bool(sam_step)
+  got = "a JAX array" if isinstance(sam_step, jax.Array) else f"{type(sam_step).__name__}"
+  raise ValueError(
+    f"sam_value_and_grad: `sam_step` must be a Python bool or None, got {got}. It decides "
+    "what is compiled, so it is static: `jax.jit(train_step, static_argnames='sam_step')` "
+    "(`nnx.jit` the same; `eqx.filter_jit` keeps a bool static; `jax.pmap` takes "
+    "`static_broadcasted_argnums`), with `sam_step=fsam_optax.is_sam_step(opt_state, i)`. "
+    "For a choice made on the device, leave it None: the state's schedule decides."
+  )
+
+
 def _check_options(
   micro_batches: int | None,
   rng_arg: int | str | None,
@@ -337,7 +353,19 @@ def sam_value_and_grad(
       and feeds the moving average. On a step that a schedule skips, the
       base optimizer receives this clipped clean gradient.
 
-  The returned function also takes a keyword ``loss_scale`` (consumed, not
+  The returned function also takes a keyword ``sam_step`` (consumed, not
+  passed to ``fun``): a Python bool that chooses the step on the host, over
+  the state's schedule. ``True`` compiles the two-pass step alone; ``False``
+  the one-pass step that the method takes between its SAM steps (the base
+  optimizer receives ``g``, F-SAM's and VaSSO's averages are fed ``g``;
+  LookSAM reuses its ``g_v``), with neither holding a conditional. ``None``
+  (the default) leaves the choice to the state's schedule (``every``,
+  ``probability``), made on the device from its count. Make it static
+  (``jax.jit(..., static_argnames="sam_step")``) and take it from
+  :func:`fsam_optax.is_sam_step`: on a GPU or TPU the device's choice waits
+  for the clean pass before it launches the rest, and saves little.
+
+  It also takes a keyword ``loss_scale`` (consumed, not
   passed to ``fun``) for float16 training: the loss is multiplied by it in
   both passes and the gradients divided by it before they form the direction,
   its norm, and the returned pairs. It may change between steps (a traced
@@ -345,8 +373,8 @@ def sam_value_and_grad(
   ``optax.chain(fsam(..., skip_nonfinite=True), optax.apply_if_finite(base, k))``.
 
   Returns:
-    A function ``(params, opt_state, *args, loss_scale=None, **kwargs) ->
-    (value, grads)``.
+    A function ``(params, opt_state, *args, sam_step=None, loss_scale=None,
+    **kwargs) -> (value, grads)``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, fsam_optax
@@ -402,8 +430,14 @@ def sam_value_and_grad(
   key_at = resolve_rng_arg(fun, rng_arg)
 
   def grad_fn(
-    params: Any, opt_state: Any, *args: Any, loss_scale: Any = None, **kwargs: Any
+    params: Any,
+    opt_state: Any,
+    *args: Any,
+    sam_step: bool | None = None,
+    loss_scale: Any = None,
+    **kwargs: Any,
   ) -> Any:
+    host_choice = _check_sam_step(sam_step)
     model = bind(fun, params, opt_state)
     if model.rest is not None and layout.data_axes:
       raise ValueError(
@@ -421,7 +455,7 @@ def sam_value_and_grad(
     if micro_batches is not None:
       value_and_grad = accumulated(value_and_grad, micro_batches)
     config = state.config
-    take = is_sam_step(*config.schedule, found.step)
+    take = device_choice(*config.schedule, found.step) if host_choice is None else host_choice
     step = Step(bound, found.hyperparam, sam_step=True)
     # Per device, the method's rules run on each replica's own gradients and
     # only what they hand on is averaged: g itself is averaged only to report it.
@@ -438,20 +472,26 @@ def sam_value_and_grad(
     # RNG streams: continued ("fresh") or restarted ("same").
     second_state = (clean.rngs if second_pass_rng == "fresh" else model.rngs, model.rest)
 
-    def sam_step() -> _HandedOn:
+    def two_passes() -> _HandedOn:
       perturbed, norms = _perturb(state, step, model.params, clean.for_rules, return_diagnostics)
       second = _perturbed_pass(
         value_and_grad, bound, perturbed, norms, second_call, second_state, like=clean.value
       )
       return _hand_on(state, second, clean, step, return_diagnostics)
 
-    def skipped_step() -> _HandedOn:
+    def one_pass() -> _HandedOn:
       second = _skipped_step(clean, bound, model.params, return_diagnostics)
       return _hand_on(state, second, clean, step._replace(sam_step=False), return_diagnostics)
 
-    # A skipped step runs one pass: lax.cond executes one branch (under vmap of
-    # a batched count it becomes a select and runs both).
-    second = sam_step() if take is None else jax.lax.cond(take, sam_step, skipped_step)
+    # A one-pass step runs one pass: the host's choice compiles one branch;
+    # the device's lax.cond executes one (under vmap of a batched count it
+    # becomes a select and runs both).
+    if take is None or take is True:
+      second = two_passes()
+    elif take is False:
+      second = one_pass()
+    else:
+      second = jax.lax.cond(take, two_passes, one_pass)
     # The model keeps what the clean pass wrote, and its RNG streams as the
     # passes that drew from them left them, so that no key is used twice.
     model.write_back(second.rngs if second_pass_rng == "fresh" else clean.rngs, clean.rest)

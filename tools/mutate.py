@@ -275,12 +275,12 @@ MUTANTS = [
   # Which steps take the SAM step.
   mutant(
     "every=k takes steps 1, k + 1, ... instead of 0, k, ...",
-    "is_sam_step",
+    "device_choice",
     SetConstant(0, 1, within="count % every == 0"),
   ),
   mutant(
     "probability draw compared the wrong way",
-    "is_sam_step",
+    "device_choice",
     SwapOp(ast.Lt, ast.GtE, within="jax.random.uniform(key, dtype=jnp.float32) < probability"),
   ),
   # The direction: both of its spellings (the norm's and the step's), or the step's alone.
