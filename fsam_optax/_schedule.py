@@ -69,9 +69,7 @@ def check_schedule(
   )
 
 
-def device_choice(
-  every: int, probability: float, seed: int, count: jax.Array
-) -> jax.Array | None:
+def device_choice(every: int, probability: float, seed: int, count: jax.Array) -> jax.Array | None:
   """Whether step ``count`` (0 for the first) takes the SAM step, as a traced bool.
 
   ``None`` when every step does, which is known before tracing. ``every=k``

@@ -49,10 +49,14 @@ class FSAMReference:
     self.m = {k: self.lmbda * self.m[k] + (1 - self.lmbda) * feed[k] for k in g}
     return d
 
-  def gradient(self, theta: dict, grad_at: Callable[[dict], dict]) -> dict:
-    """g' at theta + e, the moving average advanced: as the family's references take it."""
+  def gradient(self, theta: dict, grad_at: Callable[[dict], dict], sam_step: bool = True) -> dict:
+    """g' at theta + e, the moving average advanced: as the family's references take it.
+
+    On a one-pass step (``sam_step=False``) the average is fed g and g is handed on.
+    """
     g = grad_at(theta)
-    return grad_at(shift(theta, self.perturbation(theta, self.direction(g))))
+    d = self.direction(g)
+    return grad_at(shift(theta, self.perturbation(theta, d))) if sam_step else g
 
   def perturbation(self, theta: dict, d: dict) -> dict:
     """Steps 3 and 4: e = rho d / (||d|| + eps), or the adaptive form."""
@@ -238,8 +242,10 @@ class GSAMReference:
   eps: float = EPS
   kept: list | None = None
 
-  def gradient(self, theta: dict, grad_at: Callable[[dict], dict]) -> dict:
+  def gradient(self, theta: dict, grad_at: Callable[[dict], dict], sam_step: bool = True) -> dict:
     g = grad_at(theta)
+    if not sam_step:  # one pass: g itself
+      return g
     e = sam_perturbation(theta, g, self.rho, self.eps, self.adaptive, self.kept)
     return self.decompose(g, grad_at(shift(theta, e)))
 
@@ -264,12 +270,14 @@ class VaSSOReference:
   kept: list | None = None
   m: dict | None = None
 
-  def gradient(self, w: dict, grad_at: Callable[[dict], dict]) -> dict:
+  def gradient(self, w: dict, grad_at: Callable[[dict], dict], sam_step: bool = True) -> dict:
     g = grad_at(w)
     if self.m is None:
       self.m = dict(g)
     else:
       self.m = {k: (1 - self.theta) * self.m[k] + self.theta * g[k] for k in g}
+    if not sam_step:  # one pass: the average is fed g, and g handed on
+      return g
     return grad_at(shift(w, sam_perturbation(w, self.m, self.rho, self.eps, kept=self.kept)))
 
 
@@ -285,31 +293,39 @@ class LookSAMReference:
   t: int = 0
   g_v: dict | None = None
 
-  def gradient(self, theta: dict, grad_at: Callable[[dict], dict]) -> dict:
+  def gradient(
+    self, theta: dict, grad_at: Callable[[dict], dict], sam_step: bool | None = None
+  ) -> dict:
+    """Its own rule (steps 0, k, 2k, ...) unless ``sam_step`` says which step to take."""
     g = grad_at(theta)
     keys = list(g) if self.kept is None else self.kept
-    sam_step = self.t % self.k == 0
+    sam_step = self.t % self.k == 0 if sam_step is None else sam_step
     self.t += 1
     if sam_step:
       gp = grad_at(shift(theta, sam_perturbation(theta, g, self.rho, self.eps, kept=keys)))
       scale = inner(g, gp, keys) / (norm(g, keys) ** 2 + self.eps)
       self.g_v = {k: gp[k] - scale * g[k] if k in keys else np.zeros_like(g[k]) for k in g}
       return gp
-    assert self.g_v is not None
+    if self.g_v is None:  # a one-pass step before any SAM step: g_v starts at zero
+      self.g_v = {k: np.zeros_like(g[k]) for k in g}
     scale = self.alpha * norm(g, keys) / (norm(self.g_v, keys) + self.eps)
     return {k: g[k] + scale * self.g_v[k] if k in keys else g[k] for k in g}
 
 
-def train_family(method, base: SGDReference, theta: dict, data: list, rho_at=None) -> list[dict]:
+def train_family(
+  method, base: SGDReference, theta: dict, data: list, rho_at=None, take=None
+) -> list[dict]:
   """The MLP trained with ``method`` then ``base``: the weights after each step.
 
-  ``rho_at(t)``, if given, sets the method's radius at step ``t`` (a schedule).
+  ``rho_at(t)``, if given, sets the method's radius at step ``t`` (a schedule);
+  ``take[t]``, if given, whether step ``t`` is a two-pass step.
   """
   path = []
   for t, (x, y) in enumerate(data):
     if rho_at is not None:
       method.rho = rho_at(t)
-    grad = method.gradient(theta, lambda w, x=x, y=y: mlp_loss_and_grad(w, x, y)[1])
+    chosen = {} if take is None else {"sam_step": take[t]}
+    grad = method.gradient(theta, lambda w, x=x, y=y: mlp_loss_and_grad(w, x, y)[1], **chosen)
     theta = base.step(theta, grad)
     path.append(theta)
   return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 import subprocess
 import sys
@@ -142,22 +143,29 @@ class Reference:
     return [(x[i * n : (i + 1) * n], y[i * n : (i + 1) * n]) for i in range(self.micro_batches)]
 
 
-def run_nnx(method, data, *, micro_batches=None, loss_scale=None, **grad_kwargs):
-  """The NNX idiom: (params, statistics, count) after each step, and the model."""
+def run_nnx(method, data, *, micro_batches=None, loss_scale=None, traces=None, **grad_kwargs):
+  """The NNX idiom: (params, statistics, count) after each step, and the model.
+
+  With ``traces`` (a list), the SAM-or-one-pass choice is made on the host and each
+  trace of the step appends its choice there.
+  """
   model = new_model()
   tx = optax.chain(method, optax.sgd(LR, momentum=MOMENTUM))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   grad_fn = fsam_optax.sam_value_and_grad(loss_fn, micro_batches=micro_batches, **grad_kwargs)
 
-  @nnx.jit
-  def train_step(model, optimizer, x, y):
-    loss, grads = grad_fn(model, optimizer, x, y, loss_scale=loss_scale)
+  @functools.partial(nnx.jit, static_argnames="sam_step")
+  def train_step(model, optimizer, x, y, sam_step=None):
+    if traces is not None:
+      traces.append(sam_step)
+    loss, grads = grad_fn(model, optimizer, x, y, loss_scale=loss_scale, sam_step=sam_step)
     optimizer.update(model, grads)
     return loss
 
   path = []
-  for x, y in data:
-    train_step(model, optimizer, x, y)
+  for i, (x, y) in enumerate(data):
+    sam_step = None if traces is None else fsam_optax.is_sam_step(optimizer, i)
+    train_step(model, optimizer, x, y, sam_step=sam_step)
     path.append((params_of(model), stats_of(model), count_of(model)))
   return path, model
 
@@ -202,6 +210,22 @@ def test_each_method_equals_reference(name):
   assert params_err < TOL
   assert stats_err < 1e-12
   assert counts == want_counts
+
+
+def test_the_host_choice_under_nnx_jit_equals_the_device_schedule():
+  """Params, statistics and the dropout count, with the optimizer read by is_sam_step."""
+  with jax.enable_x64(True):
+    data = ref.batches(seed=23, steps=8, sizes=(5, 6, 3))
+    every_2 = lambda: fsam_optax.fsam(rho=0.2, sigma=1.0, lmbda=0.6, every=2)
+    traces: list = []
+    host, _ = run_nnx(every_2(), data, traces=traces)
+    device, _ = run_nnx(every_2(), data)
+  assert traces == [True, False]  # static: one trace for each choice
+  for got, want in zip(host, device, strict=True):
+    assert max_abs_diff(got[0], want[0]) < TOL
+    for a, b in zip(got[1], want[1], strict=True):
+      np.testing.assert_allclose(a, b, rtol=0, atol=TOL)
+  assert [g[2] for g in host] == [w[2] for w in device] == [2, 3, 5, 6, 8, 9, 11, 12]
 
 
 @pytest.mark.parametrize("mode", ["fresh", "same"])
