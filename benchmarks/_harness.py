@@ -171,8 +171,8 @@ def hand_sam_variant(loss_fn: Callable) -> Variant:
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     scale = RHO / (optax.tree.norm(grads) + EPS)
     perturbed = jax.tree.map(lambda p, g: p + scale * g, params, grads)
-    _, perturbed_grads = jax.value_and_grad(loss_fn)(perturbed, batch)
-    updates, opt_state = tx.update(perturbed_grads, opt_state, params)
+    _, base_grads = jax.value_and_grad(loss_fn)(perturbed, batch)
+    updates, opt_state = tx.update(base_grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return Variant(step, tx.init)
@@ -206,11 +206,11 @@ def hand_fsam_variant(loss_fn: Callable) -> Variant:
     d = jax.tree.map(lambda g, m: jnp.where(first, g, g - SIGMA * m), grads, state.ema)
     scale = RHO / (optax.tree.norm(d) + EPS)
     perturbed = jax.tree.map(lambda p, d: p + scale * d, params, d)
-    _, perturbed_grads = jax.value_and_grad(loss_fn)(perturbed, batch)
+    _, base_grads = jax.value_and_grad(loss_fn)(perturbed, batch)
     ema = jax.tree.map(
       lambda m, g: jnp.where(first, g, LMBDA * m + (1 - LMBDA) * g), state.ema, grads
     )
-    updates, base_state = base.update(perturbed_grads, state.base, params)
+    updates, base_state = base.update(base_grads, state.base, params)
     new_state = HandFSAMState(state.count + 1, ema, base_state)
     return optax.apply_updates(params, updates), new_state, loss
 
@@ -244,10 +244,10 @@ def hand_looksam_variant(loss_fn: Callable, every: int = 5, alpha: float = 0.7) 
     def sam() -> tuple[Any, Any]:
       scale = RHO / (norm + EPS)
       perturbed = jax.tree.map(lambda p, g: p + scale * g, params, grads)
-      perturbed_grads = jax.grad(loss_fn)(perturbed, batch)
-      proj = optax.tree.vdot(grads, perturbed_grads) / (norm**2 + EPS)
-      g_v = jax.tree.map(lambda gp, g: gp - proj * g, perturbed_grads, grads)
-      return perturbed_grads, g_v
+      base_grads = jax.grad(loss_fn)(perturbed, batch)
+      proj = optax.tree.vdot(grads, base_grads) / (norm**2 + EPS)
+      g_v = jax.tree.map(lambda gp, g: gp - proj * g, base_grads, grads)
+      return base_grads, g_v
 
     def reuse() -> tuple[Any, Any]:
       scale = alpha * norm / (optax.tree.norm(state.g_v) + EPS)

@@ -28,8 +28,10 @@ class PerturbationConfig:
     every, probability, seed: which steps take the SAM step (see
       ``fsam``'s arguments of the same names); ``1``, ``1.0``: every step.
     method: the name of the transformation that built the state (``"fsam"``,
-      ``"sam"``, ``"gsam"``, ``"vasso"``, ``"looksam"``), for error messages;
-      ``""`` for a state built elsewhere (its type's name stands in).
+      ``"sam"``, ``"gsam"``, ``"vasso"``, ``"looksam"``, or a method of one's
+      own), for error messages.
+    buffer: the name of the state's parameter-shaped buffer (``"ema"``,
+      ``"g_v"``), or ``None`` for a method without one.
   """
 
   adaptive: bool = False
@@ -39,6 +41,7 @@ class PerturbationConfig:
   probability: float = 1.0
   seed: int = 0
   method: str = ""
+  buffer: str | None = None
 
   @property
   def schedule(self) -> tuple[int, float, int]:

@@ -88,23 +88,20 @@ _APPLY_IF_FINITE_NEEDS_SKIP = (
   "on such a step."
 )
 
-# What a state's buffers would take in from a non-finite step, by field name.
-_BUFFERS = {
-  "ema": "fold that step into its moving average (which a non-finite value never leaves)",
-  "g_v": "keep that step's component `g_v` (non-finite) for the steps after it",
-}
-
 
 def _non_finite_consequence(state: Any) -> str:
   """What ``state`` does with a non-finite step that the base optimizer skips."""
-  kept = [words for field, words in _BUFFERS.items() if getattr(state, field, None) is not None]
   follow = "`rho`'s schedule follows"
   if state.config.every != 1 or state.config.probability != 1:
     follow = "`rho`'s schedule and the choice of SAM steps follow"
   ahead = f"so that its step count, which {follow}, runs ahead of the base optimizer's"
-  if not kept:
+  buffer = state.config.buffer
+  if buffer is None or getattr(state, buffer, None) is None:
     return f"count that step, {ahead}"
-  return f"{' and '.join(kept)}, and count it, {ahead}"
+  return (
+    f"store that step's non-finite values in its `{buffer}` (which they never leave), "
+    f"and count it, {ahead}"
+  )
 
 
 _INSIDE_MASK = (

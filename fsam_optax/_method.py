@@ -1,49 +1,103 @@
-"""What a SAM-family method provides, for the gradient helper to drive it.
+"""The method protocol: what a SAM-family method's state tells the gradient helper.
 
-A method is a transformation whose state, first in the chain, tells
-:func:`fsam_optax.sam_value_and_grad` how to perturb and what to hand its
-update. The state is a ``NamedTuple`` registered with :func:`sam_state` that
-has the fields and methods of :class:`SAMState`; everything else (both
-passes, every layout, micro-batches, loss scaling, schedules, diagnostics)
-the helper does the same for every method.
+A method is an Optax transformation built by
+:func:`fsam_optax.method_transformation` around a state type, a
+``NamedTuple`` with the fields and methods of :class:`SAMState`. The state
+says where to perturb (:meth:`SAMState.direction`) and what to hand on
+(:meth:`SAMState.combine`); the helper does everything else the same way for
+every method: both passes, every parallel layout, micro-batches, loss scaling,
+schedules, diagnostics. The rules receive the gradients as lists of leaves
+(in the order of ``jax.tree.leaves(params)``) and a :class:`SAMStep`, whose
+norms and inner products are those of the whole tree on every layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import jax
 
 from fsam_optax._config import PerturbationConfig
 from fsam_optax._layout import Layout
-from fsam_optax._perturbation import Direction
+from fsam_optax._pairs import SAMGrad
+
+Leaves = list[jax.Array]
 
 
-class Step(NamedTuple):
-  """What the helper knows of the step it is computing, for a method's rules.
+class Direction(NamedTuple):
+  """A direction ``d`` and the norm to divide it by, from :meth:`SAMState.direction`.
+
+  The perturbation is ``e = rho d / (norm + eps)``. Return a plain list of
+  leaves for ``norm = ||d||`` (``||theta d||`` with ``adaptive=True``), the
+  usual case; return a ``Direction`` for another norm (Fisher-SAM's
+  ``sqrt(<g, d>)``, say).
 
   Attributes:
-    layout: the parallel layout: whole-tree norms and means over the devices.
-    hyperparam: the live value of one of the state's scalars, by name (under
-      ``inject_hyperparams``, the value the user set last).
-    sam_step: whether this step takes the SAM step, a Python bool. ``False``
-      is a one-pass step: the host chose it (``sam_step=False``), or it is
-      the branch of a skipped step in the ``lax.cond`` of a schedule on the
-      device, where the helper runs the method's rules in each branch.
+    leaves: ``d``, one array a parameter leaf.
+    norm: a scalar, computed with :meth:`SAMStep.norm` or :meth:`SAMStep.inner`.
   """
 
-  layout: Layout
-  hyperparam: Callable[[str], jax.Array]
+  leaves: Leaves
+  norm: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SAMStep:
+  """What a method's rules know of the step: the choice of pass, hyperparameters, tree maths.
+
+  Attributes:
+    sam_step: whether this is a two-pass (SAM) step, a Python bool. On a
+      one-pass step (the host chose ``sam_step=False``, or the schedule
+      skipped the step) :meth:`SAMState.combine` receives ``g`` as the
+      perturbed gradient.
+    hyperparam: the live value of one of the state's scalars, by name (under
+      ``optax.inject_hyperparams``, the value the user set last).
+  """
+
   sam_step: bool
+  hyperparam: Callable[[str], jax.Array]
+  layout: Layout = dataclasses.field(repr=False)
+  mask: Sequence[bool] = dataclasses.field(repr=False)
+
+  def norm(self, leaves: Sequence[jax.Array]) -> jax.Array:
+    """The L2 norm of the whole tree of perturbed (unmasked) leaves, on any layout.
+
+    Summed over the devices that hold shards of split parameters, in at least
+    float32.
+    """
+    return self.layout.norm(self._perturbed(leaves))
+
+  def inner(self, a: Sequence[jax.Array], b: Sequence[jax.Array]) -> jax.Array:
+    """The inner product ``<a, b>`` of two whole trees of perturbed leaves, on any layout."""
+    return self.layout.inner(self._perturbed(a), self._perturbed(b))
+
+  def inner_and_norm(
+    self, a: Sequence[jax.Array], b: Sequence[jax.Array]
+  ) -> tuple[jax.Array, jax.Array]:
+    """``(<a, b>, ||b||)`` from one pass over the leaves (``b`` read once for both)."""
+    return self.layout.inner_and_norm(self._perturbed(a), self._perturbed(b))
+
+  def where_perturbed(self, new: Sequence[Any], old: Sequence[Any]) -> list[Any]:
+    """``new`` at the perturbed leaves and ``old`` at those ``mask=`` leaves out."""
+    return [n if k else o for n, o, k in zip(new, old, self.mask, strict=True)]
+
+  def _perturbed(self, leaves: Sequence[Any]) -> list[Any]:
+    return [x if k else None for x, k in zip(leaves, self.mask, strict=True)]
 
 
 class SAMState(Protocol):
-  """The state of a SAM-family method, as the gradient helper reads it."""
+  """The state of a SAM-family method: a ``NamedTuple`` with these fields and methods.
+
+  :func:`fsam_optax.method_transformation` fills the fields: ``count``,
+  ``rho``, ``eps``, ``config``, one field a scalar hyperparameter, and the
+  method's parameter-shaped buffer if it has one.
+  """
 
   @property
   def count(self) -> jax.Array:
-    """The number of updates applied so far (the schedule of SAM steps reads it)."""
+    """The number of updates applied so far."""
 
   @property
   def rho(self) -> jax.Array:
@@ -51,49 +105,61 @@ class SAMState(Protocol):
 
   @property
   def eps(self) -> jax.Array:
-    """Added to the direction's norm before dividing by it."""
+    """Added to the norm before dividing by it."""
 
   @property
   def config(self) -> PerturbationConfig:
-    """Adaptive mode, mask, non-finite guard, schedule, and the method's name."""
+    """Static settings: mask, adaptive mode, schedule, non-finite guard, the method's name."""
 
-  def direction(self, grads: list[jax.Array], step: Step) -> Direction:
-    """The direction to perturb along, from the clean gradient's leaves.
+  def direction(self, grads: Leaves, step: SAMStep) -> Leaves | Direction:
+    """The direction to perturb along, from the clean gradient ``g``.
 
-    ``grads`` is averaged over the data axes, or the device's own gradient with
-    ``perturbation="per_device"``.
+    ``grads`` is ``g`` averaged over the data axes, or the replica's own with
+    ``perturbation="per_device"``. Return ``d`` as a list of leaves, or a
+    :class:`Direction` to divide it by a norm of the method's own.
     """
 
-  def pairs(self, perturbed: Any, clean: Any, step: Step) -> Any:
-    """The tree of ``SAMGrad`` pairs that the method's update consumes.
+  def combine(self, perturbed: Leaves, clean: Leaves, step: SAMStep) -> list[SAMGrad]:
+    """Optional: what the update receives, a :class:`SAMGrad` a leaf.
 
-    ``perturbed`` is ``g'`` (on a one-pass step, ``step.sam_step``
-    is ``False`` and it is ``g``) and ``clean``
-    is ``g``, both averaged over the data axes; with
-    ``perturbation="per_device"`` both are the data replica's own, and the
-    helper averages the pairs this returns.
+    ``perturbed`` is ``g'`` (``g`` itself on a one-pass step) and ``clean``
+    is ``g``; with ``perturbation="per_device"`` both are the replica's own
+    and the helper averages what this returns. Without it, the base optimizer
+    receives ``perturbed`` and the method keeps no buffer.
     """
 
 
-_REQUIRED = ("count", "rho", "eps", "config", "direction", "pairs")
+_REQUIRED_FIELDS = ("count", "rho", "eps", "config")
 STATE_TYPES: list[type] = []
+
+
+def register(state_type: type, name: str, fields: Sequence[str]) -> None:
+  """Makes ``state_type`` a method's state, or raises a TypeError naming the missing piece."""
+  own = getattr(state_type, "_fields", None)
+  if own is None:
+    raise TypeError(f"{name}: the state type {state_type.__name__} must be a NamedTuple.")
+  missing = [f for f in (*_REQUIRED_FIELDS, *fields) if f not in own]
+  if missing:
+    raise TypeError(
+      f"{name}: the state type {state_type.__name__} lacks the field(s) {missing}; a "
+      "method's state has `count`, `rho`, `eps`, `config`, a field for each scalar "
+      "hyperparameter and one for its buffer (see fsam_optax.SAMState)."
+    )
+  if not callable(getattr(state_type, "direction", None)):
+    raise TypeError(
+      f"{name}: the state type {state_type.__name__} has no `direction(self, grads, step)` "
+      "method: the gradient helper asks it where to perturb (see fsam_optax.SAMState)."
+    )
+  if state_type not in STATE_TYPES:
+    STATE_TYPES.append(state_type)
 
 
 def method_name(state: Any) -> str:
   """The transformation that built ``state``, for error messages: ``sam`` for ``sam(...)``'s.
 
-  The factory records it in the static config (``sam`` and ``fsam`` both build
+  The builder records it in the static config (``sam`` and ``fsam`` both build
   an ``FSAMState``); a state built elsewhere is named after its type:
   ``FixedDirectionState`` -> ``fixeddirection``.
   """
   config = getattr(state, "config", None)
   return getattr(config, "method", "") or type(state).__name__.removesuffix("State").lower()
-
-
-def sam_state(cls: type) -> type:
-  """Registers ``cls`` as the state of a SAM-family method (a class decorator)."""
-  missing = [name for name in _REQUIRED if not hasattr(cls, name)]
-  if missing:
-    raise TypeError(f"{cls.__name__} lacks {missing} of a SAM-family state (see SAMState).")
-  STATE_TYPES.append(cls)
-  return cls

@@ -17,26 +17,12 @@ norm, adding them over the devices that hold the shards of split parameters
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 Total = Callable[[list[Any]], jax.Array]
-
-
-class Direction(NamedTuple):
-  """The direction ``d``, leaf by leaf, for its two readers: the norm and the step ``e``.
-
-  Both lists hold the same values. A rule that computes ``d`` from several
-  buffers (F-SAM's ``g - sigma m``) may spell it differently for each reader,
-  so that XLA computes it inside each reader's kernel instead of storing it:
-  with multi-output fusion that saves two parameter-size buffers of traffic.
-  A rule whose ``d`` is an existing array gives it twice.
-  """
-
-  for_norm: list[jax.Array]
-  for_step: list[jax.Array]
 
 
 def acc_dtype(leaves: Sequence[jax.Array]) -> jnp.dtype:
@@ -132,22 +118,27 @@ def clip_by_global_norm(tree: Any, max_norm: float, total: Total = add) -> Any:
 
 def perturbation(
   params: list[jax.Array],
-  direction: Direction,
+  for_norm: list[jax.Array],
+  for_step: list[jax.Array],
   rho: jax.Array,
   eps: jax.Array,
   *,
   adaptive: bool,
   mask: Sequence[bool],
   total: Total = add,
+  norm: jax.Array | None = None,
 ) -> tuple[list[jax.Array | None], jax.Array]:
   """The leaves of ``e`` (``None`` where ``mask`` is False) and the direction's norm ``n``.
+
+  ``for_norm`` and ``for_step`` hold the same direction ``d``, possibly spelt
+  apart (see ``FSAMState``): the first feeds the norm, the second the step.
+  ``norm``, if given, replaces ``||d||`` (a method's own norm).
 
   Example:
     >>> import jax.numpy as jnp
     >>> from fsam_optax._perturbation import perturbation
-    >>> from fsam_optax._perturbation import Direction
     >>> d = [jnp.array([3.0, 4.0])]
-    >>> e, n = perturbation([jnp.zeros(2)], Direction(d, d), jnp.float32(1.0),
+    >>> e, n = perturbation([jnp.zeros(2)], d, d, jnp.float32(1.0),
     ...                     jnp.float32(0.0), adaptive=False, mask=[True])
     >>> e[0].tolist(), float(n)
     ([0.6000000238418579, 0.800000011920929], 5.0)
@@ -160,11 +151,13 @@ def perturbation(
     d = d.astype(acc)
     return jnp.abs(p).astype(acc) ** power * d if adaptive else d
 
-  for_norm = zip(params, direction.for_norm, mask, strict=True)
-  norm = global_norm([weighted(p, d, 1) if keep else None for p, d, keep in for_norm], total, acc)
+  if norm is None:
+    kept = zip(params, for_norm, mask, strict=True)
+    norm = global_norm([weighted(p, d, 1) if keep else None for p, d, keep in kept], total, acc)
+  norm = norm.astype(acc)
   scale = rho.astype(acc) / (norm + eps.astype(acc))
-  for_step = zip(params, direction.for_step, mask, strict=True)
-  e = [(scale * weighted(p, d, 2)).astype(p.dtype) if keep else None for p, d, keep in for_step]
+  kept = zip(params, for_step, mask, strict=True)
+  e = [(scale * weighted(p, d, 2)).astype(p.dtype) if keep else None for p, d, keep in kept]
   return e, norm
 
 

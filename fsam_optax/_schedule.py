@@ -158,7 +158,12 @@ def _host_draws(probability: float, seed: int, block: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _draw_block(probability: float, seed: int, counts: jax.Array) -> jax.Array:
-  return jax.vmap(lambda c: device_choice(1, probability, seed, c))(counts)
+  def draw(count: jax.Array) -> jax.Array:
+    choice = device_choice(1, probability, seed, count)
+    assert choice is not None  # probability < 1: a draw
+    return choice
+
+  return jax.vmap(draw)(counts)
 
 
 def _cpu() -> jax.Device:

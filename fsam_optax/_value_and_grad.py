@@ -5,11 +5,11 @@ One call of the returned function is one SAM step, in named parts:
 1. :func:`_clean_pass`: the loss and gradient ``g`` at ``theta``, averaged
    over the data axes.
 2. :func:`_perturb`: the state at the front of the chain gives the direction
-   ``d`` (:meth:`FSAMState.direction`), scaled to the radius: ``theta + e``.
+   ``d`` (:meth:`SAMState.direction`), scaled to the radius: ``theta + e``.
 3. :func:`_perturbed_pass`: the loss and gradient ``g'`` at ``theta + e``; or, on a
    one-pass step, :func:`_skipped_step` hands on ``g``.
-4. The state makes the pairs the update consumes (:meth:`FSAMState.pairs`:
-   ``SAMGrad(g', g)``), in the same branch as the pass (the host's
+4. The state makes what the update consumes (:meth:`SAMState.combine`: a
+   ``SAMGrad`` a leaf), in the same branch as the pass (the host's
    ``sam_step`` compiles one branch; the schedule's ``lax.cond`` on the device
    runs one of both; either way the rules know which one statically);
    returned with :class:`SAMDiagnostics`, the transformation's update turns
@@ -24,6 +24,7 @@ and norm; the maths is in :mod:`fsam_optax._perturbation`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -38,8 +39,9 @@ from fsam_optax._layout import Layout, Perturbation
 from fsam_optax._lookup import find_sam_state
 from fsam_optax._loss_scale import scaled_value_and_grad
 from fsam_optax._mask import mask_leaves
-from fsam_optax._method import SAMState, Step, method_name
+from fsam_optax._method import Direction, SAMState, SAMStep, method_name
 from fsam_optax._model import Bound, bind
+from fsam_optax._pairs import SAMGrad
 from fsam_optax._perturbation import (
   acc_dtype,
   applied_norm,
@@ -73,7 +75,7 @@ class _SecondPass(NamedTuple):
 
 
 class _HandedOn(NamedTuple):
-  pairs: Any  # the method's SAMGrad pairs, the replica's own per device
+  pairs: Any  # the method's SAMGrad tree, the replica's own per device
   value: jax.Array  # as _SecondPass.value
   norms: PerturbationNorms | None  # with return_diagnostics only
   grad_norm: jax.Array | None  # ||g'|| averaged over the data axes, with return_diagnostics
@@ -114,20 +116,34 @@ def _clean_pass(
 
 
 def _perturb(
-  state: SAMState, step: Step, params: Any, direction: Any, diagnose: bool
+  state: SAMState, step: SAMStep, params: Any, direction: Any, diagnose: bool
 ) -> tuple[Any, PerturbationNorms | None]:
   """``theta + e`` from the params as given (so norms stay replicated unless per device)."""
   theta, treedef = jax.tree.flatten(params)
   # Python-number leaves (a temperature, say) have no dtype until made arrays.
   theta = [jnp.asarray(p) for p in theta]
+  g = jax.tree.leaves(direction)
+  given = state.direction(g, step)
+  d, norm = (given.leaves, given.norm) if isinstance(given, Direction) else (given, None)
+  if norm is not None and state.config.adaptive:
+    raise ValueError(
+      f"{method_name(state)}: its direction comes with a norm of its own, which "
+      "`adaptive=True` would replace; build it without `adaptive`."
+    )
+  _check_direction(d, g, method_name(state))
+  # A method may spell d apart for the step (FSAMState), which XLA then computes
+  # inside the step's kernel instead of storing it.
+  for_step = getattr(state, "_direction_for_step", None)
   e, n = perturbation(
     theta,
-    state.direction(jax.tree.leaves(direction), step),
+    d,
+    d if for_step is None else for_step(g, step),
     step.hyperparam("rho"),
     step.hyperparam("eps"),
     adaptive=state.config.adaptive,
-    mask=mask_leaves(state.config.mask, len(theta), method_name(state)),
+    mask=step.mask,
     total=step.layout.total,
+    norm=norm,
   )
   moved = shifted(theta, e)
   norms = None
@@ -175,15 +191,73 @@ def _averaged(grads: Any, layout: Layout) -> Any:
 
 
 def _hand_on(
-  state: SAMState, second: _SecondPass, clean: _CleanPass, step: Step, diagnose: bool
+  state: SAMState, second: _SecondPass, clean: _CleanPass, step: SAMStep, diagnose: bool
 ) -> _HandedOn:
-  """The method's pairs from ``g'`` (or ``g``) and ``g``, and what the diagnostics need."""
-  # Per device, both branches of a schedule's cond hand on the replica's own pairs.
-  pairs = step.layout.vary_if_per_device(state.pairs(second.grads, clean.for_rules, step))
+  """The method's ``SAMGrad`` tree from ``g'`` (or ``g``) and ``g``, and what diagnostics need."""
+  perturbed, treedef = jax.tree.flatten(second.grads)
+  combine = getattr(state, "combine", None)
+  if combine is None:
+    handed = [SAMGrad(gp) for gp in perturbed]
+  else:
+    handed = combine(perturbed, jax.tree.leaves(clean.for_rules), step)
+    _check_handed(handed, perturbed, method_name(state))
+  # Per device, both branches of a schedule's cond hand on the replica's own.
+  pairs = step.layout.vary_if_per_device(jax.tree.unflatten(treedef, handed))
   norm = None
   if diagnose:
     norm = step.layout.norm(jax.tree.leaves(_averaged(second.grads, step.layout)))
   return _HandedOn(pairs, second.value, second.norms, norm, second.rngs)
+
+
+def _check_buffer(state: SAMState, n_leaves: int) -> None:
+  """A ValueError unless the state's buffer has a leaf for each of the params' leaves."""
+  name = state.config.buffer
+  buffer = None if name is None else getattr(state, name, None)
+  if buffer is not None and len(jax.tree.leaves(buffer)) != n_leaves:
+    raise ValueError(
+      f"sam_value_and_grad: params have {n_leaves} leaves but the `{name}` of the "
+      f"{method_name(state)} state covers {len(jax.tree.leaves(buffer))}; initialise the "
+      "optimizer with the same params you pass here."
+    )
+
+
+def _check_direction(d: Any, g: list[jax.Array], method: str) -> None:
+  """A ValueError naming ``method`` unless ``direction`` gave an array like ``g`` a leaf."""
+  if not isinstance(d, list | tuple) or len(d) != len(g):
+    raise ValueError(
+      f"{method}: `direction` must return a list of arrays, one for each of the {len(g)} "
+      f"gradient leaves (or a fsam_optax.Direction of one), got {type(d).__name__}"
+      + (f" of length {len(d)}." if isinstance(d, list | tuple) else ".")
+    )
+  for i, (x, gx) in enumerate(zip(d, g, strict=True)):
+    x = jnp.asarray(x)
+    if x.shape != gx.shape or not jnp.issubdtype(x.dtype, jnp.inexact):
+      raise ValueError(
+        f"{method}: `direction` at leaf {i} is {x.dtype}{list(x.shape)}, where the "
+        f"gradient is {gx.dtype}{list(gx.shape)}."
+      )
+
+
+def _check_handed(handed: Any, perturbed: list[jax.Array], method: str) -> None:
+  """A ValueError naming ``method`` unless ``combine`` gave a SAMGrad of the right shape a leaf."""
+  if not isinstance(handed, list | tuple) or len(handed) != len(perturbed):
+    raise ValueError(
+      f"{method}: `combine` must return a list of fsam_optax.SAMGrad, one for each of the "
+      f"{len(perturbed)} gradient leaves, got {type(handed).__name__}"
+      + (f" of length {len(handed)}." if isinstance(handed, list | tuple) else ".")
+    )
+  for i, (pair, gp) in enumerate(zip(handed, perturbed, strict=True)):
+    if not isinstance(pair, SAMGrad):
+      raise ValueError(
+        f"{method}: `combine` must return fsam_optax.SAMGrad leaves, got "
+        f"{type(pair).__name__} at leaf {i}."
+      )
+    grad = jnp.asarray(pair.grad)
+    if grad.shape != gp.shape or grad.dtype != gp.dtype:
+      raise ValueError(
+        f"{method}: `combine`'s gradient at leaf {i} is {grad.dtype}{list(grad.shape)}, "
+        f"where the parameter's gradient is {gp.dtype}{list(gp.shape)}."
+      )
 
 
 def _diagnostics(clean: _CleanPass, second: _HandedOn, layout: Layout) -> SAMDiagnostics:
@@ -257,14 +331,16 @@ def sam_value_and_grad(
 
   The returned function takes ``(params, opt_state, *args, **kwargs)``. It
   finds the state of the method first in the chain (``fsam``, ``sam``,
-  ``gsam``, ``vasso`` or ``looksam``) in ``opt_state`` (under ``optax.chain``,
+  ``gsam``, ``vasso``, ``looksam`` or one built with
+  :func:`method_transformation`) in ``opt_state`` (under ``optax.chain``,
   ``named_chain``, ``inject_hyperparams`` or in an ``nnx.Optimizer``),
   takes the gradient ``g`` of ``fun`` at ``params``, builds the perturbation
   ``e`` from ``g`` and the state, and takes the gradient ``g'`` at
   ``params + e``. It returns ``(value, grads)``, or ``((value, aux), grads)``
   with ``has_aux``, where ``value`` and ``aux`` come from the clean pass and
   ``grads`` has the structure of ``params`` with a
-  :class:`SAMGrad` ``(perturbed=g', clean=g)`` at each leaf: pass it unchanged
+  :class:`SAMGrad` at each leaf (the gradient the base optimizer receives,
+  ``g'`` for most methods, and the method's new buffer): pass it unchanged
   to ``tx.update`` (or ``TrainState.apply_gradients``, ``nnx.Optimizer.update``).
 
   ``params`` may also be a whole model, in its framework's idiom:
@@ -393,7 +469,7 @@ def sam_value_and_grad(
     >>> mse = lambda p, x: jnp.mean((p[0] * x - p[1]) ** 2)
     >>> whole = fsam_optax.sam_value_and_grad(mse)(params, opt_state, x)
     >>> split = fsam_optax.sam_value_and_grad(mse, micro_batches=4)(params, opt_state, x)
-    >>> bool(jnp.allclose(whole[1].perturbed, split[1].perturbed))
+    >>> bool(jnp.allclose(whole[1].grad, split[1].grad))
     True
 
     Data-parallel inside ``shard_map`` (one device here), with the aux (a
@@ -455,8 +531,12 @@ def sam_value_and_grad(
     if micro_batches is not None:
       value_and_grad = accumulated(value_and_grad, micro_batches)
     config = state.config
+    n_leaves = len(jax.tree.leaves(model.params))
+    _check_buffer(state, n_leaves)
     take = device_choice(*config.schedule, found.step) if host_choice is None else host_choice
-    step = Step(bound, found.hyperparam, sam_step=True)
+    step = SAMStep(
+      True, found.hyperparam, bound, mask_leaves(config.mask, n_leaves, method_name(state))
+    )
     # Per device, the method's rules run on each replica's own gradients and
     # only what they hand on is averaged: g itself is averaged only to report it.
     clean = _clean_pass(
@@ -481,7 +561,8 @@ def sam_value_and_grad(
 
     def one_pass() -> _HandedOn:
       second = _skipped_step(clean, bound, model.params, return_diagnostics)
-      return _hand_on(state, second, clean, step._replace(sam_step=False), return_diagnostics)
+      one_pass_step = dataclasses.replace(step, sam_step=False)
+      return _hand_on(state, second, clean, one_pass_step, return_diagnostics)
 
     # A one-pass step runs one pass: the host's choice compiles one branch;
     # the device's lax.cond executes one (under vmap of a batched count it

@@ -112,7 +112,7 @@ def test_sam_gradients_fed_to_an_fsam_state_are_refused():
   sam_state = optax.chain(fsam_optax.sam(), optax.sgd(0.1)).init(PARAMS)
   _, grads = fsam_optax.sam_value_and_grad(loss)(PARAMS, sam_state)
   tx = optax.chain(fsam_optax.fsam(), optax.sgd(0.1))
-  with pytest.raises(ValueError, match="carry no clean gradient"):
+  with pytest.raises(ValueError, match="these gradients carry no `ema` for the state"):
     tx.update(grads, tx.init(PARAMS), PARAMS)
 
 
@@ -120,7 +120,7 @@ def test_params_that_do_not_match_the_state_are_refused():
   tx = optax.chain(fsam_optax.fsam(), optax.sgd(0.1))
   other = {"w": jnp.zeros(3), "v": jnp.zeros(2)}
   with pytest.raises(
-    ValueError, match="params have 2 leaves but the moving average of the fsam state covers 1"
+    ValueError, match="params have 2 leaves but the `ema` of the fsam state covers 1"
   ):
     fsam_optax.sam_value_and_grad(lambda p: loss(p) + jnp.sum(p["v"]))(other, tx.init(PARAMS))
 
@@ -155,8 +155,8 @@ FAMILY = {
   "vasso": fsam_optax.vasso,
   "looksam": fsam_optax.looksam,
 }
-BUFFERS = {"fsam": ["moving average"], "vasso": ["moving average"], "looksam": ["g_v"]}
-ALL_BUFFERS = ["moving average", "g_v", "F-SAM"]
+BUFFERS = {"fsam": ["`ema`"], "vasso": ["`ema`"], "looksam": ["`g_v`"]}
+ALL_BUFFERS = ["`ema`", "`g_v`", "F-SAM"]
 SCHEDULE = [  # fsam's and sam's schedule of SAM steps
   dict(every=0),
   dict(every="2"),

@@ -36,42 +36,48 @@ def test_plain_trees_and_their_norms_match_the_float64_reference():
     params, a, c, grads, diag = one_step()
   leaves = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]
   (want,) = fsam_steps(leaves(params), [leaves(a)], leaves(c), **HYPER, lr=LR)
-  perturbed, clean = fsam_optax.perturbed_grads(grads), fsam_optax.clean_grads(grads)
+  perturbed = fsam_optax.base_grads(grads)
   assert jax.tree.structure(perturbed) == jax.tree.structure(params)
-  for got, ref in ((perturbed, want.perturbed), (clean, want.clean)):
-    for x, y in zip(leaves(got), ref, strict=True):
-      np.testing.assert_allclose(x, y, rtol=1e-13)
+  for x, y in zip(leaves(perturbed), want.perturbed, strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-13)
+  # The moving average each pair hands the state: m = g on the first step.
+  buffers = jax.tree.map(
+    lambda p: p.buffer, grads, is_leaf=lambda x: isinstance(x, fsam_optax.SAMGrad)
+  )
+  for x, y in zip(leaves(buffers), want.clean, strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-13)
   norm = lambda xs: np.sqrt(sum(np.sum(x**2) for x in xs))
   np.testing.assert_allclose(float(diag.perturbed_grad_norm), norm(want.perturbed), rtol=1e-13)
   np.testing.assert_allclose(float(diag.clean_grad_norm), norm(want.clean), rtol=1e-13)
 
 
 def test_optax_global_norm_of_the_pairs_mixes_both_gradients():
-  """Why the helpers exist: optax.tree.norm cannot tell a pair from a subtree."""
+  """Why base_grads exists: optax.tree.norm cannot tell a SAMGrad from a subtree.
+
+  On the first step F-SAM's average is g, so the norm of the tree mixes g' and g.
+  """
   _, _, _, grads, diag = one_step()
   mixed = float(optax.tree.norm(grads))
   both = np.hypot(float(diag.perturbed_grad_norm), float(diag.clean_grad_norm))
   np.testing.assert_allclose(mixed, both, rtol=1e-5)
   np.testing.assert_allclose(
-    float(optax.tree.norm(fsam_optax.perturbed_grads(grads))),
+    float(optax.tree.norm(fsam_optax.base_grads(grads))),
     float(diag.perturbed_grad_norm),
     rtol=1e-6,
   )
 
 
-def test_plain_sam_pairs_have_no_clean_gradient_but_the_diagnostics_have_its_norm():
+def test_plain_sam_hands_no_buffer_but_the_diagnostics_have_the_clean_norm():
   _, _, _, grads, diag = one_step(optax.chain(fsam_optax.sam(0.2), optax.sgd(0.1)))
-  with pytest.raises(ValueError, match=r"carry no clean gradient.*return_diagnostics=True"):
-    fsam_optax.clean_grads(grads)
+  is_grad = lambda x: isinstance(x, fsam_optax.SAMGrad)
+  assert all(p.buffer is None for p in jax.tree.leaves(grads, is_leaf=is_grad))
   assert float(diag.clean_grad_norm) > 0
-  assert jax.tree.structure(fsam_optax.perturbed_grads(grads)) == jax.tree.structure(
-    {"b": 0, "w": 0}
-  )
+  assert jax.tree.structure(fsam_optax.base_grads(grads)) == jax.tree.structure({"b": 0, "w": 0})
 
 
 def test_helpers_refuse_a_plain_tree():
-  with pytest.raises(ValueError, match=r"perturbed_grads: expected the gradients of sam_value"):
-    fsam_optax.perturbed_grads({"w": jnp.ones(2)})
+  with pytest.raises(ValueError, match=r"base_grads: expected the gradients of sam_value"):
+    fsam_optax.base_grads({"w": jnp.ones(2)})
 
 
 @pytest.mark.parametrize(
@@ -85,7 +91,7 @@ def test_helpers_refuse_a_plain_tree():
 )
 def test_a_pair_used_as_an_array_raises_with_what_to_do(use):
   params, _, _, grads, _ = one_step()
-  with pytest.raises(TypeError, match=r"SAMGrad \(perturbed, clean\) pair was used as an array"):
+  with pytest.raises(TypeError, match=r"SAMGrad was used as an array.*base_grads\(grads\)"):
     use(params, grads)
 
 
@@ -169,9 +175,9 @@ def test_second_pass_key(options, second_key, other_key):
     _, grads = grad_fn(params, fsam_optax.sam(RHO).init(params), key, x)
     _, g_pert = by_hand(params, key, second_key(key), x)
     _, g_other = by_hand(params, key, other_key(key), x)
-  np.testing.assert_allclose(grads["w"].perturbed, g_pert["w"], rtol=1e-10, atol=1e-14)
+  np.testing.assert_allclose(grads["w"].grad, g_pert["w"], rtol=1e-10, atol=1e-14)
   # The other choice gives a different gradient: the masks really differ.
-  assert not np.allclose(grads["w"].perturbed, g_other["w"], rtol=1e-3)
+  assert not np.allclose(grads["w"].grad, g_other["w"], rtol=1e-3)
 
 
 def test_key_given_by_keyword():
@@ -179,7 +185,7 @@ def test_key_given_by_keyword():
   grad_fn = fsam_optax.sam_value_and_grad(kw_loss, rng_arg="key")
   _, grads = grad_fn(params, fsam_optax.sam(RHO).init(params), x, key=key)
   _, g_pert = by_hand(params, key, jax.random.fold_in(key, 1), x)
-  np.testing.assert_allclose(grads["w"].perturbed, g_pert["w"], rtol=1e-5)
+  np.testing.assert_allclose(grads["w"].grad, g_pert["w"], rtol=1e-5)
 
 
 def positional(grad_fn, params, state, key, x):
@@ -205,7 +211,7 @@ def test_key_is_found_positionally_and_by_keyword(call, rng_arg, mode):
     _, g_pert = by_hand(params, key, (FRESH if mode == "fresh" else SAME)(key), x)
     want_value = dropout_loss(params, key, x)
   np.testing.assert_allclose(value, want_value, rtol=1e-12)
-  np.testing.assert_allclose(grads["w"].perturbed, g_pert["w"], rtol=1e-10, atol=1e-14)
+  np.testing.assert_allclose(grads["w"].grad, g_pert["w"], rtol=1e-10, atol=1e-14)
 
 
 def test_key_is_found_through_var_keyword():
@@ -214,7 +220,7 @@ def test_key_is_found_through_var_keyword():
   grad_fn = fsam_optax.sam_value_and_grad(lambda p, x, **kw: kw_loss(p, x, **kw), rng_arg="key")
   _, grads = grad_fn(params, fsam_optax.sam(RHO).init(params), x, key=key)
   _, g_pert = by_hand(params, key, jax.random.fold_in(key, 1), x)
-  np.testing.assert_allclose(grads["w"].perturbed, g_pert["w"], rtol=1e-5)
+  np.testing.assert_allclose(grads["w"].grad, g_pert["w"], rtol=1e-5)
 
 
 @pytest.mark.parametrize(

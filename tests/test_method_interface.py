@@ -1,39 +1,49 @@
-"""A SAM-family method plugs in as a state with a direction and pairs, with no change to the helper.
+"""A method of one's own: a state type and ``fsam_optax.method_transformation``, nothing else.
 
-The method here perturbs along a fixed direction ``v`` that its state holds:
-``g' = grad(theta + rho v / ||v||)``, which ``jax.grad`` computes directly.
+Specification: the helper perturbs along what ``direction`` returns, divided by
+its norm (or by the norm a ``Direction`` brings), hands on what ``combine``
+returns and stores its buffer; the norms a method reads are those of the whole
+tree on a model-parallel mesh; a state or rule of the wrong shape is refused
+with the method and the piece named, when it is defined or at its first trace.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 import fsam_optax
-from fsam_optax._method import Step, sam_state
-from fsam_optax._perturbation import Direction
+
+RHO = 0.3
 
 
-@sam_state
-class FixedDirectionState(NamedTuple):
+class SignState(NamedTuple):
+  """Perturbs along sign(g); hands on the mean of g' and the last step's g' (its buffer)."""
+
   count: jax.Array
   rho: jax.Array
   eps: jax.Array
-  v: Any
   config: fsam_optax.PerturbationConfig
+  last: optax.Updates
 
-  def direction(self, grads: list[jax.Array], step: Step) -> Direction:
-    del grads, step
-    return Direction(jax.tree.leaves(self.v), jax.tree.leaves(self.v))
+  def direction(self, grads, step):
+    return [jnp.sign(g) for g in grads]
 
-  def pairs(self, perturbed: Any, clean: Any, step: Step) -> Any:
-    del clean, step
-    return jax.tree.map(lambda g: fsam_optax.SAMGrad(g, None), perturbed)
+  def combine(self, perturbed, clean, step):
+    last = jax.tree.leaves(self.last)
+    return [fsam_optax.SAMGrad((gp + m) / 2, gp) for gp, m in zip(perturbed, last, strict=True)]
+
+
+def sign_sam(rho=RHO, **options):
+  return fsam_optax.method_transformation(
+    SignState, "sign_sam", rho=rho, eps=1e-12, buffer="last", **options
+  )
 
 
 def loss(params: dict, x: jax.Array) -> jax.Array:
@@ -41,39 +51,64 @@ def loss(params: dict, x: jax.Array) -> jax.Array:
 
 
 PARAMS = {"w": jnp.arange(1.0, 9.0), "b": jnp.array([0.5, -1.0])}
-V = {"w": jnp.linspace(-1.0, 1.0, 8), "b": jnp.array([2.0, 1.0])}
 X = jnp.linspace(0.1, 0.8, 8)
 
 
-def expected() -> dict:
-  norm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(V)))
-  return jax.grad(loss)(jax.tree.map(lambda p, v: p + 0.3 * v / norm, PARAMS, V), X)
+def by_hand(params: dict, scale=lambda s: jnp.sqrt(sum(jnp.sum(v**2) for v in s))) -> dict:
+  s = jax.tree.map(jnp.sign, jax.grad(loss)(params, X))
+  n = scale(jax.tree.leaves(s))
+  return jax.grad(loss)(jax.tree.map(lambda p, v: p + RHO * v / (n + 1e-12), params, s), X)
 
 
-def state() -> FixedDirectionState:
-  return FixedDirectionState(
-    jnp.int32(0), jnp.float32(0.3), jnp.float32(0.0), V, fsam_optax.PerturbationConfig()
-  )
+def test_a_method_of_ones_own_is_driven_by_the_helper_and_stores_its_buffer():
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), PARAMS)
+    tx = optax.chain(sign_sam(), optax.sgd(0.1))
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: tx.update(fsam_optax.sam_value_and_grad(loss)(p, s, X)[1], s, p))
+    updates, state = step(params, state)
+    first = by_hand(params)
+    for k in first:  # the buffer starts at zero: the mean of g' and 0
+      np.testing.assert_allclose(updates[k], -0.1 * first[k] / 2, rtol=1e-14)
+      np.testing.assert_allclose(state[0].last[k], first[k], rtol=1e-14)
+    assert int(state[0].count) == 1 and state[0].config.method == "sign_sam"
 
 
-def test_a_registered_state_is_driven_by_the_helper():
-  _, grads = jax.jit(fsam_optax.sam_value_and_grad(loss))(PARAMS, state(), X)
-  got = fsam_optax.perturbed_grads(grads)
-  for k, want in expected().items():
-    np.testing.assert_allclose(got[k], want, rtol=1e-6)
+def test_a_direction_may_bring_its_own_norm():
+  class HalfNorm(NamedTuple):
+    count: jax.Array
+    rho: jax.Array
+    eps: jax.Array
+    config: fsam_optax.PerturbationConfig
+
+    def direction(self, grads, step):
+      s = [jnp.sign(g) for g in grads]
+      return fsam_optax.Direction(s, 2 * step.norm(s))
+
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), PARAMS)
+    tx = fsam_optax.method_transformation(HalfNorm, "half", rho=RHO, eps=1e-12)
+    _, grads = fsam_optax.sam_value_and_grad(loss)(params, tx.init(params), X)
+    want = by_hand(params, scale=lambda s: 2 * jnp.sqrt(sum(jnp.sum(v**2) for v in s)))
+    for k, w in want.items():
+      np.testing.assert_allclose(fsam_optax.base_grads(grads)[k], w, rtol=1e-14)
 
 
-def test_a_registered_state_gets_the_whole_tree_norm_of_split_params():
+def test_the_norms_a_method_reads_are_of_the_whole_tree_on_a_model_parallel_mesh():
   mesh = jax.make_mesh((2,), ("model",))
   specs = {"w": P("model"), "b": P()}
   # Each device holds half of w and of x: the loss adds the halves' terms.
   split_loss = lambda p, x: (
     jax.lax.psum(jnp.sum(jnp.sin(p["w"] * x)), "model") + jnp.sum(p["b"] ** 3)
   )
+  tx = sign_sam()
+  state = tx.init(PARAMS)
   grad_fn = fsam_optax.sam_value_and_grad(split_loss, param_specs=specs)
-  state_specs = FixedDirectionState(P(), P(), P(), specs, fsam_optax.PerturbationConfig())
+  state_specs = state._replace(count=P(), rho=P(), eps=P(), last=specs)
   step = jax.shard_map(
-    lambda p, s, x: fsam_optax.perturbed_grads(grad_fn(p, s, x)[1]),
+    lambda p, s, x: jax.tree.map(
+      lambda g: g.grad, grad_fn(p, s, x)[1], is_leaf=lambda g: isinstance(g, fsam_optax.SAMGrad)
+    ),
     mesh=mesh,
     in_specs=(specs, state_specs, P("model")),
     out_specs=specs,
@@ -81,14 +116,96 @@ def test_a_registered_state_gets_the_whole_tree_norm_of_split_params():
   put = lambda tree, spec: jax.device_put(
     tree, jax.tree.map(lambda s: jax.NamedSharding(mesh, s), spec)
   )
-  got = jax.jit(step)(put(PARAMS, specs), put(state(), state_specs), put(X, P("model")))
-  for k, want in expected().items():
-    np.testing.assert_allclose(got[k], want, rtol=1e-6)
+  got = jax.jit(step)(put(PARAMS, specs), put(state, state_specs), put(X, P("model")))
+  for k, want in by_hand(PARAMS).items():
+    np.testing.assert_allclose(got[k], want / 2, rtol=1e-6)
 
 
-def test_a_state_without_the_interface_is_refused_at_registration():
-  class Incomplete(NamedTuple):
+class Minimal(NamedTuple):
+  count: jax.Array
+  rho: jax.Array
+  eps: jax.Array
+  config: fsam_optax.PerturbationConfig
+
+  def direction(self, grads, step):
+    return grads
+
+
+def test_a_state_type_without_a_piece_is_refused_where_the_method_is_built():
+  class NoConfig(NamedTuple):
     count: jax.Array
+    rho: jax.Array
+    eps: jax.Array
 
-  with pytest.raises(TypeError, match=r"Incomplete lacks \['rho', 'eps', 'config'"):
-    sam_state(Incomplete)
+    def direction(self, grads, step):
+      return grads
+
+  class NoDirection(NamedTuple):
+    count: jax.Array
+    rho: jax.Array
+    eps: jax.Array
+    config: fsam_optax.PerturbationConfig
+
+  build = fsam_optax.method_transformation
+  with pytest.raises(TypeError, match=r"mine: the state type NoConfig lacks .*\['config'\]"):
+    build(NoConfig, "mine", rho=0.1, eps=1e-12)
+  with pytest.raises(TypeError, match=r"mine: the state type Minimal lacks .*\['theta'\]"):
+    build(Minimal, "mine", rho=0.1, eps=1e-12, scalars={"theta": 0.5})
+  with pytest.raises(TypeError, match=r"mine: .* NoDirection has no `direction"):
+    build(NoDirection, "mine", rho=0.1, eps=1e-12)
+  with pytest.raises(TypeError, match=r"mine: the state type dict must be a NamedTuple"):
+    build(dict, "mine", rho=0.1, eps=1e-12)
+  with pytest.raises(ValueError, match=r"mine: `rho` must be a radius >= 0"):
+    build(Minimal, "mine", rho=-1.0, eps=1e-12)
+
+
+def _refused(state_type, match, **options):
+  tx = fsam_optax.method_transformation(state_type, "mine", rho=0.1, eps=1e-12, **options)
+  with pytest.raises(ValueError, match=match):
+    jax.jit(fsam_optax.sam_value_and_grad(loss))(PARAMS, tx.init(PARAMS), X)
+
+
+def test_rules_of_the_wrong_shape_are_refused_at_the_first_trace():
+  class ShortDirection(Minimal):
+    def direction(self, grads, step):
+      return grads[:1]
+
+  class ScalarDirection(Minimal):
+    def direction(self, grads, step):
+      return [jnp.sum(g) for g in grads]
+
+  class PlainCombine(Minimal):
+    def combine(self, perturbed, clean, step):
+      return perturbed
+
+  class WideCombine(Minimal):
+    def combine(self, perturbed, clean, step):
+      return [fsam_optax.SAMGrad(g.astype(jnp.int32)) for g in perturbed]
+
+  class OwnNorm(Minimal):
+    def direction(self, grads, step):
+      return fsam_optax.Direction(grads, step.norm(grads))
+
+  _refused(
+    ShortDirection,
+    r"mine: `direction` must return a list of arrays, one for each of "
+    r"the 2 gradient leaves .* got list of length 1",
+  )
+  _refused(
+    ScalarDirection,
+    r"mine: `direction` at leaf 0 is float32\[\], where the gradient "
+    r"is float32\[2\]",
+  )
+  _refused(
+    PlainCombine,
+    r"mine: `combine` must return fsam_optax.SAMGrad leaves, got ArrayImpl|"
+    r"mine: `combine` must return fsam_optax.SAMGrad leaves, got \w+ at leaf 0",
+  )
+  _refused(
+    WideCombine,
+    r"mine: `combine`'s gradient at leaf 0 is int32\[2\], where the "
+    r"parameter's gradient is float32\[2\]",
+  )
+  _refused(
+    OwnNorm, r"mine: its direction comes with a norm of its own.*without `adaptive`", adaptive=True
+  )

@@ -149,10 +149,10 @@ def test_injected_learning_rate_change_takes_effect_and_ema_still_advances():
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), ref.init_mlp(0))
   opt_state = tx.init(params)
   opt_state[1].hyperparams["learning_rate"] = jnp.zeros([])
-  step = sam_step(tx, mlp_loss, outputs=("grads", "updates"))
-  _, opt_state, grads, updates = step(params, opt_state, x, y)
+  step = sam_step(tx, mlp_loss, outputs=("updates",))
+  clean = jax.grad(mlp_loss)(params, x, y)
+  _, opt_state, updates = step(params, opt_state, x, y)
   # A zero learning rate gives exactly zero updates, and fsam still saw g.
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
   assert int(opt_state[0].count) == 1
-  clean = jax.tree.map(lambda s: s.clean, grads, is_leaf=is_pair)
-  assert max_abs_diff(opt_state[0].ema, clean) == 0
+  assert max_abs_diff(opt_state[0].ema, clean) < 1e-6

@@ -15,11 +15,17 @@ from tests.train_step import sam_step
 
 
 def ema_after(params, grads_per_step, **kwargs):
+  """F-SAM's moving average after steps whose clean gradients are ``grads_per_step``."""
   tx = fsam_optax.fsam(**kwargs)
-  update = jax.jit(tx.update)
+  # A linear loss: its gradient is g, at theta and at theta + e alike.
+  linear = lambda p, g: sum(
+    jnp.sum(x * y) for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(g), strict=True)
+  )
+  grad_fn = fsam_optax.sam_value_and_grad(linear)
+  step = jax.jit(lambda state, g: tx.update(grad_fn(params, state, g)[1], state)[1])
   state = tx.init(params)
   for g in grads_per_step:
-    _, state = update(jax.tree.map(fsam_optax.SAMGrad, g, g), state)
+    state = step(state, g)
   return state.ema
 
 

@@ -297,9 +297,7 @@ def test_update_with_the_state_of_other_params_is_refused():
   tx = fsam_optax.fsam()
   two = {"a": jnp.ones(2), "b": jnp.ones(2)}
   _, grads = fsam_optax.sam_value_and_grad(quadratic_loss)(two, tx.init(two), two, two)
-  with pytest.raises(
-    ValueError, match="the gradients have 2 leaves but the state's moving average has 1"
-  ):
+  with pytest.raises(ValueError, match="the gradients have 2 leaves but the state's `ema` has 1"):
     tx.update(grads, tx.init({"a": jnp.ones(2)}))
 
 
