@@ -101,9 +101,9 @@ def test_the_moving_average_is_the_only_parameter_size_buffer(dtype, schedule):
   ema_dtype = jnp.float32 if dtype == jnp.bfloat16 else dtype
   for m, p in zip(jax.tree.leaves(state.ema), jax.tree.leaves(params), strict=True):
     assert (m.shape, m.dtype) == (p.shape, ema_dtype)
-  others = [state.count, state.rho, state.sigma, state.eps]
-  assert [x.shape for x in others] == [()] * 4
-  assert len(jax.tree.leaves(state)) == len(params) + 4  # config has no leaves
+  others = [state.count, state.rho, state.sigma, state.lmbda, state.eps]
+  assert [x.shape for x in others] == [()] * 5
+  assert len(jax.tree.leaves(state)) == len(params) + 5  # config has no leaves
   # SAM, and F-SAM with sigma = 0 (whose direction is g), keep none.
   assert fsam_optax.sam(**schedule).init(params).ema is None
   assert fsam_optax.fsam(sigma=0, **schedule).init(params).ema is None

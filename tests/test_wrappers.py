@@ -142,8 +142,8 @@ LMBDA = optax.linear_schedule(0.5, 0.9, transition_steps=STEPS)
 
 
 def test_inject_hyperparams_schedules_reach_the_helper_one_step_late():
-  """The helper reads rho and sigma from the hyperparameters that inject_hyperparams
-  stored at the previous update; lmbda is used inside fsam's update, on time."""
+  """The helper reads rho, sigma and lmbda from the hyperparameters that
+  inject_hyperparams stored at the previous update (the rules run in the helper)."""
   params, a_steps, c = problem()
   tx = optax.chain(
     optax.inject_hyperparams(fsam_optax.fsam)(rho=RHO, sigma=SIGMA, lmbda=LMBDA), optax.sgd(LR)
@@ -160,7 +160,7 @@ def test_inject_hyperparams_schedules_reach_the_helper_one_step_late():
     {
       "rho": stored[i + 1 - lag]["rho"],
       "sigma": stored[i + 1 - lag]["sigma"],
-      "lmbda": stored[i + 1]["lmbda"],
+      "lmbda": stored[i + 1 - lag]["lmbda"],
     }
     for i in range(STEPS)
   ]
