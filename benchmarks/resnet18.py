@@ -6,10 +6,10 @@ LookSAM (every 5) with the SAM-or-one-pass choice made on the device (the
 state's schedule, a ``lax.cond``) and on the host (``fsam_optax.is_sam_step``
 and a static ``sam_step``: two programs, the call and the dispatch inside the
 timed loop); ``--torch`` adds PyTorch's FriendlySAM and SGD. Each program is
-compiled before the timing, and its compile time is reported apart. At the
-defaults (20 rounds of 10 steps) the steps take seconds on a GPU, the compiles
-most of the run. ``--smoke`` runs a tiny width and batch on the CPU, one round,
-to check the script: CPU figures say nothing about the GPU targets (F-SAM at
+compiled before the timing: the script prints each variant's compile time, and
+the seconds spent compiling, stepping and in all. ``--smoke`` runs a tiny width
+and batch on the CPU, one round, to check the script: it spends minutes
+compiling, and its figures say nothing about the GPU targets (F-SAM at
 most 2.05x an SGD step; every-2 F-SAM chosen on the host at most 0.80 of
 F-SAM's step, LookSAM every 5 chosen on the host at most 0.65 of SAM's; JAX
 F-SAM at least 1.5x the steps per second of PyTorch's FriendlySAM).
