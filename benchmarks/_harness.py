@@ -146,10 +146,16 @@ def base_optimizer() -> optax.GradientTransformation:
 
 
 class Variant(NamedTuple):
-  """An unjitted training step and the initialiser of the state it carries."""
+  """An unjitted training step and the initialiser of the state it carries.
+
+  With ``host_choice`` the step takes a keyword ``sam_step``, the SAM-or-one-pass
+  choice of this package's gradient function: static under jit, and made on
+  the host before each step by :class:`Runner` with ``fsam_optax.is_sam_step``.
+  """
 
   step: Step
   init: Callable[[Any], Any]
+  host_choice: bool = False
 
 
 def sgd_variant(loss_fn: Callable) -> Variant:
@@ -275,23 +281,34 @@ def contrib_sam_variant(loss_fn: Callable) -> Variant:
   return Variant(step, tx.init)
 
 
-def fsam_variant(loss_fn: Callable, **schedule: Any) -> Variant:
+def fsam_variant(loss_fn: Callable, host_choice: bool = False, **schedule: Any) -> Variant:
   """This package's F-SAM; ``schedule`` (``every``, ``probability``, ``seed``) opts in."""
   fsam = fsam_optax.fsam(rho=RHO, sigma=SIGMA, lmbda=LMBDA, eps=EPS, **schedule)
-  return method_variant(loss_fn, fsam)
+  return method_variant(loss_fn, fsam, host_choice)
 
 
-def method_variant(loss_fn: Callable, method: optax.GradientTransformation) -> Variant:
-  """One of this package's methods in front of the base optimizer, fed by its helper."""
+def looksam_every_5() -> optax.GradientTransformation:
+  """This package's LookSAM at its paper's settings: the SAM step every 5th step, alpha 0.7."""
+  return fsam_optax.looksam(RHO, every=5, alpha=0.7, eps=EPS)
+
+
+def method_variant(
+  loss_fn: Callable, method: optax.GradientTransformation, host_choice: bool = False
+) -> Variant:
+  """One of this package's methods in front of the base optimizer, fed by its helper.
+
+  ``host_choice``: the step takes ``sam_step`` (see :class:`Variant`); otherwise
+  it leaves the choice to the state's schedule, on the device.
+  """
   tx = optax.chain(method, base_optimizer())
   grad_fn = fsam_optax.sam_value_and_grad(loss_fn)
 
-  def step(params, opt_state, batch):
-    loss, grads = grad_fn(params, opt_state, batch)
+  def step(params, opt_state, batch, sam_step=None):
+    loss, grads = grad_fn(params, opt_state, batch, sam_step=sam_step)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return Variant(step, tx.init)
+  return Variant(step, tx.init, host_choice)
 
 
 VARIANTS: dict[str, Callable[[Callable], Variant]] = {
@@ -315,45 +332,111 @@ FAMILY: dict[str, Callable[[Callable], Variant]] = {
   "SAM (fsam_optax)": lambda f: method_variant(f, fsam_optax.sam(RHO, eps=EPS)),
   "GSAM (fsam_optax)": lambda f: method_variant(f, fsam_optax.gsam(RHO, 0.4, eps=EPS)),
   "VaSSO (fsam_optax)": lambda f: method_variant(f, fsam_optax.vasso(RHO, 0.4)),
-  "LookSAM every 5 (fsam_optax)": lambda f: method_variant(
-    f, fsam_optax.looksam(RHO, every=5, alpha=0.7, eps=EPS)
-  ),
+  "LookSAM every 5 (fsam_optax)": lambda f: method_variant(f, looksam_every_5()),
 }
 
 
-def jit_step(step: Step, donate: bool = True) -> Step:
-  # By default every variant donates params and optimizer state, as a
-  # training loop would.
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+# The schedules of SCHEDULED and FAMILY with the SAM-or-one-pass choice made on
+# the host (fsam_optax.is_sam_step), where they make it on the device.
+HOST_CHOSEN: dict[str, Callable[[Callable], Variant]] = {
+  "F-SAM every 2nd step, host choice": lambda f: fsam_variant(f, host_choice=True, every=2),
+  "LookSAM every 5, host choice": lambda f: method_variant(f, looksam_every_5(), True),
+}
+
+# Steps per sample that give every sample the same share of SAM steps under
+# each of these schedules (every 2nd step, every 5th), wherever it starts.
+SCHEDULE_PERIOD = 10
+
+
+def jit_step(step: Step, donate: bool = True, host_choice: bool = False) -> Step:
+  """``step`` under jit; by default donating params and optimizer state, as a training loop would.
+
+  ``host_choice``: the step's keyword ``sam_step`` is static, one program per choice.
+  """
+  static = ("sam_step",) if host_choice else ()
+  return jax.jit(step, donate_argnums=(0, 1) if donate else (), static_argnames=static)
 
 
 # --------------------------------------------------------------------- timing
 
 
 class Runner:
-  """Carries one variant's params and state from step to step."""
+  """Carries one variant's params and state from step to step.
 
-  def __init__(self, step: Step, params: Any, opt_state: Any, batch: Batch):
+  With ``host_choice`` it is the training loop of the host's choice: before
+  each step it asks ``fsam_optax.is_sam_step`` whether its own count of
+  updates takes the SAM step and passes the answer as ``sam_step``, so that
+  the time of a step includes that call and the dispatch of one of two
+  compiled programs.
+  """
+
+  def __init__(
+    self, step: Step, params: Any, opt_state: Any, batch: Batch, host_choice: bool = False
+  ):
     self.step, self.params, self.opt_state, self.batch = step, params, opt_state, batch
+    self.host_choice = host_choice
+    self.count = 0  # the loop's own count of updates, from 0
+
+  @classmethod
+  def of(
+    cls,
+    variant: Variant,
+    params: Any,
+    batch: Batch,
+    donate: bool = True,
+    device: jax.Device | None = None,
+  ) -> Runner:
+    """A runner of ``variant``'s jitted step, from ``params`` and the state it initialises.
+
+    Both are committed to ``device`` (JAX's default device if None), as the
+    step's outputs are: a step called on uncommitted arrays beside committed
+    ones would compile again on its second call.
+    """
+    step = jit_step(variant.step, donate, variant.host_choice)
+    params = jax.device_put(params, device or jax.devices()[0])
+    opt_state = jax.device_put(variant.init(params), device or jax.devices()[0])
+    return cls(step, params, opt_state, batch, variant.host_choice)
+
+  def compile(self) -> float:
+    """Compiles the programs the steps call (a host choice has two); the seconds it took.
+
+    jit keeps them, so that no timed step compiles.
+    """
+    choices = [{"sam_step": True}, {"sam_step": False}] if self.host_choice else [{}]
+    start = time.perf_counter()
+    for kwargs in choices:
+      self.step.lower(self.params, self.opt_state, self.batch, **kwargs).compile()
+    return time.perf_counter() - start
 
   def __call__(self, n: int) -> None:
     for _ in range(n):
-      self.params, self.opt_state, loss = self.step(self.params, self.opt_state, self.batch)
+      if self.host_choice:
+        sam_step = fsam_optax.is_sam_step(self.opt_state, self.count)
+        out = self.step(self.params, self.opt_state, self.batch, sam_step=sam_step)
+      else:
+        out = self.step(self.params, self.opt_state, self.batch)
+      self.params, self.opt_state, loss = out
+      self.count += 1
     jax.block_until_ready((self.params, self.opt_state, loss))
 
 
 def interleaved(
-  runners: dict[Any, Callable[[int], None]], rounds: int, steps_per_round: int
+  runners: dict[Any, Callable[[int], None]],
+  rounds: int,
+  steps_per_round: int,
+  warmup_steps: int = 1,
 ) -> dict[Any, list[float]]:
   """Seconds per step of each runner, over rounds that visit every runner once.
 
   The order rotates each round, so that a burst of load from other jobs on
   the machine falls on every variant alike; the first (warm-up) call of each
-  runner is not recorded.
+  runner, of ``warmup_steps`` steps, is not recorded. A host choice needs
+  enough of them to dispatch each of its programs once (SCHEDULE_PERIOD does
+  for the schedules here).
   """
   names = list(runners)
   for name in names:
-    runners[name](1)
+    runners[name](warmup_steps)
   times: dict[str, list[float]] = {name: [] for name in names}
   for r in range(rounds):
     for name in names[r % len(names) :] + names[: r % len(names)]:

@@ -1,10 +1,18 @@
 """ResNet-18 on CIFAR-shaped data: F-SAM against SGD, and against PyTorch's FriendlySAM.
 
-Meant for a GPU: ``python benchmarks/resnet18.py --device gpu --torch``
-(batch 128, synthetic data). It runs anywhere: ``--device cpu`` with a small
-``--batch`` and ``--steps`` shows that it works, but CPU figures say nothing
-about the GPU targets (F-SAM at most 2.05x an SGD step; JAX F-SAM at least
-1.5x the steps per second of PyTorch's FriendlySAM on the same GPU).
+Meant for a GPU: ``python benchmarks/resnet18.py --device gpu`` (batch 128,
+synthetic data) times every-step F-SAM, SAM and SGD, and every-2 F-SAM and
+LookSAM (every 5) with the SAM-or-one-pass choice made on the device (the
+state's schedule, a ``lax.cond``) and on the host (``fsam_optax.is_sam_step``
+and a static ``sam_step``: two programs, the call and the dispatch inside the
+timed loop); ``--torch`` adds PyTorch's FriendlySAM and SGD. Each program is
+compiled before the timing: the script prints each variant's compile time, and
+the seconds spent compiling, stepping and in all. ``--smoke`` runs a tiny width
+and batch on the CPU, one round, to check the script: it spends minutes
+compiling, and its figures say nothing about the GPU targets (F-SAM at
+most 2.05x an SGD step; every-2 F-SAM chosen on the host at most 0.80 of
+F-SAM's step, LookSAM every 5 chosen on the host at most 0.65 of SAM's; JAX
+F-SAM at least 1.5x the steps per second of PyTorch's FriendlySAM).
 
 Needs ``flax``; ``--torch`` also needs ``torch`` and ``pytorch-optimizer``.
 """
@@ -15,6 +23,7 @@ import argparse
 import pathlib
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,9 +39,20 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples")
 from resnet import ResNet18
 
 NUM_CLASSES = 100
+RATIOS = (
+  # (variant, reference, largest allowed ratio of median step times on a GPU, or None)
+  ("JAX F-SAM", "JAX SGD", 2.05),
+  ("JAX F-SAM", "JAX SAM", None),
+  ("JAX F-SAM every 2, device choice", "JAX F-SAM", None),
+  ("JAX F-SAM every 2, host choice", "JAX F-SAM", 0.80),
+  ("JAX LookSAM every 5, device choice", "JAX SAM", None),
+  ("JAX LookSAM every 5, host choice", "JAX SAM", 0.65),
+)
 
 
-def jax_steps(graphdef: nnx.GraphDef) -> dict[str, tuple[Callable, optax.GradientTransformation]]:
+def jax_variants(graphdef: nnx.GraphDef) -> dict[str, h.Variant]:
+  """The JAX steps, each on the state ``(params, batch statistics)``."""
+
   def loss_fn(params: Any, batch_stats: Any, x: jax.Array, y: jax.Array) -> tuple:
     # copy=True: the forward pass writes BatchNorm statistics inside value_and_grad.
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
@@ -50,26 +70,27 @@ def jax_steps(graphdef: nnx.GraphDef) -> dict[str, tuple[Callable, optax.Gradien
     updates, opt_state = sgd_tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), stats), opt_state, loss
 
-  def sam_like(
-    front: optax.GradientTransformation,
-  ) -> tuple[Callable, optax.GradientTransformation]:
+  def sam_like(front: optax.GradientTransformation, host_choice: bool = False) -> h.Variant:
+    """``front`` before the base optimizer; ``host_choice``: the step takes ``sam_step``."""
     tx = optax.chain(front, h.base_optimizer())
 
-    def step(state, opt_state, batch):
+    def step(state, opt_state, batch, sam_step=None):
       params, stats = state
-      (loss, stats), grads = sam_grad(params, opt_state, stats, *batch)
+      (loss, stats), grads = sam_grad(params, opt_state, stats, *batch, sam_step=sam_step)
       updates, opt_state = tx.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), stats), opt_state, loss
 
-    return step, tx
+    return h.Variant(step, lambda state: tx.init(state[0]), host_choice)
 
+  fsam = lambda **schedule: fsam_optax.fsam(rho=h.RHO, sigma=h.SIGMA, lmbda=h.LMBDA, **schedule)
   return {
-    "JAX F-SAM": sam_like(fsam_optax.fsam(rho=h.RHO, sigma=h.SIGMA, lmbda=h.LMBDA)),
+    "JAX F-SAM": sam_like(fsam()),
     "JAX SAM": sam_like(fsam_optax.sam(rho=h.RHO)),
-    "JAX F-SAM every 2": sam_like(
-      fsam_optax.fsam(rho=h.RHO, sigma=h.SIGMA, lmbda=h.LMBDA, every=2)
-    ),
-    "JAX SGD": (sgd_step, sgd_tx),
+    "JAX F-SAM every 2, device choice": sam_like(fsam(every=2)),
+    "JAX F-SAM every 2, host choice": sam_like(fsam(every=2), host_choice=True),
+    "JAX LookSAM every 5, device choice": sam_like(h.looksam_every_5()),
+    "JAX LookSAM every 5, host choice": sam_like(h.looksam_every_5(), host_choice=True),
+    "JAX SGD": h.Variant(sgd_step, lambda state: sgd_tx.init(state[0])),
   }
 
 
@@ -151,7 +172,25 @@ def torch_runners(
   return {"PyTorch FriendlySAM": fsam_runner(), "PyTorch SGD": sgd_runner()}
 
 
+def device_line(device: jax.Device) -> str:
+  """The device's name and its platform's version (the CUDA or ROCm release on a GPU)."""
+  return f"device: {device.device_kind} ({device.platform} {device.client.platform_version})"
+
+
+def jax_runners(
+  graphdef: nnx.GraphDef, state: Any, batch: tuple, device: jax.Device
+) -> dict[str, h.Runner]:
+  """A runner of each JAX variant, its state on ``device``."""
+  runners = {}
+  for name, variant in jax_variants(graphdef).items():
+    # Each variant donates its own copy of (params, batch statistics).
+    own = jax.tree.map(lambda a: a.copy(), state)
+    runners[name] = h.Runner.of(variant, own, batch, device=device)
+  return runners
+
+
 def main() -> None:
+  start = time.perf_counter()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
     "--device", choices=("cpu", "gpu"), default="gpu", help="where to run (default gpu)"
@@ -160,51 +199,75 @@ def main() -> None:
   parser.add_argument(
     "--rounds", type=int, default=20, help="interleaved rounds, medians reported (default 20)"
   )
-  parser.add_argument("--steps", type=int, default=10, help="steps per round")
-  parser.add_argument("--width", type=int, default=64, help="channels of the first stage")
+  parser.add_argument(
+    "--steps",
+    type=int,
+    default=h.SCHEDULE_PERIOD,
+    help=f"steps per round, a multiple of {h.SCHEDULE_PERIOD} so that every sample holds the "
+    f"schedules' share of SAM steps (default {h.SCHEDULE_PERIOD})",
+  )
+  parser.add_argument(
+    "--width", type=int, default=64, help="channels of the first stage (default 64)"
+  )
   parser.add_argument("--torch", action="store_true", help="also time PyTorch on the device")
+  parser.add_argument(
+    "--smoke",
+    action="store_true",
+    help="width 2, batch 2, one round, on the CPU: checks the script, measures nothing",
+  )
   args = parser.parse_args()
+  if args.smoke:
+    args.device, args.width, args.batch, args.rounds = "cpu", 2, 2, 1
+  if args.steps < 1 or args.steps % h.SCHEDULE_PERIOD:
+    parser.error(f"--steps must be a positive multiple of {h.SCHEDULE_PERIOD}")
 
   device = jax.devices(args.device)[0]
   packages = ["jax", "jaxlib", "optax", "flax", "fsam_optax"]
   if args.torch:
     packages += ["torch", "pytorch_optimizer"]
   print(h.header(f"ResNet-18, CIFAR-shaped synthetic batch, on {device}", packages))
-  print(f"batch {args.batch}, {args.rounds} interleaved rounds of {args.steps} steps\n")
+  print(device_line(device))
+  print(
+    f"width {args.width}, batch {args.batch}, {args.rounds} interleaved rounds of "
+    f"{args.steps} steps\n"
+  )
 
   x, y = h.synthetic_batch(args.batch, (32, 32, 3), NUM_CLASSES)
   with jax.default_device(device):
     model = ResNet18(NUM_CLASSES, args.width, rngs=nnx.Rngs(0))
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     batch = jax.device_put((x, y), device)
-    runners: dict[str, Callable[[int], None]] = {}
-    for name, (step, tx) in jax_steps(graphdef).items():
-      # Each variant donates its own copy of (params, batch statistics).
-      p, stats = jax.tree.map(lambda a: jax.device_put(a, device).copy(), (params, batch_stats))
-      runners[name] = h.Runner(h.jit_step(step), (p, stats), tx.init(p), batch)
+    jax_only = jax_runners(graphdef, (params, batch_stats), batch, device)
+  # Compiled outside the default-device context, as the steps run: jit's cache
+  # tells the two apart, and would compile again.
+  compile_s = {name: runner.compile() for name, runner in jax_only.items()}
+  runners: dict[str, Callable[[int], None]] = dict(jax_only)
   if args.torch:
     runners.update(torch_runners((x, y), args.device, NUM_CLASSES, args.width))
-  times = h.interleaved(runners, args.rounds, args.steps)
+  timing_start = time.perf_counter()
+  times = h.interleaved(runners, args.rounds, args.steps, warmup_steps=h.SCHEDULE_PERIOD)
+  timing_s = time.perf_counter() - timing_start
 
   med = {name: statistics.median(t) for name, t in times.items()}
   rows = []
   for name, samples in times.items():
     m, spread = h.summary(samples)
-    rows.append([name, f"{m:.2f}", spread, f"{1 / med[name]:.2f}"])
-  print(h.table(rows, ["variant", "ms/step median", "min-max", "steps/s"]))
+    compiled = f"{compile_s[name]:.1f}" if name in compile_s else "eager"
+    rows.append([name, f"{m:.2f}", spread, f"{1 / med[name]:.2f}", compiled])
+  print(h.table(rows, ["variant", "ms/step median", "min-max", "steps/s", "compile s"]))
   print()
-  print(
-    f"JAX F-SAM / JAX SGD step time: {med['JAX F-SAM'] / med['JAX SGD']:.3f} (GPU target <= 2.05)"
-  )
-  print(
-    f"JAX F-SAM / JAX SAM step time: {med['JAX F-SAM'] / med['JAX SAM']:.3f}; "
-    f"F-SAM every 2 / F-SAM: {med['JAX F-SAM every 2'] / med['JAX F-SAM']:.3f}"
-  )
+  for name, ref, limit in RATIOS:
+    target = "" if limit is None else f" (GPU target <= {limit})"
+    print(f"{name} / {ref} step time: {med[name] / med[ref]:.3f}{target}")
   if args.torch:
     print(
       f"JAX F-SAM steps/s / PyTorch FriendlySAM steps/s: "
       f"{med['PyTorch FriendlySAM'] / med['JAX F-SAM']:.2f} (GPU target >= 1.5)"
     )
+  print(
+    f"compile: {sum(compile_s.values()):.1f} s in all, before the timing; warm-up and timed "
+    f"steps: {timing_s:.1f} s; whole run: {time.perf_counter() - start:.1f} s"
+  )
   print(f"load average (1/5/15 min) at end: {h.load_average()}")
 
 

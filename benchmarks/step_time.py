@@ -13,6 +13,12 @@ the tables give medians over ``--rounds`` (at least 30) rounds.
 ``--family`` times GSAM, VaSSO and LookSAM (every 5) on the MLP instead,
 against F-SAM and hand-written SAM, with LookSAM written out by hand beside
 them to split its cost in the same way.
+``--host`` times every-2 F-SAM and LookSAM (every 5) with the SAM-or-one-pass
+choice made on the host (``fsam_optax.is_sam_step`` and a static ``sam_step``,
+two compiled programs, the call and the dispatch inside the timed loop) beside
+the same schedules chosen on the device, against every-step F-SAM and
+hand-written SAM, on the MLP and the CNN; its samples are of 10 steps, so that
+each holds the schedules' exact share of SAM steps.
 """
 
 from __future__ import annotations
@@ -34,6 +40,12 @@ FAMILY_TARGETS = (
   ("VaSSO (fsam_optax)", "F-SAM (fsam_optax)", 1.05),
   ("LookSAM every 5 (fsam_optax)", "SAM (hand-written)", 0.65),
 )
+HOST_TARGETS = (
+  # (host-chosen schedule, the same chosen on the device, reference, largest allowed
+  # host / reference ratio of median step times), with --host
+  ("F-SAM every 2nd step, host choice", "F-SAM every 2nd step", "F-SAM (fsam_optax)", 0.80),
+  ("LookSAM every 5, host choice", "LookSAM every 5 (fsam_optax)", "SAM (hand-written)", 0.65),
+)
 
 
 def family_variants() -> dict:
@@ -43,8 +55,22 @@ def family_variants() -> dict:
   return {**{name: h.VARIANTS[name] for name in names}, **h.FAMILY, **hand}
 
 
+def host_variants() -> dict:
+  """The variants ``--host`` times: HOST_TARGETS' schedules, both ways, their references and SGD."""
+  names = ("F-SAM (fsam_optax)", "SAM (hand-written)", "SGD (one pass)")
+  device = {
+    "F-SAM every 2nd step": h.SCHEDULED["F-SAM every 2nd step"],
+    "LookSAM every 5 (fsam_optax)": h.FAMILY["LookSAM every 5 (fsam_optax)"],
+  }
+  return {**{name: h.VARIANTS[name] for name in names}, **device, **h.HOST_CHOSEN}
+
+
 def measure(
-  model: h.Model, rounds: int, steps_per_round: int, variants: dict | None = None
+  model: h.Model,
+  rounds: int,
+  steps_per_round: int,
+  variants: dict | None = None,
+  warmup_steps: int = 1,
 ) -> dict[bool, dict[str, list[float]]]:
   """Samples of every variant, donated and not, all interleaved in one loop."""
   variants = h.VARIANTS if variants is None else variants
@@ -54,12 +80,29 @@ def measure(
   runners = {}
   for donate in (True, False):
     for name, make in variants.items():
-      variant = make(loss_fn)
       own = jax.tree.map(lambda x: x.copy(), params)  # each variant donates its own copy
-      step = h.jit_step(variant.step, donate)
-      runners[donate, name] = h.Runner(step, own, variant.init(own), batch)
-  times = h.interleaved(runners, rounds, steps_per_round)
+      runners[donate, name] = h.Runner.of(make(loss_fn), own, batch, donate)
+      runners[donate, name].compile()  # a host choice's second program too, before timing
+  times = h.interleaved(runners, rounds, steps_per_round, warmup_steps)
   return {d: {name: times[d, name] for name in variants} for d in (True, False)}
+
+
+def target_line(
+  name: str, ref: str, times: dict[str, list[float]], limit: float, mode: str, label: str = ""
+) -> str:
+  """The ratio of ``name``'s median step time to ``ref``'s, against its target.
+
+  ``label`` names ``name`` in the line (``name`` itself by default).
+  """
+  ratio = statistics.median(times[name]) / statistics.median(times[ref])
+  # The per-round ratio pairs samples taken seconds apart, so a load burst
+  # from another job moves numerator and denominator together.
+  paired = statistics.median(a / b for a, b in zip(times[name], times[ref], strict=True))
+  verdict = "met" if ratio <= limit else "MISSED"
+  return (
+    f"{label or name} / {ref} ({mode}): {ratio:.3f} (median of per-round ratios {paired:.3f}); "
+    f"target <= {limit}: {verdict}"
+  )
 
 
 def report(model: h.Model, times: dict[str, list[float]], donate: bool) -> str:
@@ -85,17 +128,8 @@ def report(model: h.Model, times: dict[str, list[float]], donate: bool) -> str:
     h.table(rows, ["variant", "median", "min-max", "x hand SAM", "x SGD"]),
     "",
   ]
-  fsam = times["F-SAM (fsam_optax)"]
   for ref, limit in TARGETS:
-    ratio = med["F-SAM (fsam_optax)"] / med[ref]
-    # The per-round ratio pairs samples taken seconds apart, so a load burst
-    # from another job moves numerator and denominator together.
-    paired = statistics.median(a / b for a, b in zip(fsam, times[ref], strict=True))
-    verdict = "met" if ratio <= limit else "MISSED"
-    lines.append(
-      f"F-SAM / {ref} ({mode}): {ratio:.3f} (median of per-round ratios {paired:.3f}); "
-      f"target <= {limit}: {verdict}"
-    )
+    lines.append(target_line("F-SAM (fsam_optax)", ref, times, limit, mode, label="F-SAM"))
   hand = med["F-SAM (hand-written)"]
   lines.append(
     f"F-SAM / F-SAM (hand-written) ({mode}): {med['F-SAM (fsam_optax)'] / hand:.3f}, the "
@@ -120,13 +154,7 @@ def family_report(model: h.Model, times: dict[str, list[float]], donate: bool) -
     "",
   ]
   for name, ref, limit in FAMILY_TARGETS:
-    ratio = med[name] / med[ref]
-    paired = statistics.median(a / b for a, b in zip(times[name], times[ref], strict=True))
-    verdict = "met" if ratio <= limit else "MISSED"
-    lines.append(
-      f"{name} / {ref} ({mode}): {ratio:.3f} (median of per-round ratios {paired:.3f}); "
-      f"target <= {limit}: {verdict}"
-    )
+    lines.append(target_line(name, ref, times, limit, mode))
   hand = med["LookSAM every 5 (hand-written)"]
   lines.append(
     f"LookSAM / LookSAM (hand-written) ({mode}): {med['LookSAM every 5 (fsam_optax)'] / hand:.3f}, "
@@ -136,23 +164,69 @@ def family_report(model: h.Model, times: dict[str, list[float]], donate: bool) -
   return "\n".join(lines)
 
 
+def host_report(model: h.Model, times: dict[str, list[float]], donate: bool) -> str:
+  """HOST_TARGETS' verdicts, each with the same schedule chosen on the device beside it."""
+  med = {name: statistics.median(t) for name, t in times.items()}
+  mode = "params and state donated" if donate else "no donation"
+  rows = []
+  for name, samples in times.items():
+    m, spread = h.summary(samples)
+    rows.append(
+      [
+        name,
+        f"{m:.2f}",
+        spread,
+        f"{med[name] / med['F-SAM (fsam_optax)']:.3f}",
+        f"{med[name] / med['SAM (hand-written)']:.3f}",
+      ]
+    )
+  lines = [
+    f"## {model.name}, the SAM-or-one-pass choice on the host and on the device; {mode}",
+    f"{len(times['SGD (one pass)'])} interleaved rounds; ms per step",
+    "",
+    h.table(rows, ["variant", "median", "min-max", "x F-SAM", "x hand SAM"]),
+    "",
+  ]
+  for host, device, ref, limit in HOST_TARGETS:
+    lines.append(
+      f"{target_line(host, ref, times, limit, mode)}; chosen on the device ({device}): "
+      f"{med[device] / med[ref]:.3f}"
+    )
+  return "\n".join(lines)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
     "--rounds", type=int, default=100, help="interleaved rounds, at least 30 (default 100)"
   )
   parser.add_argument(
-    "--steps-per-round", type=int, default=5, help="steps averaged per sample (default 5)"
+    "--steps-per-round",
+    type=int,
+    help=f"steps averaged per sample (default 5; with --host {h.SCHEDULE_PERIOD}, and a "
+    f"multiple of {h.SCHEDULE_PERIOD}, so that every sample holds the schedules' share of SAM "
+    "steps)",
   )
   parser.add_argument("--mlp-only", action="store_true", help="skip the small CNN")
   parser.add_argument("--smoke", action="store_true", help="a tiny MLP, two rounds")
-  parser.add_argument(
+  modes = parser.add_mutually_exclusive_group()
+  modes.add_argument(
     "--family", action="store_true", help="GSAM, VaSSO, LookSAM against F-SAM and SAM (MLP)"
   )
+  modes.add_argument(
+    "--host",
+    action="store_true",
+    help="every-2 F-SAM and LookSAM every 5, chosen on the host and on the device",
+  )
   args = parser.parse_args()
+  period = h.SCHEDULE_PERIOD if args.host else 1
+  if args.steps_per_round is None:
+    args.steps_per_round = h.SCHEDULE_PERIOD if args.host else 5
+  if args.steps_per_round < 1 or args.steps_per_round % period:
+    parser.error(f"--steps-per-round must be a positive multiple of {period}")
   if args.smoke:
     models = [h.mlp(width=32, batch_size=8)]
-    args.rounds, args.steps_per_round = 2, 1
+    args.rounds, args.steps_per_round = 2, period
   else:
     if args.rounds < 30:
       parser.error("--rounds must be at least 30: the medians are reported against targets")
@@ -165,6 +239,15 @@ def main() -> None:
     for donate in (True, False):
       print(family_report(model, times[donate], donate))
       print()
+    print(f"load average (1/5/15 min) at end: {h.load_average()}")
+    return
+  if args.host:
+    print(h.header("Step time: the SAM-or-one-pass choice on the host vs on the device"))
+    for model in models:
+      times = measure(model, args.rounds, args.steps_per_round, host_variants(), h.SCHEDULE_PERIOD)
+      for donate in (True, False):
+        print(host_report(model, times[donate], donate))
+        print()
     print(f"load average (1/5/15 min) at end: {h.load_average()}")
     return
   print(h.header("Step time: F-SAM vs hand-written SAM vs optax.contrib.sam vs SGD"))

@@ -1,8 +1,8 @@
 """The benchmark scripts still run: each JAX-only script in its ``--smoke`` mode.
 
 ``benchmarks/torch_compare.py`` needs PyTorch, which is not a test
-dependency, and ``benchmarks/resnet18.py`` takes minutes to compile on a CPU;
-neither is run here.
+dependency, and is not run here; ``benchmarks/resnet18.py`` runs at its tiny
+smoke size, which still compiles ResNet-18's seven steps on the CPU.
 """
 
 from __future__ import annotations
@@ -19,12 +19,20 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.mark.parametrize(
-  ("script", "verdicts"),
-  [("step_time.py", 4), ("memory.py", 1), ("compile_time.py", 1), ("traffic.py", 2)],
+  ("command", "verdicts"),
+  [
+    (("step_time.py",), 4),
+    (("step_time.py", "--host"), 4),
+    (("memory.py",), 1),
+    (("compile_time.py",), 1),
+    (("traffic.py",), 2),
+  ],
+  ids=["step_time", "step_time-host", "memory", "compile_time", "traffic"],
 )
-def test_smoke_run_prints_a_verdict_per_target(script: str, verdicts: int) -> None:
+def test_smoke_run_prints_a_verdict_per_target(command: tuple[str, ...], verdicts: int) -> None:
+  script, *options = command
   result = subprocess.run(
-    [sys.executable, str(BENCHMARKS / script), "--smoke"],
+    [sys.executable, str(BENCHMARKS / script), *options, "--smoke"],
     capture_output=True,
     text=True,
     timeout=300,
@@ -33,6 +41,54 @@ def test_smoke_run_prints_a_verdict_per_target(script: str, verdicts: int) -> No
   assert result.returncode == 0, result.stderr
   assert result.stdout.count("target <=") == verdicts, result.stdout
   assert "machine:" in result.stdout
+
+
+def test_resnet18_smoke_run_prints_every_ratio_and_the_compile_time() -> None:
+  pytest.importorskip("flax")
+  result = subprocess.run(
+    [sys.executable, str(BENCHMARKS / "resnet18.py"), "--smoke"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.count(" step time: ") == 6, result.stdout
+  assert result.stdout.count("target <=") == 3, result.stdout
+  for line in ("device: cpu", "flax ", "compile: ", "LookSAM every 5, host choice"):
+    assert line in result.stdout, line
+
+
+def test_host_choice_takes_the_steps_of_the_device_choice(
+  monkeypatch: pytest.MonkeyPatch,
+) -> None:
+  # step_time.py --host compares each schedule chosen on the host with the same
+  # schedule chosen on the device; that comparison means something only if
+  # the runner's own count of updates gives both the same steps.
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
+  import _harness as h
+
+  twins = {
+    "F-SAM every 2nd step, host choice": h.SCHEDULED["F-SAM every 2nd step"],
+    "LookSAM every 5, host choice": h.FAMILY["LookSAM every 5 (fsam_optax)"],
+  }
+  assert sorted(twins) == sorted(h.HOST_CHOSEN)
+  with jax.enable_x64(True), jax.numpy_rank_promotion("allow"):
+    model = h.mlp(width=16, batch_size=8)
+    loss_fn = h.make_loss(model)
+    params = model.init(jax.random.PRNGKey(0))
+    x, y = h.make_batch(model)
+    batch = (jnp.asarray(x, jnp.float64), jnp.asarray(y))
+    for name, device in twins.items():
+      runs = []
+      for variant in (h.HOST_CHOSEN[name](loss_fn), device(loss_fn)):
+        runner = h.Runner.of(variant, jax.tree.map(jnp.copy, params), batch)
+        runner(7)  # SAM and one-pass steps of both schedules
+        runs.append(runner.params)
+      gaps = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), *runs)
+      moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), runs[0], params)
+      assert min(jax.tree.leaves(moved)) > 1e-6, name  # the steps did something
+      assert max(jax.tree.leaves(gaps)) < 1e-12, (name, gaps)
 
 
 def test_schedule_tradeoff_smoke_run_prints_both_verdicts() -> None:
