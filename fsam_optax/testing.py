@@ -369,9 +369,17 @@ def _one_device(factory: Factory, **options: Any) -> _Run:
 
 
 @functools.lru_cache(maxsize=4)
+def _plain(factory: Factory) -> tuple[optax.GradientTransformation, Callable[..., Any]]:
+  """The chain of ``factory`` and its jitted step, which several checks share."""
+  tx = _chain(factory)
+  return tx, jax.jit(_step(tx))
+
+
+@functools.lru_cache(maxsize=4)
 def _plain_run(factory: Factory) -> _Run:
   """``_one_device(factory)`` in float64, which several checks compare with."""
-  return _one_device(factory)
+  tx, step = _plain(factory)
+  return _train(step, _init(), tx.init(_init()), _batches())
 
 
 def _assert_close(got: Any, want: Any, tol: float, what: str) -> None:
@@ -435,8 +443,8 @@ def _inject_hyperparams(factory: Factory) -> None:
   injected = optax.inject_hyperparams(factory.func, static_args=static)
   base = optax.sgd(LR, momentum=MOMENTUM)
   tx = optax.chain(injected(**values), base)
-  params = _init()
-  got = _train(jax.jit(_step(tx)), params, tx.init(params), _batches())
+  step, params = jax.jit(_step(tx)), _init()
+  got = _train(step, params, tx.init(params), _batches())
   plain = _plain_run(factory)
   _assert_close(
     (got.params, got.losses), (plain.params, plain.losses), TOL, "as given, against the plain one"
@@ -445,7 +453,7 @@ def _inject_hyperparams(factory: Factory) -> None:
   opt_state = tx.init(params)
   for k in floats:
     opt_state[0].hyperparams[k] = jnp.asarray(halved[k], opt_state[0].hyperparams[k].dtype)
-  got = _train(jax.jit(_step(tx)), params, opt_state, _batches())
+  got = _train(step, params, opt_state, _batches())
   want = _one_device(functools.partial(factory.func, **halved))
   _assert_close(
     (got.params, got.losses), (want.params, want.losses), TOL, f"with {floats} halved in the state"
@@ -521,8 +529,7 @@ def _save_and_resume(
 ) -> None:
   """Trains ``at`` steps, restores the state with ``round_trip(saved, target)`` onto a fresh
   optimizer's ``init``, and checks the restored state and the rest of the run."""
-  tx, params = _chain(factory), _init()
-  step, batches = jax.jit(_step(tx)), _batches()
+  (tx, step), params, batches = _plain(factory), _init(), _batches()
   saved = _train(step, params, tx.init(params), batches[:at])
   fresh = _chain(factory)
   restored = round_trip(saved.opt_state, fresh.init(jax.tree.map(jnp.zeros_like, params)))
@@ -587,12 +594,14 @@ def _layouts_here(spec: str) -> None:
   """The body of :func:`check_layouts`, in the process it starts; exits 1 on a failure."""
   if jax.device_count() < DEVICES:
     sys.exit(f"{jax.device_count()} devices, not {DEVICES}: JAX started before XLA_FLAGS was set")
-  try:
-    with jax.enable_x64(True):
-      for what, got, want in _layout_runs(load_factory(spec)):
+  with jax.enable_x64(True):
+    for what, got, want in _layout_runs(load_factory(spec)):
+      try:
         _assert_close(got(), want(), LAYOUT_TOL, f"{what}, against one device")
-  except AssertionError as failure:
-    sys.exit(str(failure))
+      except AssertionError as failure:
+        sys.exit(str(failure))
+      except Exception as error:
+        sys.exit(f"{what}: raised {type(error).__name__}: {error}")
 
 
 def _layout_runs(factory: Factory) -> Iterator[tuple[str, Callable[[], _Run], Callable[[], _Run]]]:
