@@ -5,7 +5,10 @@ its params, optimizer state and losses must match, within 1e-9, one device
 running the whole batch (per device: a NumPy loop over the data replicas).
 The model-parallel meshes split the hidden units over ``"model"``
 (Megatron-style), so the methods' norms and inner products add over split
-leaves. Two processes run this file as a worker:
+leaves. ``fsam_optax.testing`` checks the single-process layouts of every
+method as built by default (``test_conformance.py``); here they run for
+adaptive GSAM, whose per-leaf weights the suite does not vary, and every
+method runs in two processes, which run this file as a worker:
 ``python -m tests.test_family_layouts ADDRESS PROCESS_ID OUT.npz``.
 """
 
@@ -45,6 +48,8 @@ BUILD = {
   "looksam": fsam_optax.looksam,
 }
 METHODS = list(HP)
+# The layouts of a single process that test_conformance.py does not run.
+LAYOUT_METHODS = ["gsam_adaptive"]
 MODEL_SPECS = {"w0": P(None, "model"), "b0": P("model"), "w1": P("model", None), "b1": P()}
 FSDP_SPECS = {"w0": P(None, "data"), "b0": P("data"), "w1": P("data", None), "b1": P()}
 TIMEOUT_S = 180
@@ -132,19 +137,19 @@ def run_shard_map(
   return run
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", LAYOUT_METHODS)
 def test_model_parallel_mesh_equals_one_device(name):
   with jax.enable_x64(True):
     assert_same_run(run_shard_map(name, (4,), ("model",)), single_device(name))
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", LAYOUT_METHODS)
 def test_data_by_model_mesh_equals_one_device_on_the_global_batch(name):
   with jax.enable_x64(True):
     assert_same_run(run_shard_map(name, (2, 4), ("data", "model")), single_device(name))
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", LAYOUT_METHODS)
 def test_masked_data_by_model_mesh_equals_one_device(name):
   with jax.enable_x64(True):
     want = single_device(name, masked=True)
@@ -153,7 +158,7 @@ def test_masked_data_by_model_mesh_equals_one_device(name):
     assert np.max(np.abs(want.params["w0"] - single_device(name).params["w0"])) > 1e-5
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", LAYOUT_METHODS)
 def test_pmap_equals_one_device(name):
   n = jax.device_count()
   tx = make_tx(name)
@@ -179,7 +184,7 @@ def test_pmap_equals_one_device(name):
   assert_same_run(Run(*first, run.losses[:, 0]), want)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", LAYOUT_METHODS)
 def test_fsdp_under_jit_equals_one_device(name):
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   tx = make_tx(name)
@@ -204,53 +209,26 @@ def test_fsdp_under_jit_equals_one_device(name):
 
 
 def per_replica_by_hand(name: str, replicas: int) -> Run:
-  """Per device in NumPy: each replica runs the method's rules on its own g and g'.
-
-  What a replica hands on (its g', GSAM's combination, LookSAM's g_v and its
-  reused gradient) is averaged; the state is fed averages, so it is the same
-  on every replica.
-  """
-  hp = HP[name]
+  """Per device in NumPy: each replica combines its own g and g' as GSAM does; the
+  combinations are averaged."""
+  method = ref.GSAMReference(**HP[name])
   sgd = ref.SGDReference(LR, MOMENTUM, weight_decay=0.0)
-  theta, losses, m, g_v = ref.init_mlp(0, SIZES), [], None, None
+  theta, losses = ref.init_mlp(0, SIZES), []
   mean = lambda trees: {k: np.mean([t[k] for t in trees], axis=0) for k in trees[0]}
-  for t, (x, y) in enumerate(data()):
+  for x, y in data():
     shards = list(zip(np.split(x, replicas), np.split(y, replicas), strict=True))
     grad_at = [lambda w, xs=xs, ys=ys: ref.mlp_loss_and_grad(w, xs, ys)[1] for xs, ys in shards]
-    clean = [grad(theta) for grad in grad_at]
     losses.append(np.mean([ref.mlp_loss_and_grad(theta, xs, ys)[0] for xs, ys in shards]))
-    if name.startswith("gsam"):
-      method = ref.GSAMReference(**hp)
-      hand = [method.gradient(theta, grad) for grad in grad_at]
-    elif name == "vasso":
-      weight = 1.0 if m is None else hp["theta"]
-      own = [g if m is None else {k: (1 - weight) * m[k] + weight * g[k] for k in g} for g in clean]
-      hand = [
-        grad(ref.shift(theta, ref.sam_perturbation(theta, d, hp["rho"], 1e-7)))
-        for grad, d in zip(grad_at, own, strict=True)
-      ]
-      g_mean = mean(clean)
-      m = g_mean if m is None else {k: (1 - weight) * m[k] + weight * g_mean[k] for k in m}
-    else:
-      methods = [ref.LookSAMReference(hp["rho"], hp["every"], hp["alpha"], t=t) for _ in shards]
-      for method in methods:
-        method.g_v = g_v
-      hand = [method.gradient(theta, grad) for method, grad in zip(methods, grad_at, strict=True)]
-      if t % hp["every"] == 0:
-        g_v = mean([method.g_v for method in methods])
-    theta = sgd.step(theta, mean(hand))
-  state = {"gsam": (), "gsam_adaptive": (), "vasso": (m,), "looksam": (g_v,)}[name]
-  return Run(theta, (*state, sgd.trace), np.array(losses))
+    theta = sgd.step(theta, mean([method.gradient(theta, grad) for grad in grad_at]))
+  return Run(theta, (sgd.trace,), np.array(losses))
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", LAYOUT_METHODS)
 def test_data_by_model_mesh_per_device_equals_a_loop_over_replicas(name):
   with jax.enable_x64(True):
     got = run_shard_map(name, (2, 4), ("data", "model"), perturbation="per_device")
-    method_state = {"vasso": "ema", "looksam": "g_v"}.get(name)
-    state = (getattr(got.opt_state[0], method_state),) if method_state else ()
     assert_same_run(
-      Run(got.params, (*state, got.opt_state[1][0].trace), got.losses),
+      Run(got.params, (got.opt_state[1][0].trace,), got.losses),
       per_replica_by_hand(name, replicas=2),
     )
     # Per device is another algorithm, not a rounding of the global one.

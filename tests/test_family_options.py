@@ -1,5 +1,9 @@
 """GSAM, VaSSO and LookSAM take the helper's and Optax's options as F-SAM does, and refuse
-bad input with errors that name the argument."""
+bad input with errors that name the argument.
+
+Micro-batches, the loss scale, ``skip_nonfinite``, bfloat16 params and checkpoints are
+checked for every method by ``fsam_optax.testing`` (``test_conformance.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import serialization
 
 import fsam_optax
 from tests import reference as ref
@@ -103,55 +106,6 @@ def test_a_rho_schedule_is_evaluated_at_each_step(name):
   assert_paths_close(got, want, rtol=1e-9)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_a_non_finite_step_is_skipped_whole(name):
-  """With skip_nonfinite and apply_if_finite, a NaN batch leaves params and state as they were."""
-  with jax.enable_x64(True):
-    data = ref.batches(seed=9, steps=8)
-    bad = (np.full_like(data[3][0], np.nan), data[3][1])
-    chain = optax.chain(BUILD[name](skip_nonfinite=True), optax.apply_if_finite(optax.sgd(LR), 3))
-    step = sam_step(chain, mlp_loss)
-    params, state = params64(), chain.init(params64())
-    clean_params, clean_state = params, state
-    for t, (x, y) in enumerate(data):
-      if t == 3:
-        skipped = step(params, state, *bad)
-        for a, b in zip(jax.tree.leaves(skipped[0]), jax.tree.leaves(params), strict=True):
-          np.testing.assert_array_equal(a, b)
-        inner_before, inner_after = state[0], skipped[1][0]
-        for a, b in zip(jax.tree.leaves(inner_after), jax.tree.leaves(inner_before), strict=True):
-          np.testing.assert_array_equal(a, b)
-        params, state = skipped
-      params, state = step(params, state, x, y)
-      clean_params, clean_state = step(clean_params, clean_state, x, y)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(clean_params), strict=True):
-      np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_micro_batches_equal_the_whole_batch(name):
-  with jax.enable_x64(True):
-    data = ref.batches(seed=10, steps=7, batch=16)
-    whole, _ = trajectory(BUILD[name](), data)
-    split, _ = trajectory(BUILD[name](), data, micro_batches=4)
-  assert_paths_close(split, whole, rtol=1e-12)
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_a_power_of_two_loss_scale_changes_nothing_but_rounding(name):
-  """Scaling by 1024 is exact; only how XLA fuses the unscaling may move a last bit."""
-  with jax.enable_x64(True):
-    data = ref.batches(seed=11, steps=7)
-    plain, _ = trajectory(BUILD[name](), data)
-    chain = optax.chain(BUILD[name](), optax.sgd(LR))
-    step = sam_step(chain, mlp_loss)
-    params, state = params64(), chain.init(params64())
-    for (x, y), want in zip(data, plain, strict=True):
-      params, state = step(params, state, x, y, loss_scale=jnp.float64(1024.0))
-      for k in want:
-        np.testing.assert_allclose(params[k], want[k], rtol=1e-13, atol=0)
-
-
 def first_step_diagnostics(name):
   with jax.enable_x64(True):
     params = params64()
@@ -184,37 +138,6 @@ def test_each_method_hands_on_its_buffer_and_no_other():
   # VaSSO hands on its new average, which is g on the first step.
   np.testing.assert_allclose(vasso["w0"].buffer, g["w0"], rtol=1e-13)
   assert all(p.buffer is not None for p in jax.tree.leaves(looksam, is_leaf=is_pair))
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_state_survives_a_flax_checkpoint(name):
-  """Saving after step 5 and restoring into a fresh state continues the same run."""
-  with jax.enable_x64(True):
-    data = ref.batches(seed=13, steps=10)
-    chain = optax.chain(BUILD[name](), optax.sgd(LR))
-    step = sam_step(chain, mlp_loss)
-    params, state = params64(), chain.init(params64())
-    for x, y in data[:5]:
-      params, state = step(params, state, x, y)
-    restored = serialization.from_bytes(chain.init(params64()), serialization.to_bytes(state))
-    a, b = (params, state), (params, restored)
-    for x, y in data[5:]:
-      a, b = step(*a, x, y), step(*b, x, y)
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-      np.testing.assert_array_equal(u, v)
-
-
-@pytest.mark.parametrize("name", ["vasso", "looksam"])
-def test_buffers_of_bfloat16_params_are_float32(name):
-  params = {"w": jnp.ones(3, jnp.bfloat16)}
-  chain = optax.chain(BUILD[name](), optax.sgd(LR))
-  state = chain.init(params)
-  buffer = state[0].ema if name == "vasso" else state[0].g_v
-  assert buffer["w"].dtype == jnp.float32
-  loss = lambda p: jnp.sum(jnp.sin(p["w"].astype(jnp.float32)))
-  new_params, new_state = sam_step(chain, loss)(params, state)
-  assert new_params["w"].dtype == jnp.bfloat16
-  assert jax.tree.map(lambda x: x.dtype, new_state) == jax.tree.map(lambda x: x.dtype, state)
 
 
 def test_gsam_hands_bfloat16_gradients_to_the_base_optimizer():
