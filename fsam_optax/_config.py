@@ -22,11 +22,11 @@ class PerturbationConfig:
   Attributes:
     adaptive: ASAM-style scale-invariant perturbation.
     mask: one bool per parameter leaf (``False``: not perturbed), resolved
-      from ``fsam``'s ``mask`` at ``tx.init``; ``None`` perturbs every leaf.
-    skip_nonfinite: ``fsam`` leaves its state unchanged on a step whose
+      from the method's ``mask`` at ``tx.init``; ``None`` perturbs every leaf.
+    skip_nonfinite: the method leaves its state unchanged on a step whose
       gradients are not all finite.
     every, probability, seed: which steps take the SAM step (see
-      ``fsam``'s arguments of the same names); ``1``, ``1.0``: every step.
+      :func:`fsam`'s arguments of the same names); ``1``, ``1.0``: every step.
     method: the name of the transformation that built the state (``"fsam"``,
       ``"sam"``, ``"gsam"``, ``"vasso"``, ``"looksam"``, or a method of one's
       own), for error messages.

@@ -8,7 +8,7 @@ import jax
 
 
 class PerturbationNorms(NamedTuple):
-  """The norms of one perturbation (all 0 on a step a schedule skips)."""
+  """The norms of one perturbation (all 0 on a one-pass step)."""
 
   direction: jax.Array
   perturbation: jax.Array
@@ -21,21 +21,21 @@ class SAMDiagnostics(NamedTuple):
   Attributes:
     value: loss at the weights ``theta`` (the clean pass).
     perturbed_value: loss at ``theta + e`` (the second pass); on a step
-      that a schedule (``every``, ``probability``) skips, the clean loss.
+      that takes one pass (host's choice or schedule), the clean loss.
     direction_norm: global norm ``n`` of the direction ``d`` (of ``|theta| d``
-      in adaptive mode), before scaling to the radius; 0 on a skipped step.
+      in adaptive mode), before scaling to the radius; 0 on a one-pass step.
     perturbation_norm: global norm of the perturbation ``e`` (``rho`` for
-      the non-adaptive perturbation); 0 on a skipped step.
+      the non-adaptive perturbation); 0 on a one-pass step.
     applied_perturbation_norm: global norm of the perturbation actually
       applied, ``(theta + e) - theta`` with ``theta + e`` rounded to the
       params' dtype. When that dtype cannot resolve ``e`` (bfloat16 weights)
       it differs from ``perturbation_norm``: lower where ``theta + e`` rounds
       back to ``theta``, and possibly higher where a weight jumps a whole
-      step of its dtype instead of ``e_i``; 0 on a skipped step.
+      step of its dtype instead of ``e_i``; 0 on a one-pass step.
     clean_grad_norm: global norm of the clean gradient ``g`` (averaged over
       ``axis_name``; after ``clip_clean_grad``).
     perturbed_grad_norm: global norm of the perturbed gradient ``g'``; on a
-      skipped step, of the clean gradient handed on in its place.
+      one-pass step, of the clean gradient ``g`` that takes its place.
   """
 
   value: jax.Array

@@ -1,15 +1,4 @@
-r"""Friendly Sharpness-Aware Minimization (F-SAM): perturb along the gradient's noise.
-
-Step for step as the authors' official code:
-
-.. math::
-  d_t &= g_t - \sigma m_{t-1}, \qquad d_1 = g_1 \\
-  m_t &= \lambda m_{t-1} + (1 - \lambda) g_t, \qquad m_1 = g_1 \\
-  e_t &= \rho\, d_t / (\lVert d_t \rVert + \epsilon)
-
-and the base optimizer receives ``g'_t``, the gradient at ``theta + e_t``.
-``sigma = 0`` is SAM (:mod:`fsam_optax._sam`), which keeps no average.
-"""
+"""Friendly Sharpness-Aware Minimization (F-SAM): perturb along the gradient's noise."""
 
 from __future__ import annotations
 
@@ -94,11 +83,18 @@ def fsam(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly Sharpness-Aware Minimization (F-SAM).
 
-  SAM moves the weights a distance ``rho`` uphill along the minibatch gradient
-  ``g``; F-SAM only along its noise ``g - sigma m``, ``m`` a moving average of
-  past gradients (the module's equations). The norm is global over all
-  (unmasked) parameters; in adaptive mode (the PyTorch SAM code's form) it is
-  that of ``|theta| d``, and ``e = rho theta^2 d / (norm + eps)``.
+  Step for step as the authors' official code:
+
+  .. math::
+    d_t &= g_t - \sigma m_{t-1}, \qquad d_1 = g_1 \\
+    m_t &= \lambda m_{t-1} + (1 - \lambda) g_t, \qquad m_1 = g_1 \\
+    e_t &= \rho\, d_t / (\lVert d_t \rVert + \epsilon)
+
+  and the base optimizer receives ``g'_t``, the gradient at ``theta + e_t``:
+  where SAM moves uphill along ``g``, F-SAM moves along its noise only. The
+  norm is global over all (unmasked) parameters; in adaptive mode (the PyTorch
+  SAM code's form) it is that of ``|theta| d``, and ``e = rho theta^2 d /
+  (norm + eps)``. ``sigma = 0`` is :func:`sam`, which keeps no average.
 
   Args:
     rho: perturbation radius, ``>= 0``; a scalar or a schedule of the step.
@@ -111,7 +107,8 @@ def fsam(
     every: take the F-SAM step on steps ``0, every, 2 every, ...`` only; the
       others cost one pass and hand on ``g`` (the average is fed every ``g``).
     probability: or take it with this probability, in ``(0, 1]``, drawn from
-      ``seed`` and the count. The three are static (``static_args``).
+      ``seed`` and the count. These three, ``mask`` and ``ema_dtype`` are static
+      (under ``inject_hyperparams``, name them in ``static_args``).
     seed: seed of the ``probability`` draws (default 0).
     ema_dtype: the average's dtype (default: float32 below float32, else the param's).
     skip_nonfinite: leave the state unchanged on a non-finite step, for

@@ -1,15 +1,4 @@
-r"""Surrogate Gap Guided SAM (GSAM): SAM's ``g'`` minus part of ``g`` orthogonal to it.
-
-As the authors' official code:
-
-.. math::
-  e &= \rho\, g / (\lVert g \rVert + \epsilon), \qquad g' = \nabla L(\theta + e) \\
-  \cos &= \langle g, g' \rangle / (\lVert g' \rVert \lVert g \rVert + \epsilon) \\
-  v &= g - \cos \lVert g \rVert\, g' / (\lVert g' \rVert + \epsilon)
-
-and the base optimizer receives ``g' - alpha v``, which descends the surrogate
-gap without changing the perturbed loss to first order.
-"""
+"""Surrogate Gap Guided SAM (GSAM): SAM's ``g'`` minus part of ``g`` orthogonal to it."""
 
 from __future__ import annotations
 
@@ -49,7 +38,7 @@ class GSAMState(NamedTuple):
 
   def combine(self, perturbed: Leaves, clean: Leaves, step: SAMStep) -> list[SAMGrad]:
     """``g' - alpha v`` (plain norms); ``g'`` at masked leaves; ``g`` on a one-pass step."""
-    if not step.sam_step:
+    if not step.two_pass:
       return [SAMGrad(g) for g in clean]
     norm_g = step.norm(clean)
     inner, norm_gp = step.inner_and_norm(clean, perturbed)
@@ -75,7 +64,17 @@ def gsam(
   mask: Mask | None = None,
   skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """Surrogate Gap Guided Sharpness-Aware Minimization (GSAM).
+  r"""Surrogate Gap Guided Sharpness-Aware Minimization (GSAM).
+
+  As the authors' official code:
+
+  .. math::
+    e &= \rho\, g / (\lVert g \rVert + \epsilon), \qquad g' = \nabla L(\theta + e) \\
+    \cos &= \langle g, g' \rangle / (\lVert g' \rVert \lVert g \rVert + \epsilon) \\
+    v &= g - \cos \lVert g \rVert\, g' / (\lVert g' \rVert + \epsilon)
+
+  and the base optimizer receives ``g' - alpha v``, which descends the surrogate
+  gap without changing the perturbed loss to first order.
 
   Norms and inner products are global over all (unmasked) parameters. In
   adaptive mode the perturbation is that of :func:`fsam`'s adaptive mode; the

@@ -1,14 +1,4 @@
-r"""LookSAM: SAM every ``k`` steps, its correction reused on the one-pass steps between.
-
-As the paper's Algorithm 1, with whole-model vectors. On a SAM step the state
-keeps the part of ``g'`` orthogonal to ``g``:
-
-.. math::
-  g_v = g' - \frac{\langle g, g' \rangle}{\lVert g \rVert^2 + \epsilon}\, g
-
-and the base optimizer receives ``g'``; on the steps between it receives
-``g + alpha (||g|| / (||g_v|| + eps)) g_v``, at the current weights.
-"""
+"""LookSAM: SAM every ``k`` steps, its correction reused on the one-pass steps between."""
 
 from __future__ import annotations
 
@@ -55,7 +45,7 @@ class LookSAMState(NamedTuple):
     """``g'`` and a new ``g_v`` on a SAM step; between, the reused gradient and the old ``g_v``."""
     g_v = jax.tree.leaves(self.g_v)
     eps = step.hyperparam("eps")
-    if step.sam_step:
+    if step.two_pass:
       norm_g = step.norm(clean)
       scale = step.inner(clean, perturbed) / (norm_g**2 + eps.astype(norm_g.dtype))
       acc = scale.dtype
@@ -87,7 +77,16 @@ def looksam(
   g_v_dtype: Any | None = None,
   skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """LookSAM: the SAM step every ``every`` steps, its correction reused in between.
+  r"""LookSAM: the SAM step every ``every`` steps, its correction reused in between.
+
+  As the paper's Algorithm 1, with whole-model vectors. On a SAM step the state
+  keeps the part of ``g'`` orthogonal to ``g``:
+
+  .. math::
+    g_v = g' - \frac{\langle g, g' \rangle}{\lVert g \rVert^2 + \epsilon}\, g
+
+  and the base optimizer receives ``g'``; on the steps between it receives
+  ``g + alpha (||g|| / (||g_v|| + eps)) g_v``, at the current weights.
 
   SAM's perturbation ``e = rho g / (||g|| + eps)`` on steps ``0, every, 2 every,
   ...``; the other steps cost one pass. ``every = 1`` is SAM; ``alpha = 0``

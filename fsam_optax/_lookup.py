@@ -1,8 +1,8 @@
 """Finds the SAM-family state inside a (possibly nested) optimizer state.
 
 The gradient helper reads the perturbation's settings from the state of the
-transformation at the front of the chain. A transformation takes part by
-registering its state type with :func:`fsam_optax._method.sam_state`.
+transformation at the front of the chain: a state whose type
+:func:`fsam_optax.method_transformation` registered.
 """
 
 from __future__ import annotations
@@ -45,13 +45,19 @@ class Found(NamedTuple):
     Under ``inject_hyperparams`` the dict holds the values the user set last;
     the inner state only learns them at the next update.
     """
-    value = getattr(self.state, name)
+    value = getattr(self.state, name, None)
+    if value is None or name in ("count", "config"):
+      fields = [f for f in self.state._fields if f not in ("count", "config")]
+      raise ValueError(
+        f"{method_name(self.state)}: `step.hyperparam({name!r})` names no scalar of the "
+        f"state; it has {fields}."
+      )
     if self.hyperparams is not None and name in self.hyperparams:
       value = jnp.asarray(_scalar(self.hyperparams[name]), dtype=_scalar(value).dtype)
     return _scalar(value)
 
   @property
-  def step(self) -> jax.Array:
+  def count(self) -> jax.Array:
     """The state's count: the number of updates applied so far."""
     return _scalar(self.state.count)
 
@@ -66,17 +72,17 @@ def _not_first(where: str) -> str:
   where = where.replace("{", "{{").replace("}", "}}")  # the message is formatted later
   return (
     "{method} must be the first transformation of the chain, because the "
-    "transformations before it would receive (perturbed, clean) gradient "
-    f"pairs; found it at {where}. Move it to the front: "
-    "`optax.chain(fsam_optax.{method}(...), ...)`."
+    "transformations before it would receive the helper's SAMGrad tree; "
+    f"found it at {where}. Move it to the front: "
+    "`optax.chain({factory}(...), ...)`."
   )
 
 
 _INSIDE_APPLY_IF_FINITE = (
   "{method} cannot sit inside optax.apply_if_finite: on a skipped step it returns "
-  "zeros shaped like the (perturbed, clean) pairs it received, which the rest "
+  "zeros shaped like the SAMGrad tree it received, which the rest "
   "of the chain cannot take. Wrap the base optimizer instead: "
-  "`optax.chain(fsam_optax.{method}(...), optax.apply_if_finite(base, "
+  "`optax.chain({factory}(...), optax.apply_if_finite(base, "
   "max_consecutive_errors))` with `{method}(..., skip_nonfinite=True)`, which "
   "leaves its state unchanged on a non-finite step, so the whole step is skipped."
 )
@@ -84,7 +90,7 @@ _INSIDE_APPLY_IF_FINITE = (
 _APPLY_IF_FINITE_NEEDS_SKIP = (
   "optax.apply_if_finite after {method} skips the base optimizer on a non-finite "
   "step, but {method} would still {consequence}. Build it with "
-  "`fsam_optax.{method}(..., skip_nonfinite=True)`, which leaves its state unchanged "
+  "`{factory}(..., skip_nonfinite=True)`, which leaves its state unchanged "
   "on such a step."
 )
 
@@ -108,9 +114,12 @@ _INSIDE_MASK = (
   "{method} cannot sit inside optax.masked or optax.multi_transform: the gradient "
   "helper perturbs every parameter with one global norm. Keep {method} first and "
   "unmasked, exclude parameters from the perturbation with its own `mask=`, "
-  "and mask the base optimizer after it: `optax.chain(fsam_optax.{method}(mask=...), "
+  "and mask the base optimizer after it: `optax.chain({factory}(mask=...), "
   "optax.multi_transform(transforms, labels))`."
 )
+
+
+_BUILT_IN = ("fsam", "sam", "gsam", "vasso", "looksam")
 
 
 def _children(node: Any) -> list[tuple[Any, str | None]]:
@@ -122,8 +131,8 @@ def _children(node: Any) -> list[tuple[Any, str | None]]:
   if isinstance(node, optax.MultiStepsState):
     problem = (
       "{method} cannot sit inside optax.MultiSteps, which accumulates plain "
-      "gradients. Accumulate after it instead: `optax.chain(fsam_optax."
-      "{method}(...), optax.MultiSteps(base, every_k_schedule=k)."
+      "gradients. Accumulate after it instead: `optax.chain("
+      "{factory}(...), optax.MultiSteps(base, every_k_schedule=k)."
       "gradient_transformation())`."
     )
     return [(c, problem) for c in node]
@@ -163,15 +172,17 @@ def find_sam_state(opt_state: Any, caller: str = "sam_value_and_grad") -> Found:
     raise ValueError(
       f"{caller}: opt_state holds {len(hits)} SAM-family states ({names}); a "
       "chain must contain exactly one SAM-family transformation (fsam, sam, gsam, "
-      "vasso or looksam)."
+      "vasso, looksam or a method of one's own)."
     )
   hit = hits[0]
   method = method_name(hit.state)
+  # The built-in methods' factories are fsam_optax's; a method of one's own, its author's.
+  names = dict(method=method, factory=f"fsam_optax.{method}" if method in _BUILT_IN else method)
   if hit.problem is not None:
-    raise ValueError(hit.problem.format(method=method))
+    raise ValueError(hit.problem.format(**names))
   if not hit.state.config.skip_nonfinite and _has_apply_if_finite(opt_state):
     consequence = _non_finite_consequence(hit.state)
-    raise ValueError(_APPLY_IF_FINITE_NEEDS_SKIP.format(method=method, consequence=consequence))
+    raise ValueError(_APPLY_IF_FINITE_NEEDS_SKIP.format(**names, consequence=consequence))
   return Found(hit.state, hit.hyperparams)
 
 

@@ -48,18 +48,18 @@ class SAMStep:
   """What a method's rules know of the step: the choice of pass, hyperparameters, tree maths.
 
   Attributes:
-    sam_step: whether this is a two-pass (SAM) step, a Python bool. On a
-      one-pass step (the host chose ``sam_step=False``, or the schedule
-      skipped the step) :meth:`SAMState.combine` receives ``g`` as the
+    two_pass: whether this step takes both passes (a SAM step), a Python bool.
+      On a one-pass step (the host chose ``sam_step=False``, or the schedule
+      left the step out) :meth:`SAMState.combine` receives ``g`` as the
       perturbed gradient.
     hyperparam: the live value of one of the state's scalars, by name (under
       ``optax.inject_hyperparams``, the value the user set last).
   """
 
-  sam_step: bool
+  two_pass: bool
   hyperparam: Callable[[str], jax.Array]
-  layout: Layout = dataclasses.field(repr=False)
-  mask: Sequence[bool] = dataclasses.field(repr=False)
+  _layout: Layout = dataclasses.field(repr=False)
+  _mask: Sequence[bool] = dataclasses.field(repr=False)
 
   def norm(self, leaves: Sequence[jax.Array]) -> jax.Array:
     """The L2 norm of the whole tree of perturbed (unmasked) leaves, on any layout.
@@ -67,32 +67,32 @@ class SAMStep:
     Summed over the devices that hold shards of split parameters, in at least
     float32.
     """
-    return self.layout.norm(self._perturbed(leaves))
+    return self._layout.norm(self._perturbed(leaves))
 
   def inner(self, a: Sequence[jax.Array], b: Sequence[jax.Array]) -> jax.Array:
     """The inner product ``<a, b>`` of two whole trees of perturbed leaves, on any layout."""
-    return self.layout.inner(self._perturbed(a), self._perturbed(b))
+    return self._layout.inner(self._perturbed(a), self._perturbed(b))
 
   def inner_and_norm(
     self, a: Sequence[jax.Array], b: Sequence[jax.Array]
   ) -> tuple[jax.Array, jax.Array]:
     """``(<a, b>, ||b||)`` from one pass over the leaves (``b`` read once for both)."""
-    return self.layout.inner_and_norm(self._perturbed(a), self._perturbed(b))
+    return self._layout.inner_and_norm(self._perturbed(a), self._perturbed(b))
 
   def where_perturbed(self, new: Sequence[Any], old: Sequence[Any]) -> list[Any]:
     """``new`` at the perturbed leaves and ``old`` at those ``mask=`` leaves out."""
-    return [n if k else o for n, o, k in zip(new, old, self.mask, strict=True)]
+    return [n if k else o for n, o, k in zip(new, old, self._mask, strict=True)]
 
   def _perturbed(self, leaves: Sequence[Any]) -> list[Any]:
-    return [x if k else None for x, k in zip(leaves, self.mask, strict=True)]
+    return [x if k else None for x, k in zip(leaves, self._mask, strict=True)]
 
 
 class SAMState(Protocol):
   """The state of a SAM-family method: a ``NamedTuple`` with these fields and methods.
 
   :func:`fsam_optax.method_transformation` fills the fields: ``count``,
-  ``rho``, ``eps``, ``config``, one field a scalar hyperparameter, and the
-  method's parameter-shaped buffer if it has one.
+  ``rho``, ``eps``, ``config``, a field for each scalar hyperparameter, and
+  one for the method's parameter-shaped buffer if it has one.
   """
 
   @property

@@ -20,8 +20,8 @@ class SAMGrad(NamedTuple):
     grad: the gradient the optimizers after the method in the chain receive:
       ``g'``, the gradient at the perturbed weights ``theta + e`` (SAM, F-SAM,
       VaSSO, LookSAM's two-pass steps), GSAM's ``g' - alpha * vertical``,
-      LookSAM's reused gradient on its one-pass steps, ``g`` on any method's
-      one-pass step.
+      LookSAM's reused gradient on its one-pass steps, ``g`` on the other
+      methods' one-pass steps.
     buffer: the new value of the method's parameter-shaped buffer at this leaf,
       which its update stores (F-SAM's and VaSSO's moving averages, LookSAM's
       ``g_v``); ``None`` for a method without one.
@@ -30,7 +30,7 @@ class SAMGrad(NamedTuple):
   grad: jax.Array
   buffer: jax.Array | None = None
 
-  # Arithmetic on a pair would silently stack the two gradients into one
+  # Arithmetic on a SAMGrad would silently stack the two gradients into one
   # array (jnp treats a tuple as a sequence), or repeat or concatenate the
   # tuple: refuse it with what to do.
   def __jax_array__(self, *args: Any, **kwargs: Any) -> NoReturn:
@@ -65,23 +65,23 @@ def split_grads(updates: Any, method: str) -> tuple[list[jax.Array], list[Any], 
 
   ``method`` names the transformation in the error raised for plain gradients.
   """
-  is_pair = lambda x: isinstance(x, SAMGrad)
-  pairs, treedef = jax.tree.flatten(updates, is_leaf=is_pair)
-  if not all(is_pair(p) for p in pairs):
+  is_samgrad = lambda x: isinstance(x, SAMGrad)
+  leaves, treedef = jax.tree.flatten(updates, is_leaf=is_samgrad)
+  if not all(is_samgrad(x) for x in leaves):
     raise ValueError(
       f"{method} received plain gradients. Compute them with "
       "`fsam_optax.sam_value_and_grad(loss_fn)(params, opt_state, ...)`, "
       f"which returns the SAMGrad tree that {method} consumes, "
       f"and place {method} first in the chain."
     )
-  return [p.grad for p in pairs], [p.buffer for p in pairs], treedef
+  return [x.grad for x in leaves], [x.buffer for x in leaves], treedef
 
 
 def base_grads(grads: Any) -> Any:
   """The gradients the optimizers after the method receive, as a plain tree.
 
   ``g'`` for SAM, F-SAM and VaSSO; GSAM's combination; LookSAM's reused
-  gradient on its one-pass steps; ``g`` on any method's one-pass step. Use
+  gradient on its one-pass steps; ``g`` on the other methods' one-pass steps. Use
   it (not the ``SAMGrad`` tree) wherever a plain gradient tree is expected,
   e.g. ``optax.global_norm``.
 
@@ -95,7 +95,7 @@ def base_grads(grads: Any) -> Any:
     [3.06 4.08]
   """
   try:
-    leaves, treedef = split_grads(grads, "fsam_optax.base_grads")[0::2]
+    leaves, _, treedef = split_grads(grads, "fsam_optax.base_grads")
   except ValueError:
     raise ValueError(
       "fsam_optax.base_grads: expected the gradients of sam_value_and_grad, a tree "

@@ -99,11 +99,12 @@ def method_transformation(
     [ 3.7071068 -4.7071066]
   """
   scalars = dict(scalars or {})
+  _check_builder(state_type, name, scalars, buffer, buffer_dtype, adaptive, skip_nonfinite)
   register(state_type, name, [*scalars, *([buffer] if buffer else [])])
   check(name, "rho", rho, lambda v: v >= 0, "a radius >= 0")
   check(name, "eps", eps, lambda v: v > 0, "> 0")
   for key, value in scalars.items():
-    check(name, key, value, lambda v: True, "a number")
+    check(name, key, value, lambda v: v == v and abs(v) != float("inf"), "finite")
   if mask is not None and not callable(mask):
     check_mask_leaves(jax.tree.leaves(mask), name)
   schedule = check_schedule(every, probability, seed, name)
@@ -161,6 +162,39 @@ def method_transformation(
     return jax.tree.unflatten(treedef, grads), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_builder(
+  state_type: type,
+  name: Any,
+  scalars: Mapping[str, Any],
+  buffer: str | None,
+  buffer_dtype: Any,
+  adaptive: Any,
+  skip_nonfinite: Any,
+) -> None:
+  """The arguments of :func:`method_transformation` that no method may get wrong."""
+  if not isinstance(name, str) or not name.isidentifier():
+    raise ValueError(f"method_transformation: `name` must be an identifier string, got {name!r}.")
+  taken = {"count", "rho", "eps", "config"}
+  clash = sorted(taken & {*scalars, *([buffer] if buffer else [])})
+  if clash or (buffer is not None and buffer in scalars):
+    raise ValueError(
+      f"{name}: the scalars and the buffer need fields of their own, besides `count`, "
+      f"`rho`, `eps` and `config` and each other; got {clash or [buffer]}."
+    )
+  for option, value in (("adaptive", adaptive), ("skip_nonfinite", skip_nonfinite)):
+    if not isinstance(value, bool):
+      raise ValueError(f"{name}: `{option}` must be a Python bool, got {value!r}.")
+  if buffer_dtype is not None and not jnp.issubdtype(jnp.dtype(buffer_dtype), jnp.floating):
+    raise ValueError(
+      f"{name}: the buffer's dtype must be floating point, got {jnp.dtype(buffer_dtype)}."
+    )
+  if buffer is not None and not callable(getattr(state_type, "combine", None)):
+    raise TypeError(
+      f"{name}: the state type {getattr(state_type, '__name__', state_type)} keeps a buffer "
+      f"(`{buffer}`) but has no `combine(self, perturbed, clean, step)` to say its new value."
+    )
 
 
 def advance_if_finite(

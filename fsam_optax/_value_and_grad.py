@@ -7,7 +7,7 @@ One call of the returned function is one SAM step, in named parts:
 2. :func:`_perturb`: the state at the front of the chain gives the direction
    ``d`` (:meth:`SAMState.direction`), scaled to the radius: ``theta + e``.
 3. :func:`_perturbed_pass`: the loss and gradient ``g'`` at ``theta + e``; or, on a
-   one-pass step, :func:`_skipped_step` hands on ``g``.
+   one-pass step, :func:`_one_pass_step` hands on ``g``.
 4. The state makes what the update consumes (:meth:`SAMState.combine`: a
    ``SAMGrad`` a leaf), in the same branch as the pass (the host's
    ``sam_step`` compiles one branch; the schedule's ``lax.cond`` on the device
@@ -15,8 +15,9 @@ One call of the returned function is one SAM step, in named parts:
    returned with :class:`SAMDiagnostics`, the transformation's update turns
    them into the base optimizer's gradient.
 
-With ``perturbation="per_device"`` the direction and the pairs are made from
-each data replica's own ``g`` and ``g'``, and the pairs are then averaged.
+With ``perturbation="per_device"`` the direction and what ``combine`` returns
+are made from each data replica's own ``g`` and ``g'``, and the latter is then
+averaged.
 
 The parallel layout (:class:`fsam_optax._layout.Layout`) supplies every mean
 and norm; the maths is in :mod:`fsam_optax._perturbation`.
@@ -75,7 +76,7 @@ class _SecondPass(NamedTuple):
 
 
 class _HandedOn(NamedTuple):
-  pairs: Any  # the method's SAMGrad tree, the replica's own per device
+  grads: Any  # the method's SAMGrad tree, the replica's own per device
   value: jax.Array  # as _SecondPass.value
   norms: PerturbationNorms | None  # with return_diagnostics only
   grad_norm: jax.Array | None  # ||g'|| averaged over the data axes, with return_diagnostics
@@ -123,32 +124,32 @@ def _perturb(
   # Python-number leaves (a temperature, say) have no dtype until made arrays.
   theta = [jnp.asarray(p) for p in theta]
   g = jax.tree.leaves(direction)
+  method = method_name(state)
   given = state.direction(g, step)
   d, norm = (given.leaves, given.norm) if isinstance(given, Direction) else (given, None)
-  if norm is not None and state.config.adaptive:
-    raise ValueError(
-      f"{method_name(state)}: its direction comes with a norm of its own, which "
-      "`adaptive=True` would replace; build it without `adaptive`."
-    )
-  _check_direction(d, g, method_name(state))
-  # A method may spell d apart for the step (FSAMState), which XLA then computes
-  # inside the step's kernel instead of storing it.
+  if norm is not None:
+    norm = _checked_norm(norm, method, state.config.adaptive)
+  _check_direction(d, g, method)
+  # F-SAM spells d apart for the step (a private hook, tuning for XLA: it then
+  # computes d inside the step's kernel instead of storing it).
   for_step = getattr(state, "_direction_for_step", None)
+  d_step = d if for_step is None else for_step(g, step)
+  _check_direction(d_step, g, method)
   e, n = perturbation(
     theta,
     d,
-    d if for_step is None else for_step(g, step),
+    d_step,
     step.hyperparam("rho"),
     step.hyperparam("eps"),
     adaptive=state.config.adaptive,
-    mask=step.mask,
-    total=step.layout.total,
+    mask=step._mask,
+    total=step._layout.total,
     norm=norm,
   )
   moved = shifted(theta, e)
   norms = None
   if diagnose:
-    layout = step.layout
+    layout = step._layout
     e_norm, applied = layout.norm(e), applied_norm(theta, moved, layout.total)
     norms = PerturbationNorms(n, e_norm.astype(n.dtype), applied.astype(n.dtype))
   return jax.tree.unflatten(treedef, moved), norms
@@ -175,7 +176,7 @@ def _perturbed_pass(
   return _SecondPass(grads, value.astype(like.dtype), norms, rngs)
 
 
-def _skipped_step(clean: _CleanPass, layout: Layout, params: Any, diagnose: bool) -> _SecondPass:
+def _one_pass_step(clean: _CleanPass, layout: Layout, params: Any, diagnose: bool) -> _SecondPass:
   """A step the schedule skips: ``g`` in place of ``g'``, and zero norms (nothing was perturbed)."""
   norms = None
   if diagnose:
@@ -200,13 +201,13 @@ def _hand_on(
     handed = [SAMGrad(gp) for gp in perturbed]
   else:
     handed = combine(perturbed, jax.tree.leaves(clean.for_rules), step)
-    _check_handed(handed, perturbed, method_name(state))
+    _check_handed(handed, perturbed, _buffer_leaves(state), method_name(state))
   # Per device, both branches of a schedule's cond hand on the replica's own.
-  pairs = step.layout.vary_if_per_device(jax.tree.unflatten(treedef, handed))
+  grads = step._layout.vary_if_per_device(jax.tree.unflatten(treedef, handed))
   norm = None
   if diagnose:
-    norm = step.layout.norm(jax.tree.leaves(_averaged(second.grads, step.layout)))
-  return _HandedOn(pairs, second.value, second.norms, norm, second.rngs)
+    norm = step._layout.norm(jax.tree.leaves(_averaged(second.grads, step._layout)))
+  return _HandedOn(grads, second.value, second.norms, norm, second.rngs)
 
 
 def _check_buffer(state: SAMState, n_leaves: int) -> None:
@@ -219,6 +220,22 @@ def _check_buffer(state: SAMState, n_leaves: int) -> None:
       f"{method_name(state)} state covers {len(jax.tree.leaves(buffer))}; initialise the "
       "optimizer with the same params you pass here."
     )
+
+
+def _checked_norm(norm: Any, method: str, adaptive: bool) -> jax.Array:
+  """A ``Direction``'s norm as a float scalar array, or a ValueError naming ``method``."""
+  if adaptive:
+    raise ValueError(
+      f"{method}: its direction comes with a norm of its own, which `adaptive=True` "
+      "would replace; build it without `adaptive`."
+    )
+  norm = jnp.asarray(norm)
+  if norm.shape != () or not jnp.issubdtype(norm.dtype, jnp.floating):
+    raise ValueError(
+      f"{method}: the norm of its `Direction` must be a floating-point scalar, got "
+      f"{norm.dtype}{list(norm.shape)}."
+    )
+  return norm
 
 
 def _check_direction(d: Any, g: list[jax.Array], method: str) -> None:
@@ -238,26 +255,54 @@ def _check_direction(d: Any, g: list[jax.Array], method: str) -> None:
       )
 
 
-def _check_handed(handed: Any, perturbed: list[jax.Array], method: str) -> None:
-  """A ValueError naming ``method`` unless ``combine`` gave a SAMGrad of the right shape a leaf."""
+def _buffer_leaves(state: SAMState) -> list[jax.Array] | None:
+  """The leaves of the state's buffer, or ``None`` for a method without one."""
+  name = state.config.buffer
+  buffer = None if name is None else getattr(state, name, None)
+  return None if buffer is None else jax.tree.leaves(buffer)
+
+
+def _check_handed(
+  handed: Any, perturbed: list[jax.Array], buffer: list[jax.Array] | None, method: str
+) -> None:
+  """A ValueError naming ``method`` unless ``combine`` gave a SAMGrad like the state's a leaf.
+
+  Its ``grad`` is shaped and typed as the gradient; its ``buffer`` as the state's
+  buffer, present exactly when the method keeps one.
+  """
   if not isinstance(handed, list | tuple) or len(handed) != len(perturbed):
+    length = f" of length {len(handed)}" if isinstance(handed, list | tuple) else ""
     raise ValueError(
       f"{method}: `combine` must return a list of fsam_optax.SAMGrad, one for each of the "
-      f"{len(perturbed)} gradient leaves, got {type(handed).__name__}"
-      + (f" of length {len(handed)}." if isinstance(handed, list | tuple) else ".")
+      f"{len(perturbed)} gradient leaves, got {type(handed).__name__}{length}."
     )
-  for i, (pair, gp) in enumerate(zip(handed, perturbed, strict=True)):
-    if not isinstance(pair, SAMGrad):
+  for i, (out, gp) in enumerate(zip(handed, perturbed, strict=True)):
+    if not isinstance(out, SAMGrad):
       raise ValueError(
         f"{method}: `combine` must return fsam_optax.SAMGrad leaves, got "
-        f"{type(pair).__name__} at leaf {i}."
+        f"{type(out).__name__} at leaf {i}."
       )
-    grad = jnp.asarray(pair.grad)
-    if grad.shape != gp.shape or grad.dtype != gp.dtype:
+    _check_like(
+      out.grad, gp, f"`combine`'s gradient at leaf {i}", "the parameter's gradient", method
+    )
+    if buffer is None and out.buffer is not None:
       raise ValueError(
-        f"{method}: `combine`'s gradient at leaf {i} is {grad.dtype}{list(grad.shape)}, "
-        f"where the parameter's gradient is {gp.dtype}{list(gp.shape)}."
+        f"{method}: `combine` returns a buffer at leaf {i}, but the method keeps none; "
+        "name the state's field for it with method_transformation(..., buffer=...)."
       )
+    if buffer is not None:
+      if out.buffer is None:
+        raise ValueError(f"{method}: `combine` returns no buffer at leaf {i} for the state.")
+      _check_like(out.buffer, buffer[i], f"`combine`'s buffer at leaf {i}", "the state's", method)
+
+
+def _check_like(x: Any, like: jax.Array, what: str, whose: str, method: str) -> None:
+  x = jnp.asarray(x)
+  if x.shape != like.shape or x.dtype != like.dtype:
+    raise ValueError(
+      f"{method}: {what} is {x.dtype}{list(x.shape)}, where {whose} is "
+      f"{like.dtype}{list(like.shape)}; cast it with .astype({like.dtype})."
+    )
 
 
 def _diagnostics(clean: _CleanPass, second: _HandedOn, layout: Layout) -> SAMDiagnostics:
@@ -332,7 +377,7 @@ def sam_value_and_grad(
   The returned function takes ``(params, opt_state, *args, **kwargs)``. It
   finds the state of the method first in the chain (``fsam``, ``sam``,
   ``gsam``, ``vasso``, ``looksam`` or one built with
-  :func:`method_transformation`) in ``opt_state`` (under ``optax.chain``,
+  :func:`fsam_optax.method_transformation`) in ``opt_state`` (under ``optax.chain``,
   ``named_chain``, ``inject_hyperparams`` or in an ``nnx.Optimizer``),
   takes the gradient ``g`` of ``fun`` at ``params``, builds the perturbation
   ``e`` from ``g`` and the state, and takes the gradient ``g'`` at
@@ -383,7 +428,7 @@ def sam_value_and_grad(
       ``axis_name`` (the single-device algorithm on the global batch);
       ``"per_device"`` runs the method's rules on each data replica's own
       gradients ("m-sharpness"): each perturbs with its local gradient, and
-      what the rules hand on (the pairs: ``g'``, GSAM's combination, the
+      what the rules hand on (what ``combine`` returns: ``g'``, GSAM's combination, the
       state's inputs) is averaged afterwards, so the state stays identical on
       every device (F-SAM's moving average is fed the averaged clean
       gradient). With ``param_specs`` a replica is the group of devices that
@@ -444,7 +489,7 @@ def sam_value_and_grad(
   It also takes a keyword ``loss_scale`` (consumed, not
   passed to ``fun``) for float16 training: the loss is multiplied by it in
   both passes and the gradients divided by it before they form the direction,
-  its norm, and the returned pairs. It may change between steps (a traced
+  its norm, and the returned gradients. It may change between steps (a traced
   value); skip steps with non-finite gradients, e.g. with
   ``optax.chain(fsam(..., skip_nonfinite=True), optax.apply_if_finite(base, k))``.
 
@@ -533,7 +578,7 @@ def sam_value_and_grad(
     config = state.config
     n_leaves = len(jax.tree.leaves(model.params))
     _check_buffer(state, n_leaves)
-    take = device_choice(*config.schedule, found.step) if host_choice is None else host_choice
+    take = device_choice(*config.schedule, found.count) if host_choice is None else host_choice
     step = SAMStep(
       True, found.hyperparam, bound, mask_leaves(config.mask, n_leaves, method_name(state))
     )
@@ -560,8 +605,8 @@ def sam_value_and_grad(
       return _hand_on(state, second, clean, step, return_diagnostics)
 
     def one_pass() -> _HandedOn:
-      second = _skipped_step(clean, bound, model.params, return_diagnostics)
-      one_pass_step = dataclasses.replace(step, sam_step=False)
+      second = _one_pass_step(clean, bound, model.params, return_diagnostics)
+      one_pass_step = dataclasses.replace(step, two_pass=False)
       return _hand_on(state, second, clean, one_pass_step, return_diagnostics)
 
     # A one-pass step runs one pass: the host's choice compiles one branch;
@@ -576,10 +621,10 @@ def sam_value_and_grad(
     # The model keeps what the clean pass wrote, and its RNG streams as the
     # passes that drew from them left them, so that no key is used twice.
     model.write_back(second.rngs if second_pass_rng == "fresh" else clean.rngs, clean.rest)
-    grads = second.pairs
+    grads = second.grads
     if bound.per_device:
       # No parameter is split over a data axis per device (the layout refuses
-      # FSDP then), so a plain mean averages every leaf of the pairs.
+      # FSDP then), so a plain mean averages every leaf of the SAMGrad tree.
       grads = bound.mean(grads)
     value = bound.mean(clean.value)
     result = ((value, bound.sync_aux(clean.aux)) if has_aux else value), grads

@@ -1,16 +1,4 @@
-r"""Variance Suppressed Sharpness-Aware Optimization (VaSSO): perturb along the average.
-
-As the authors' official code, the moving average is updated with the step's
-gradient first, and the perturbation goes along it:
-
-.. math::
-  m_t &= (1 - \theta) m_{t-1} + \theta g_t, \qquad m_1 = g_1 \\
-  e_t &= \rho\, m_t / (\lVert m_t \rVert + \epsilon)
-
-and the base optimizer receives ``g'_t``, the gradient at ``theta + e_t``.
-Where F-SAM perturbs along ``g - sigma m`` (the minibatch's noise), VaSSO
-perturbs along ``m`` itself, a lower-variance estimate of the full gradient.
-"""
+"""Variance Suppressed Sharpness-Aware Optimization (VaSSO): perturb along the average."""
 
 from __future__ import annotations
 
@@ -79,7 +67,18 @@ def vasso(
   ema_dtype: Any | None = None,
   skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """Variance Suppressed Sharpness-Aware Optimization (VaSSO).
+  r"""Variance Suppressed Sharpness-Aware Optimization (VaSSO).
+
+  As the authors' official code, the moving average is updated with the step's
+  gradient first, and the perturbation goes along it:
+
+  .. math::
+    m_t &= (1 - \theta) m_{t-1} + \theta g_t, \qquad m_1 = g_1 \\
+    e_t &= \rho\, m_t / (\lVert m_t \rVert + \epsilon)
+
+  and the base optimizer receives ``g'_t``, the gradient at ``theta + e_t``.
+  Where F-SAM perturbs along ``g - sigma m`` (the minibatch's noise), VaSSO
+  perturbs along ``m`` itself, a lower-variance estimate of the full gradient.
 
   The norm is global over all (unmasked) parameters; ``theta = 1`` is SAM.
   With ``perturbation="per_device"`` each data replica perturbs along the

@@ -106,7 +106,7 @@ def check_layouts(method: Method, *, timeout_s: float = 600.0) -> None:
   model mesh (the hidden units split, Megatron-style, with ``param_specs``), over
   a 2-D data x model mesh (also with a ``mask``, if the factory takes one) and
   with ``perturbation="per_device"`` (against a loop over the data replicas on
-  one device, each replica's pairs averaged); ``pmap``; FSDP under ``jit``.
+  one device, what each replica's ``combine`` returns averaged); ``pmap``; FSDP under ``jit``.
   Params, optimizer state and losses must match within 1e-9.
 
   Args:
@@ -337,7 +337,7 @@ def _batches(steps: int = STEPS) -> list[tuple[jax.Array, jax.Array]]:
 def _step(
   tx: optax.GradientTransformation, loss: Callable[..., jax.Array] = _mlp_loss, **grad_kwargs: Any
 ) -> Callable[..., tuple[Any, Any, jax.Array]]:
-  """One training step: the helper's pairs, ``tx.update``, the updates applied."""
+  """One training step: the helper's gradients, ``tx.update``, the updates applied."""
   grad_fn = fsam_optax.sam_value_and_grad(loss, **grad_kwargs)
 
   def step(params: Any, opt_state: Any, x: jax.Array, y: jax.Array, **kwargs: Any) -> Any:
@@ -663,7 +663,7 @@ def _shard_map_run(
 
 
 def _replica_loop(factory: Factory, replicas: int) -> _Run:
-  """Per device on one device: each replica's pairs from its rows, then their mean."""
+  """Per device on one device: each replica's ``SAMGrad`` tree from its rows, then the mean."""
   tx, params = _chain(factory), _init()
   grad_fn = fsam_optax.sam_value_and_grad(_mlp_loss)
 

@@ -209,3 +209,75 @@ def test_rules_of_the_wrong_shape_are_refused_at_the_first_trace():
   _refused(
     OwnNorm, r"mine: its direction comes with a norm of its own.*without `adaptive`", adaptive=True
   )
+
+
+def test_a_norm_or_a_buffer_unlike_the_state_s_is_refused_at_the_first_trace():
+  class VectorNorm(Minimal):
+    def direction(self, grads, step):
+      return fsam_optax.Direction(grads, jnp.ones(2))
+
+  class IntBuffer(SignState):
+    def combine(self, perturbed, clean, step):
+      return [fsam_optax.SAMGrad(gp, gp.astype(jnp.int32)) for gp in perturbed]
+
+  class StrayBuffer(Minimal):
+    def combine(self, perturbed, clean, step):
+      return [fsam_optax.SAMGrad(gp, gp) for gp in perturbed]
+
+  class NoBuffer(SignState):
+    def combine(self, perturbed, clean, step):
+      return [fsam_optax.SAMGrad(gp) for gp in perturbed]
+
+  _refused(
+    VectorNorm,
+    r"mine: the norm of its `Direction` must be a floating-point scalar, "
+    r"got float32\[2\]",
+  )
+  _refused(
+    IntBuffer,
+    r"mine: `combine`'s buffer at leaf 0 is int32\[2\], where the state's is "
+    r"float32\[2\]; cast it with .astype\(float32\)",
+    buffer="last",
+  )
+  _refused(StrayBuffer, r"mine: `combine` returns a buffer at leaf 0, but the method keeps none")
+  _refused(NoBuffer, r"mine: `combine` returns no buffer at leaf 0", buffer="last")
+
+
+def test_a_hyperparameter_the_state_lacks_is_named_with_those_it_has():
+  class Typo(Minimal):
+    def direction(self, grads, step):
+      return [g * step.hyperparam("rh0") for g in grads]
+
+  _refused(
+    Typo,
+    r"mine: `step.hyperparam\('rh0'\)` names no scalar of the state; it has "
+    r"\['rho', 'eps'\]",
+  )
+
+
+def test_the_builder_refuses_arguments_no_method_may_take():
+  build = fsam_optax.method_transformation
+  with pytest.raises(ValueError, match=r"`name` must be an identifier string, got 3"):
+    build(Minimal, 3, rho=0.1, eps=1e-12)
+  with pytest.raises(ValueError, match=r"mine: the scalars and the buffer need fields .*\['rho'\]"):
+    build(Minimal, "mine", rho=0.1, eps=1e-12, scalars={"rho": 0.2})
+  with pytest.raises(ValueError, match=r"mine: `adaptive` must be a Python bool, got 'False'"):
+    build(Minimal, "mine", rho=0.1, eps=1e-12, adaptive="False")
+  with pytest.raises(
+    ValueError, match=r"mine: the buffer's dtype must be floating point, got int32"
+  ):
+    build(SignState, "mine", rho=0.1, eps=1e-12, buffer="last", buffer_dtype=jnp.int32)
+  with pytest.raises(TypeError, match=r"mine: .* keeps a buffer \(`count2`\) but has no `combine"):
+    build(Minimal, "mine", rho=0.1, eps=1e-12, buffer="count2")
+  class WithTheta(NamedTuple):
+    count: jax.Array
+    rho: jax.Array
+    theta: jax.Array
+    eps: jax.Array
+    config: fsam_optax.PerturbationConfig
+
+    def direction(self, grads, step):
+      return grads
+
+  with pytest.raises(ValueError, match=r"mine: `theta` must be finite, got nan"):
+    build(WithTheta, "mine", rho=0.1, eps=1e-12, scalars={"theta": float("nan")})
