@@ -57,7 +57,7 @@ class Found(NamedTuple):
     return _scalar(value)
 
   @property
-  def count(self) -> jax.Array:
+  def step_count(self) -> jax.Array:
     """The state's count: the number of updates applied so far."""
     return _scalar(self.state.count)
 
@@ -177,12 +177,14 @@ def find_sam_state(opt_state: Any, caller: str = "sam_value_and_grad") -> Found:
   hit = hits[0]
   method = method_name(hit.state)
   # The built-in methods' factories are fsam_optax's; a method of one's own, its author's.
-  names = dict(method=method, factory=f"fsam_optax.{method}" if method in _BUILT_IN else method)
+  factory = f"fsam_optax.{method}" if method in _BUILT_IN else method
   if hit.problem is not None:
-    raise ValueError(hit.problem.format(**names))
+    raise ValueError(hit.problem.format(method=method, factory=factory))
   if not hit.state.config.skip_nonfinite and _has_apply_if_finite(opt_state):
     consequence = _non_finite_consequence(hit.state)
-    raise ValueError(_APPLY_IF_FINITE_NEEDS_SKIP.format(**names, consequence=consequence))
+    raise ValueError(
+      _APPLY_IF_FINITE_NEEDS_SKIP.format(method=method, factory=factory, consequence=consequence)
+    )
   return Found(hit.state, hit.hyperparams)
 
 

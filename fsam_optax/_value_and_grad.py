@@ -578,7 +578,7 @@ def sam_value_and_grad(
     config = state.config
     n_leaves = len(jax.tree.leaves(model.params))
     _check_buffer(state, n_leaves)
-    take = device_choice(*config.schedule, found.count) if host_choice is None else host_choice
+    take = device_choice(*config.schedule, found.step_count) if host_choice is None else host_choice
     step = SAMStep(
       True, found.hyperparam, bound, mask_leaves(config.mask, n_leaves, method_name(state))
     )

@@ -269,6 +269,7 @@ def test_the_builder_refuses_arguments_no_method_may_take():
     build(SignState, "mine", rho=0.1, eps=1e-12, buffer="last", buffer_dtype=jnp.int32)
   with pytest.raises(TypeError, match=r"mine: .* keeps a buffer \(`count2`\) but has no `combine"):
     build(Minimal, "mine", rho=0.1, eps=1e-12, buffer="count2")
+
   class WithTheta(NamedTuple):
     count: jax.Array
     rho: jax.Array
