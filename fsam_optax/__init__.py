@@ -1,5 +1,6 @@
 """Friendly Sharpness-Aware Minimization (F-SAM) and its family for Optax."""
 
+from fsam_optax._chain import chain
 from fsam_optax._config import PerturbationConfig
 from fsam_optax._diagnostics import SAMDiagnostics
 from fsam_optax._fsam import FSAMState, fsam
@@ -29,6 +30,7 @@ __all__ = [
   "SAMStep",
   "VaSSOState",
   "base_grads",
+  "chain",
   "fsam",
   "gsam",
   "gsam_rho_schedule",

@@ -25,10 +25,14 @@ class SAMGrad(NamedTuple):
     buffer: the new value of the method's parameter-shaped buffer at this leaf,
       which its update stores (F-SAM's and VaSSO's moving averages, LookSAM's
       ``g_v``); ``None`` for a method without one.
+    after_base: a term added to the update after the base optimizer's, past
+      its momentum, weight decay and preconditioning (by
+      :func:`fsam_optax.chain`); ``None`` for the methods that add none.
   """
 
   grad: jax.Array
   buffer: jax.Array | None = None
+  after_base: jax.Array | None = None
 
   # Arithmetic on a SAMGrad would silently stack the two gradients into one
   # array (jnp treats a tuple as a sequence), or repeat or concatenate the
@@ -63,6 +67,9 @@ _PAIR_AS_ARRAY = (
 def split_grads(updates: Any, method: str) -> tuple[list[jax.Array], list[Any], Any]:
   """The helper's gradients: lists of their ``grad`` and ``buffer`` leaves, and a treedef.
 
+  A term to add after the base optimizer must have been taken out already, by
+  :func:`fsam_optax.chain`: ``optax.chain`` has no place for it.
+
   ``method`` names the transformation in the error raised for plain gradients.
   """
   is_samgrad = lambda x: isinstance(x, SAMGrad)
@@ -73,6 +80,12 @@ def split_grads(updates: Any, method: str) -> tuple[list[jax.Array], list[Any], 
       "`fsam_optax.sam_value_and_grad(loss_fn)(params, opt_state, ...)`, "
       f"which returns the SAMGrad tree that {method} consumes, "
       f"and place {method} first in the chain."
+    )
+  if any(x.after_base is not None for x in leaves):
+    raise ValueError(
+      f"{method} adds a term to the update after the base optimizer's, which optax.chain "
+      f"has no place for: build the optimizer with fsam_optax.chain({method}(...), base) "
+      "instead of optax.chain."
     )
   return [x.grad for x in leaves], [x.buffer for x in leaves], treedef
 

@@ -290,6 +290,8 @@ def _check_handed(
         f"{method}: `combine` returns a buffer at leaf {i}, but the method keeps none; "
         "name the state's field for it with method_transformation(..., buffer=...)."
       )
+    if out.after_base is not None:
+      _check_like(out.after_base, gp, f"`combine`'s after_base at leaf {i}", "the gradient", method)
     if buffer is not None:
       if out.buffer is None:
         raise ValueError(f"{method}: `combine` returns no buffer at leaf {i} for the state.")

@@ -282,3 +282,62 @@ def test_the_builder_refuses_arguments_no_method_may_take():
 
   with pytest.raises(ValueError, match=r"mine: `theta` must be finite, got nan"):
     build(WithTheta, "mine", rho=0.1, eps=1e-12, scalars={"theta": float("nan")})
+
+
+class Decoupled(NamedTuple):
+  """SAM's perturbation; the base optimizer gets g, and -0.5 (g' - g) is added after it."""
+
+  count: jax.Array
+  rho: jax.Array
+  eps: jax.Array
+  config: fsam_optax.PerturbationConfig
+
+  def direction(self, grads, step):
+    return grads
+
+  def combine(self, perturbed, clean, step):
+    return [
+      fsam_optax.SAMGrad(g, None, -0.5 * (gp - g)) for gp, g in zip(perturbed, clean, strict=True)
+    ]
+
+
+def decoupled(**options):
+  return fsam_optax.method_transformation(Decoupled, "decoupled", rho=RHO, eps=1e-12, **options)
+
+
+def test_a_term_after_the_base_optimizer_bypasses_its_momentum():
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), PARAMS)
+    tx = fsam_optax.chain(decoupled(), optax.sgd(0.1, momentum=0.9))
+    grad_fn = jax.jit(fsam_optax.sam_value_and_grad(loss))
+    p, state, trace, want = params, tx.init(params), None, params
+    for _ in range(3):
+      _, grads = grad_fn(p, state, X)
+      updates, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+      # By hand: momentum SGD on g, then the term, which the trace never sees.
+      g = jax.grad(loss)(want, X)
+      norm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(g)))
+      moved = jax.tree.map(lambda w, v, n=norm: w + RHO * v / n, want, g)
+      g_prime = jax.grad(loss)(moved, X)
+      trace = g if trace is None else jax.tree.map(lambda t, v: 0.9 * t + v, trace, g)
+      want = jax.tree.map(lambda w, t, gp, v: w - 0.1 * t - 0.5 * (gp - v), want, trace, g_prime, g)
+      for k in want:
+        np.testing.assert_allclose(p[k], want[k], rtol=1e-12)
+
+
+def test_a_term_after_the_base_optimizer_needs_fsam_optax_chain():
+  tx = optax.chain(decoupled(), optax.sgd(0.1))
+  _, grads = fsam_optax.sam_value_and_grad(loss)(PARAMS, tx.init(PARAMS), X)
+  with pytest.raises(ValueError, match=r"decoupled adds a term .* fsam_optax.chain\(decoupled"):
+    tx.update(grads, tx.init(PARAMS), PARAMS)
+
+
+def test_no_term_is_added_on_a_step_the_method_leaves_out():
+  tx = fsam_optax.chain(decoupled(skip_nonfinite=True), optax.apply_if_finite(optax.sgd(0.1), 3))
+  state = tx.init(PARAMS)
+  nan_loss = lambda p, x: loss(p, x) * jnp.nan
+  _, grads = fsam_optax.sam_value_and_grad(nan_loss)(PARAMS, state, X)
+  updates, new_state = tx.update(grads, state, PARAMS)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+  assert int(new_state[0].count) == 0
