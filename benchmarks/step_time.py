@@ -105,29 +105,33 @@ def target_line(
   )
 
 
+def timing_table(title: str, times: dict[str, list[float]], refs: dict[str, str]) -> list[str]:
+  """A report's heading and table: each variant's median, spread and ratios to ``refs``.
+
+  ``refs`` maps a column's heading to the variant it divides by.
+  """
+  med = {name: statistics.median(t) for name, t in times.items()}
+  rows = [
+    [name, f"{h.summary(samples)[0]:.2f}", h.summary(samples)[1]]
+    + [f"{med[name] / med[ref]:.3f}" for ref in refs.values()]
+    for name, samples in times.items()
+  ]
+  return [
+    f"## {title}",
+    f"{len(times['SGD (one pass)'])} interleaved rounds; ms per step",
+    "",
+    h.table(rows, ["variant", "median", "min-max", *refs]),
+    "",
+  ]
+
+
 def report(model: h.Model, times: dict[str, list[float]], donate: bool) -> str:
   params = model.init(jax.random.PRNGKey(0))
   med = {name: statistics.median(t) for name, t in times.items()}
-  rows = []
-  for name, samples in times.items():
-    m, spread = h.summary(samples)
-    rows.append(
-      [
-        name,
-        f"{m:.2f}",
-        spread,
-        f"{med[name] / med['SAM (hand-written)']:.3f}",
-        f"{med[name] / med['SGD (one pass)']:.3f}",
-      ]
-    )
   mode = "params and state donated" if donate else "no donation"
-  lines = [
-    f"## {model.name}: {h.param_count(params):,} parameters, batch {model.batch_size}; {mode}",
-    f"{len(times['SGD (one pass)'])} interleaved rounds; ms per step",
-    "",
-    h.table(rows, ["variant", "median", "min-max", "x hand SAM", "x SGD"]),
-    "",
-  ]
+  title = f"{model.name}: {h.param_count(params):,} parameters, batch {model.batch_size}; {mode}"
+  refs = {"x hand SAM": "SAM (hand-written)", "x SGD": "SGD (one pass)"}
+  lines = timing_table(title, times, refs)
   for ref, limit in TARGETS:
     lines.append(target_line("F-SAM (fsam_optax)", ref, times, limit, mode, label="F-SAM"))
   hand = med["F-SAM (hand-written)"]
@@ -142,17 +146,8 @@ def report(model: h.Model, times: dict[str, list[float]], donate: bool) -> str:
 def family_report(model: h.Model, times: dict[str, list[float]], donate: bool) -> str:
   med = {name: statistics.median(t) for name, t in times.items()}
   mode = "params and state donated" if donate else "no donation"
-  rows = []
-  for name, samples in times.items():
-    m, spread = h.summary(samples)
-    rows.append([name, f"{m:.2f}", spread, f"{med[name] / med['SAM (hand-written)']:.3f}"])
-  lines = [
-    f"## {model.name}, the SAM family; {mode}",
-    f"{len(times['SGD (one pass)'])} interleaved rounds; ms per step",
-    "",
-    h.table(rows, ["variant", "median", "min-max", "x hand SAM"]),
-    "",
-  ]
+  refs = {"x hand SAM": "SAM (hand-written)"}
+  lines = timing_table(f"{model.name}, the SAM family; {mode}", times, refs)
   for name, ref, limit in FAMILY_TARGETS:
     lines.append(target_line(name, ref, times, limit, mode))
   hand = med["LookSAM every 5 (hand-written)"]
@@ -168,25 +163,9 @@ def host_report(model: h.Model, times: dict[str, list[float]], donate: bool) -> 
   """HOST_TARGETS' verdicts, each with the same schedule chosen on the device beside it."""
   med = {name: statistics.median(t) for name, t in times.items()}
   mode = "params and state donated" if donate else "no donation"
-  rows = []
-  for name, samples in times.items():
-    m, spread = h.summary(samples)
-    rows.append(
-      [
-        name,
-        f"{m:.2f}",
-        spread,
-        f"{med[name] / med['F-SAM (fsam_optax)']:.3f}",
-        f"{med[name] / med['SAM (hand-written)']:.3f}",
-      ]
-    )
-  lines = [
-    f"## {model.name}, the SAM-or-one-pass choice on the host and on the device; {mode}",
-    f"{len(times['SGD (one pass)'])} interleaved rounds; ms per step",
-    "",
-    h.table(rows, ["variant", "median", "min-max", "x F-SAM", "x hand SAM"]),
-    "",
-  ]
+  title = f"{model.name}, the SAM-or-one-pass choice on the host and on the device; {mode}"
+  refs = {"x F-SAM": "F-SAM (fsam_optax)", "x hand SAM": "SAM (hand-written)"}
+  lines = timing_table(title, times, refs)
   for host, device, ref, limit in HOST_TARGETS:
     lines.append(
       f"{target_line(host, ref, times, limit, mode)}; chosen on the device ({device}): "
