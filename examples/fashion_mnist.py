@@ -257,7 +257,8 @@ class Method:
     label: the name in tables and figures.
     front: builds what goes before the shared base optimizer in the chain
       (``None``: nothing) from the hyperparameters. Values in ``fixed`` arrive
-      as Python constants, the others as traced scalars (one compile per method).
+      as Python constants, the others as traced scalars (one compile per method);
+      ``learning_rate`` is the base optimizer's schedule.
     value_and_grad: turns ``loss_fn(model, *args) -> (loss, aux)`` into
       ``fn(model, opt_state, *args) -> ((loss, aux), grads)`` for ``tx.update``.
     fixed: hyperparameters that are never tuned.
@@ -284,6 +285,8 @@ GSAM_ALPHA = Grid("alpha", (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0), (0.1, 0.2, 0.4)
 VASSO_THETA = Grid("theta", (0.1, 0.2, 0.4, 0.6, 0.9, 1.0), (0.2, 0.4, 0.9))
 # LookSAM's alpha (the paper's default 0.7); 0 is SAM every 5th step with plain steps between.
 LOOKSAM_ALPHA = Grid("alpha", (0.0, 0.1, 0.4, 0.7, 1.0), (0.1, 0.4, 0.7))
+# WSAM's gamma (the class's default 0.9): the sharpness term weighs gamma / (1 - gamma).
+WSAM_GAMMA = Grid("gamma", (0.5, 0.7, 0.8, 0.9, 0.95, 0.99), (0.8, 0.9, 0.95))
 
 METHODS: dict[str, Method] = {
   "sgd": Method("SGD", front=lambda hp: None, value_and_grad=_plain_value_and_grad),
@@ -331,9 +334,18 @@ METHODS: dict[str, Method] = {
     start_from="sam",
     compare_to=("sam", "sgd"),
   ),
+  # WSAM in its decoupled form (the class's default): the sharpness term after the base
+  # step, with the base's learning rate; gamma, then rho.
+  "wsam": Method(
+    "WSAM",
+    front=lambda hp: fsam_optax.wsam(hp["rho"], hp["gamma"], learning_rate=hp["learning_rate"]),
+    tuned=(WSAM_GAMMA, RHO_AROUND),
+    start_from="sam",
+    compare_to=("sam", "sgd"),
+  ),
 }
 # What a plain `python examples/fashion_mnist.py` runs.
-STUDY_METHODS = ("sgd", "sam", "fsam", "gsam", "vasso", "looksam")
+STUDY_METHODS = ("sgd", "sam", "fsam", "gsam", "vasso", "looksam", "wsam")
 
 # ----------------------------------------------------------------------------
 # Model and training.
@@ -408,8 +420,8 @@ class Trainer:
     base = optax.chain(
       optax.add_decayed_weights(s.weight_decay), optax.sgd(schedule, momentum=s.momentum)
     )
-    front = self.method.front({**hp, **self.method.fixed})
-    return base if front is None else optax.chain(front, base)
+    front = self.method.front({**hp, **self.method.fixed, "learning_rate": schedule})
+    return base if front is None else fsam_optax.chain(front, base)
 
   def _init(self, key: jax.Array, hp: dict[str, jax.Array]) -> tuple[Any, Any]:
     model = Net(self.side, self.settings.conv, self.settings.hidden, rngs=nnx.Rngs(key))

@@ -15,6 +15,7 @@ from fsam_optax._shardings import opt_state_shardings
 from fsam_optax._transformation import method_transformation
 from fsam_optax._value_and_grad import sam_value_and_grad
 from fsam_optax._vasso import VaSSOState, vasso
+from fsam_optax._wsam import WSAMState, wsam
 
 __version__ = "0.2.0"
 
@@ -29,6 +30,7 @@ __all__ = [
   "SAMState",
   "SAMStep",
   "VaSSOState",
+  "WSAMState",
   "base_grads",
   "chain",
   "fsam",
@@ -41,4 +43,5 @@ __all__ = [
   "sam",
   "sam_value_and_grad",
   "vasso",
+  "wsam",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Hashable
 
 import jax
 
@@ -32,6 +33,9 @@ class PerturbationConfig:
       own), for error messages.
     buffer: the name of the state's parameter-shaped buffer (``"ema"``,
       ``"g_v"``), or ``None`` for a method without one.
+    options: the method's own static options, ``(name, value)`` pairs sorted
+      by name (WSAM's ``decoupled`` and ``max_norm``, GSAM's ``minimize``):
+      read them with :meth:`option`.
   """
 
   adaptive: bool = False
@@ -42,6 +46,21 @@ class PerturbationConfig:
   seed: int = 0
   method: str = ""
   buffer: str | None = None
+  options: tuple[tuple[str, Hashable], ...] = ()
+
+  def option(self, name: str) -> Hashable:
+    """The value of the method's static option ``name``.
+
+    Example:
+      >>> from fsam_optax import PerturbationConfig
+      >>> PerturbationConfig(options=(("decoupled", True),)).option("decoupled")
+      True
+    """
+    for key, value in self.options:
+      if key == name:
+        return value
+    known = [key for key, _ in self.options]
+    raise KeyError(f"{self.method or 'the method'} has no static option {name!r}; it has {known}.")
 
   @property
   def schedule(self) -> tuple[int, float, int]:

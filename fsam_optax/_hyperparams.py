@@ -21,15 +21,24 @@ def _concrete(method: str, name: str, value: Any) -> float | None:
   return float(value)
 
 
-def check(method: str, name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
+def check(
+  method: str,
+  name: str,
+  value: Any,
+  ok: Callable[[float], bool],
+  allowed: str,
+  *,
+  schedule: bool = False,
+) -> None:
   """Raises a ValueError naming ``method`` and ``name`` if its concrete value is not ``allowed``.
 
-  Only ``rho`` may be a schedule; a traced value (``inject_hyperparams``) is
-  checked by nobody, as optax's own transformations do.
+  A schedule (a callable) is accepted where ``schedule`` is true, and checked
+  by nobody; so is a traced value (``inject_hyperparams``), as optax's own
+  transformations do.
   """
-  if callable(value) and name != "rho":
+  if callable(value) and not schedule:
     raise ValueError(
-      f"{method}: `{name}` must be a number or a scalar array; only `rho` takes a schedule "
+      f"{method}: `{name}` must be a number or a scalar array, not a schedule "
       f"(use optax.inject_hyperparams to change `{name}` during training)."
     )
   v = _concrete(method, name, value)

@@ -54,20 +54,28 @@ class SAMStep:
       perturbed gradient.
     hyperparam: the live value of one of the state's scalars, by name (under
       ``optax.inject_hyperparams``, the value the user set last).
+    params: the weights ``theta`` the clean gradient was taken at, one array
+      a leaf (each replica's shards, as the gradients).
   """
 
   two_pass: bool
   hyperparam: Callable[[str], jax.Array]
+  params: Leaves = dataclasses.field(repr=False)
   _layout: Layout = dataclasses.field(repr=False)
   _mask: Sequence[bool] = dataclasses.field(repr=False)
 
-  def norm(self, leaves: Sequence[jax.Array]) -> jax.Array:
+  @property
+  def per_device(self) -> bool:
+    """Whether the rules see each replica's own gradients (``perturbation="per_device"``)."""
+    return self._layout.per_device
+
+  def norm(self, leaves: Sequence[jax.Array], *, include_masked: bool = False) -> jax.Array:
     """The L2 norm of the whole tree of perturbed (unmasked) leaves, on any layout.
 
     Summed over the devices that hold shards of split parameters, in at least
-    float32.
+    float32. With ``include_masked``, of every leaf (a gradient clip's norm).
     """
-    return self._layout.norm(self._perturbed(leaves))
+    return self._layout.norm(list(leaves) if include_masked else self._perturbed(leaves))
 
   def inner(self, a: Sequence[jax.Array], b: Sequence[jax.Array]) -> jax.Array:
     """The inner product ``<a, b>`` of two whole trees of perturbed leaves, on any layout."""

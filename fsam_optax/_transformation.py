@@ -8,7 +8,7 @@ stores the ``buffer`` in the state, and advances the count and ``rho``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -30,7 +30,8 @@ def method_transformation(
   *,
   rho: optax.ScalarOrSchedule,
   eps: float | jax.Array,
-  scalars: Mapping[str, float | jax.Array] | None = None,
+  scalars: Mapping[str, optax.ScalarOrSchedule] | None = None,
+  options: Mapping[str, Hashable] | None = None,
   buffer: str | None = None,
   buffer_dtype: Any | None = None,
   adaptive: bool = False,
@@ -57,9 +58,15 @@ def method_transformation(
     name: the method's name, in error messages and the state's config.
     rho: perturbation radius, ``>= 0``; a scalar or a schedule of the step.
     eps: added to the norm before dividing, ``> 0``.
-    scalars: the method's other hyperparameters, by field name: numbers or
-      scalar arrays, stored at every update (so ``inject_hyperparams`` can
-      change them); the rules read them with ``step.hyperparam(name)``.
+    scalars: the method's other hyperparameters, by field name: numbers,
+      scalar arrays or schedules of the count, stored at every update as
+      ``rho`` is (a schedule evaluated at the count of the update the state
+      serves; ``inject_hyperparams`` can change them); the rules read them
+      with ``step.hyperparam(name)``. A field the method leaves out of
+      ``scalars`` keeps its default.
+    options: the method's static settings, by name: hashable Python values
+      fixed when it is built, which choose what its rules compute (they read
+      them with ``self.config.option(name)``).
     buffer: the field of the state that holds the method's parameter-shaped
       buffer (zeros at ``init``; replaced by the ``buffer`` of each
       :class:`fsam_optax.SAMGrad` at each update), or ``None``.
@@ -100,11 +107,13 @@ def method_transformation(
   """
   scalars = dict(scalars or {})
   _check_builder(state_type, name, scalars, buffer, buffer_dtype, adaptive, skip_nonfinite)
+  _check_options(name, list(dict(options or {}).items()))
+  static = tuple(sorted(dict(options or {}).items()))
   register(state_type, name, [*scalars, *([buffer] if buffer else [])])
   check(name, "rho", rho, lambda v: v >= 0, "a radius >= 0")
   check(name, "eps", eps, lambda v: v > 0, "> 0")
   for key, value in scalars.items():
-    check(name, key, value, lambda v: v == v and abs(v) != float("inf"), "finite")
+    check(name, key, value, lambda v: v == v and abs(v) != float("inf"), "finite", schedule=True)
   if mask is not None and not callable(mask):
     check_mask_leaves(jax.tree.leaves(mask), name)
   schedule = check_schedule(every, probability, seed, name)
@@ -121,11 +130,12 @@ def method_transformation(
       seed=schedule[2],
       method=name,
       buffer=buffer,
+      options=static,
     )
-    fields = {key: default_float(value) for key, value in scalars.items()}
+    zero = jnp.zeros([], jnp.int32)
+    fields = {key: at(value, zero) for key, value in scalars.items()}
     if buffer is not None:
       fields[buffer] = zeros_buffer(params, buffer_dtype)
-    zero = jnp.zeros([], jnp.int32)
     return state_type(
       count=zero, rho=at(rho, zero), eps=default_float(eps), config=config, **fields
     )
@@ -152,7 +162,7 @@ def method_transformation(
 
     def advance() -> Any:
       count = optax.safe_increment(state.count)
-      again = {key: default_float(value) for key, value in scalars.items()}
+      again = {key: at(value, count) for key, value in scalars.items()}
       return state._replace(
         count=count, rho=at(rho, count), eps=default_float(eps), **again, **stored
       )
@@ -195,6 +205,20 @@ def _check_builder(
       f"{name}: the state type {getattr(state_type, '__name__', state_type)} keeps a buffer "
       f"(`{buffer}`) but has no `combine(self, perturbed, clean, step)` to say its new value."
     )
+
+
+def _check_options(name: str, options: Sequence[tuple[Any, Any]]) -> None:
+  """A ValueError unless every static option is named by a string and hashable."""
+  for key, value in options:
+    if not isinstance(key, str) or not key.isidentifier():
+      raise ValueError(f"{name}: static options are named by identifier strings, got {key!r}.")
+    try:
+      hash(value)
+    except TypeError:
+      raise ValueError(
+        f"{name}: the static option `{key}` must be hashable (a bool, number, string or "
+        f"None), got {type(value).__name__}."
+      ) from None
 
 
 def advance_if_finite(

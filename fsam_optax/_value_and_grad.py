@@ -582,7 +582,11 @@ def sam_value_and_grad(
     _check_buffer(state, n_leaves)
     take = device_choice(*config.schedule, found.step_count) if host_choice is None else host_choice
     step = SAMStep(
-      True, found.hyperparam, bound, mask_leaves(config.mask, n_leaves, method_name(state))
+      True,
+      found.hyperparam,
+      [jnp.asarray(p) for p in jax.tree.leaves(model.params)],
+      bound,
+      mask_leaves(config.mask, n_leaves, method_name(state)),
     )
     # Per device, the method's rules run on each replica's own gradients and
     # only what they hand on is averaged: g itself is averaged only to report it.

@@ -312,20 +312,68 @@ class LookSAMReference:
     return {k: g[k] + scale * self.g_v[k] if k in keys else g[k] for k in g}
 
 
+@dataclasses.dataclass
+class WSAMReference:
+  """WSAM (the official WeightedSAM class): ``g`` and ``g'`` weighted, or decoupled.
+
+  Decoupled, the base optimizer receives ``g`` and ``term`` is what the class
+  adds to the weights after the base step: ``-lr alpha (g' - g)``, with
+  ``lr`` the learning rate that step used (``train_family`` sets it).
+  """
+
+  rho: float
+  gamma: float
+  decoupled: bool = True
+  max_norm: float | None = None
+  adaptive: bool = False
+  eps: float = EPS
+  kept: list | None = None
+  lr: float = 0.0
+  term: dict | None = None
+
+  def clip(self, g: dict) -> dict:
+    """PyTorch's clip_grad_norm_: times min(1, max_norm / (||g|| + 1e-6)), every leaf."""
+    if self.max_norm is None:
+      return g
+    scale = min(1.0, self.max_norm / (norm(g) + 1e-6))
+    return {k: v * scale for k, v in g.items()}
+
+  def gradient(self, theta: dict, grad_at: Callable[[dict], dict], sam_step: bool = True) -> dict:
+    self.term = None
+    g = grad_at(theta)
+    if not sam_step:  # one pass: g itself (clipped), nothing added
+      return self.clip(g)
+    e = sam_perturbation(theta, g, self.rho, self.eps, self.adaptive, self.kept)
+    gp = self.clip(grad_at(shift(theta, e)))
+    g = self.clip(g)
+    alpha = self.gamma / (1 - self.gamma)
+    if not self.decoupled:
+      return {k: gp[k] * alpha + g[k] * (1 - alpha) for k in g}
+    self.term = {k: -self.lr * alpha * (gp[k] - g[k]) for k in g}
+    return g
+
+
 def train_family(
-  method, base: SGDReference, theta: dict, data: list, rho_at=None, take=None
+  method, base: SGDReference, theta: dict, data: list, rho_at=None, take=None, lr_at=None
 ) -> list[dict]:
   """The MLP trained with ``method`` then ``base``: the weights after each step.
 
   ``rho_at(t)``, if given, sets the method's radius at step ``t`` (a schedule);
-  ``take[t]``, if given, whether step ``t`` is a two-pass step.
+  ``take[t]``, if given, whether step ``t`` is a two-pass step; ``lr_at(t)``,
+  if given, the learning rate of step ``t`` (the base's and the method's). A
+  method's ``term``, if it leaves one, is added after the base step.
   """
   path = []
   for t, (x, y) in enumerate(data):
     if rho_at is not None:
       method.rho = rho_at(t)
+    if lr_at is not None:
+      base.lr = method.lr = lr_at(t)
     chosen = {} if take is None else {"sam_step": take[t]}
     grad = method.gradient(theta, lambda w, x=x, y=y: mlp_loss_and_grad(w, x, y)[1], **chosen)
     theta = base.step(theta, grad)
+    term = getattr(method, "term", None)
+    if term is not None:
+      theta = {k: theta[k] + term[k] for k in theta}
     path.append(theta)
   return path

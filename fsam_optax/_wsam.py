@@ -1,0 +1,192 @@
+"""Weighted SAM (WSAM): sharpness as a regulariser of weight ``gamma / (1 - gamma)``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fsam_optax._config import PerturbationConfig
+from fsam_optax._hyperparams import check
+from fsam_optax._mask import Mask
+from fsam_optax._method import Leaves, SAMStep
+from fsam_optax._pairs import SAMGrad
+from fsam_optax._transformation import method_transformation
+
+CLIP_EPS = 1e-6  # added to the norm by the official class's clipping (PyTorch's clip_grad_norm_)
+
+
+class WSAMState(NamedTuple):
+  """State of :func:`wsam`.
+
+  Attributes:
+    count: number of updates applied so far (int32).
+    rho: perturbation radius for the next step (a schedule is evaluated here).
+    gamma: the sharpness term's weight is ``gamma / (1 - gamma)``.
+    eps: added to the norm before dividing by it.
+    config: static settings (``decoupled`` and ``max_norm`` among its options).
+    learning_rate: the base optimizer's learning rate at this count, for the
+      decoupled form; ``None`` in the coupled form.
+  """
+
+  count: jax.Array  # type: ignore[assignment]
+  rho: jax.Array
+  gamma: jax.Array
+  eps: jax.Array
+  config: PerturbationConfig
+  learning_rate: jax.Array | None = None
+
+  def direction(self, grads: Leaves, step: SAMStep) -> Leaves:
+    """``g`` itself, as SAM."""
+    return grads
+
+  def combine(self, perturbed: Leaves, clean: Leaves, step: SAMStep) -> list[SAMGrad]:
+    """``g`` and the sharpness term, or their weighted sum; ``g`` on a one-pass step."""
+    max_norm = self.config.option("max_norm")
+    if isinstance(max_norm, float):
+      if step.per_device:
+        raise ValueError(
+          "wsam: `max_norm` clips the gradients averaged over the replicas, which "
+          'perturbation="per_device" never forms; clip with the default perturbation, '
+          "or drop max_norm here."
+        )
+      clean = _clipped(clean, max_norm, step)
+      perturbed = _clipped(perturbed, max_norm, step) if step.two_pass else clean
+    if not step.two_pass:
+      return [SAMGrad(g) for g in clean]
+    acc = jnp.result_type(jnp.float32, *(g.dtype for g in clean))
+    gamma = step.hyperparam("gamma").astype(acc)
+    alpha = gamma / (1 - gamma)
+    if self.config.option("decoupled"):
+      scale = -step.hyperparam("learning_rate").astype(acc) * alpha
+      return [
+        SAMGrad(g, after_base=(scale * (gp.astype(acc) - g.astype(acc))).astype(g.dtype))
+        for gp, g in zip(perturbed, clean, strict=True)
+      ]
+    return [
+      SAMGrad((gp.astype(acc) * alpha + g.astype(acc) * (1 - alpha)).astype(gp.dtype))
+      for gp, g in zip(perturbed, clean, strict=True)
+    ]
+
+
+def _clipped(grads: Leaves, max_norm: float, step: SAMStep) -> Leaves:
+  """``grads`` times ``min(1, max_norm / (||grads|| + 1e-6))``, the norm over every leaf."""
+  norm = step.norm(grads, include_masked=True)
+  scale = jnp.minimum(1, max_norm / (norm + CLIP_EPS))
+  return [(g.astype(norm.dtype) * scale).astype(g.dtype) for g in grads]
+
+
+def wsam(
+  rho: optax.ScalarOrSchedule = 0.05,
+  gamma: float | jax.Array = 0.9,
+  *,
+  learning_rate: optax.ScalarOrSchedule | None = None,
+  decoupled: bool = True,
+  max_norm: float | None = None,
+  adaptive: bool = False,
+  eps: float | jax.Array = 1e-12,
+  mask: Mask | None = None,
+  skip_nonfinite: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Weighted Sharpness-Aware Minimization (WSAM), as the authors' ``WeightedSAM`` class.
+
+  With ``alpha = gamma / (1 - gamma)``, ``e = rho g / (||g|| + eps)`` and
+  ``g' = grad L(theta + e)``, WSAM minimises the loss plus ``alpha`` times
+  the sharpness ``L(theta + e) - L(theta)``:
+
+  - decoupled (the default): the base optimizer receives ``g``, and the
+    sharpness term
+    :math:`-\eta_t\, \alpha\, (g' - g)`, with :math:`\eta_t` the base
+    optimizer's learning rate at this update, is added to its update after it,
+    past its momentum, weight decay and preconditioning. Build the optimizer
+    with :func:`fsam_optax.chain` (``optax.chain`` has no place for the term)
+    and pass the base optimizer's ``learning_rate``, the same number or
+    schedule.
+  - coupled (``decoupled=False``): the base optimizer receives
+    ``alpha g' + (1 - alpha) g``; ``gamma = 0.5`` is SAM.
+
+  With ``max_norm``, ``g`` (once ``e`` is made) and ``g'`` are each scaled by
+  ``min(1, max_norm / (norm + 1e-6))``, their own global norm over every leaf:
+  PyTorch's ``clip_grad_norm_``, which the class calls, not
+  ``optax.clip_by_global_norm``. Masked leaves are not perturbed; the
+  combination applies at every leaf. On a one-pass step (``sam_step=False``)
+  the base optimizer receives ``g`` (clipped) and nothing is added.
+
+  Args:
+    rho: perturbation radius, ``>= 0``; a scalar or a schedule of the step.
+    gamma: in ``[0, 1)``; the sharpness term's weight is ``gamma / (1 - gamma)``.
+    learning_rate: the base optimizer's learning rate, a number or the same
+      schedule (evaluated at the count of the update it belongs to); required
+      by the decoupled form, refused by the coupled one.
+    decoupled: add the sharpness term after the base optimizer (``True``) or
+      hand it the weighted sum of the gradients (``False``).
+    max_norm: clip ``g`` and ``g'`` to this global norm, ``> 0``; ``None``: off.
+      A Python number (under ``optax.inject_hyperparams``, name it in
+      ``static_args``).
+    adaptive: the PyTorch SAM code's adaptive form (``|theta|``, no ``eta``),
+      as the class's ``adaptive``.
+    eps: added to the norm before dividing, ``> 0``.
+    mask: pytree of bools (or a callable of the params returning one); leaves
+      that are ``False`` are not perturbed and are left out of ``||g||``.
+    skip_nonfinite: leave the state unchanged on a non-finite step (see :func:`fsam`).
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, fsam_optax
+    >>> lr = optax.cosine_decay_schedule(0.1, 100)
+    >>> tx = fsam_optax.chain(
+    ...   fsam_optax.wsam(rho=0.05, gamma=0.9, learning_rate=lr),
+    ...   optax.sgd(lr, momentum=0.9),
+    ... )
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> grad_fn = fsam_optax.sam_value_and_grad(lambda p: jnp.sum(p["w"] ** 4))
+    >>> opt_state = tx.init(params)
+    >>> value, grads = grad_fn(params, opt_state)
+    >>> updates, opt_state = tx.update(grads, opt_state, params)
+    >>> print(float(value))
+    17.0
+
+  References:
+    Yue et al., `Sharpness-Aware Minimization Revisited: Weighted Sharpness as
+    a Regularization Term <https://arxiv.org/abs/2305.15817>`_, KDD 2023.
+  """
+  check("wsam", "gamma", gamma, lambda v: 0 <= v < 1, "in [0, 1) (0.5 with decoupled=False: SAM)")
+  if not isinstance(decoupled, bool):
+    raise ValueError(f"wsam: `decoupled` must be a Python bool, got {decoupled!r}.")
+  if max_norm is not None:
+    if isinstance(max_norm, bool) or not isinstance(max_norm, int | float):
+      raise ValueError(
+        f"wsam: `max_norm` must be a Python number or None, got {type(max_norm).__name__}; "
+        'under optax.inject_hyperparams, pass static_args=("max_norm",).'
+      )
+    if not max_norm > 0:
+      raise ValueError(f"wsam: `max_norm` must be > 0 (None: no clipping), got {max_norm!r}.")
+  scalars: dict[str, optax.ScalarOrSchedule] = {"gamma": gamma}
+  if decoupled:
+    if learning_rate is None:
+      raise ValueError(
+        "wsam: the decoupled form (decoupled=True, the default) adds -learning_rate * "
+        "gamma / (1 - gamma) * (g' - g) after the base optimizer: pass its `learning_rate` "
+        "(the same number or schedule), or decoupled=False for the coupled form."
+      )
+    check("wsam", "learning_rate", learning_rate, lambda v: v >= 0, ">= 0", schedule=True)
+    scalars["learning_rate"] = learning_rate
+  elif learning_rate is not None:
+    raise ValueError(
+      "wsam: `learning_rate` is read by the decoupled form only; drop it, or set decoupled=True."
+    )
+  return method_transformation(
+    WSAMState,
+    "wsam",
+    rho=rho,
+    eps=eps,
+    scalars=scalars,
+    options={"decoupled": decoupled, "max_norm": None if max_norm is None else float(max_norm)},
+    adaptive=adaptive,
+    mask=mask,
+    skip_nonfinite=skip_nonfinite,
+  )
