@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from fsam_optax._config import PerturbationConfig
 from fsam_optax._hyperparams import check
 from fsam_optax._mask import Mask
-from fsam_optax._method import Leaves, SAMStep
+from fsam_optax._method import Direction, Leaves, SAMStep
 from fsam_optax._pairs import SAMGrad
 from fsam_optax._transformation import method_transformation
 
@@ -23,7 +24,8 @@ class GSAMState(NamedTuple):
     rho: perturbation radius for the next step (a schedule is evaluated here).
     alpha: weight of the orthogonal component removed from ``g'``.
     eps: added to the norms before dividing by them.
-    config: static settings (adaptive mode, mask).
+    config: static settings (adaptive mode, mask; ``minimize`` and ``relative``
+      among its options).
   """
 
   count: jax.Array  # type: ignore[assignment]
@@ -32,14 +34,21 @@ class GSAMState(NamedTuple):
   eps: jax.Array
   config: PerturbationConfig
 
-  def direction(self, grads: Leaves, step: SAMStep) -> Leaves:
-    """``g`` itself, as SAM (in adaptive mode the perturbation weighs it by ``theta``)."""
+  def direction(self, grads: Leaves, step: SAMStep) -> Leaves | Direction:
+    """``g`` itself, as SAM, or ``|theta| g`` over ``||g||`` with ``relative=True``."""
+    if self.config.option("relative"):
+      return Direction(
+        [jnp.abs(p).astype(g.dtype) * g for p, g in zip(step.params, grads, strict=True)],
+        step.norm(grads),
+      )
     return grads
 
   def combine(self, perturbed: Leaves, clean: Leaves, step: SAMStep) -> list[SAMGrad]:
-    """``g' - alpha v`` (plain norms); ``g'`` at masked leaves; ``g`` on a one-pass step."""
+    """The combination ``minimize`` names (plain norms); ``g`` on a one-pass step."""
     if not step.two_pass:
       return [SAMGrad(g) for g in clean]
+    if self.config.option("minimize") == "clean":
+      return _clean_plus_orthogonal(perturbed, clean, step)
     norm_g = step.norm(clean)
     inner, norm_gp = step.inner_and_norm(clean, perturbed)
     acc = norm_g.dtype
@@ -55,10 +64,32 @@ class GSAMState(NamedTuple):
     return [SAMGrad(x) for x in step.where_perturbed(combined, perturbed)]
 
 
+def _clean_plus_orthogonal(perturbed: Leaves, clean: Leaves, step: SAMStep) -> list[SAMGrad]:
+  """``g + alpha h``, ``h`` the part of ``g'`` orthogonal to ``g``; ``g`` at masked leaves.
+
+  As big_vision, with no ``eps``: ``h = g' - <u, g'> u``, ``u = g / ||g||``. At
+  ``g = 0`` (where big_vision divides by zero) ``u`` is taken as zero.
+  """
+  inner, norm_g = step.inner_and_norm(perturbed, clean)
+  acc = norm_g.dtype
+  safe = jnp.where(norm_g > 0, norm_g, 1)
+  along = inner / safe  # <u, g'>
+  alpha = step.hyperparam("alpha").astype(acc)
+
+  def one(gp: jax.Array, g: jax.Array) -> jax.Array:
+    h = gp.astype(acc) - along * (g.astype(acc) / safe)
+    return (g.astype(acc) + h * alpha).astype(g.dtype)
+
+  combined = [one(gp, g) for gp, g in zip(perturbed, clean, strict=True)]
+  return [SAMGrad(x) for x in step.where_perturbed(combined, clean)]
+
+
 def gsam(
   rho: optax.ScalarOrSchedule = 0.05,
   alpha: float | jax.Array = 0.4,
   *,
+  minimize: Literal["perturbed", "clean"] = "perturbed",
+  relative: bool = False,
   adaptive: bool = False,
   eps: float | jax.Array = 1e-12,
   mask: Mask | None = None,
@@ -74,10 +105,15 @@ def gsam(
     v &= g - \cos \lVert g \rVert\, g' / (\lVert g' \rVert + \epsilon)
 
   and the base optimizer receives ``g' - alpha v``, which descends the surrogate
-  gap without changing the perturbed loss to first order.
+  gap without changing the perturbed loss to first order. With
+  ``minimize="clean"`` (big_vision's ``minimize_fp=False``) it receives
+  ``g + alpha h`` instead, with ``h = g' - <u, g'> u`` and ``u = g / ||g||``
+  (no ``eps``; ``u = 0`` at ``g = 0``): the clean loss plus the gap.
 
   Norms and inner products are global over all (unmasked) parameters. In
-  adaptive mode the perturbation is that of :func:`fsam`'s adaptive mode; the
+  adaptive mode the perturbation is that of :func:`fsam`'s adaptive mode
+  (the PyTorch SAM code's form); with ``relative=True`` it is big_vision's
+  ``adaptive_perturbation``, ``e = rho |theta| g / (||g|| + eps)``. The
   decomposition stays plain. ``alpha = 0`` is SAM. The paper lets ``rho``
   follow the learning rate: build that schedule with :func:`gsam_rho_schedule`.
   With ``perturbation="per_device"`` each replica decomposes its own
@@ -86,11 +122,16 @@ def gsam(
   Args:
     rho: perturbation radius, ``>= 0``; a scalar or a schedule of the step.
     alpha: weight of the orthogonal component, in ``[0, 1]``.
-    adaptive: ASAM-style scale-invariant perturbation.
+    minimize: ``"perturbed"`` (the official code, big_vision's default) or
+      ``"clean"`` (big_vision's ``minimize_fp=False``).
+    relative: perturb each weight in proportion to its magnitude, with the
+      plain norm of ``g`` (big_vision's ``adaptive_perturbation``).
+    adaptive: the PyTorch SAM code's adaptive perturbation (``|theta|``, no
+      ``eta``), as the official GSAM code's ``adaptive``.
     eps: added to the norms before dividing, ``> 0``.
     mask: pytree of bools (or a callable of the params returning one); leaves
       that are ``False`` are not perturbed, are left out of the norms, and
-      receive ``g'`` unchanged.
+      receive ``g'`` unchanged (``g`` with ``minimize="clean"``).
     skip_nonfinite: leave the state unchanged on a non-finite step (see :func:`fsam`).
 
   Returns:
@@ -110,12 +151,25 @@ def gsam(
     Training <https://arxiv.org/abs/2203.08065>`_, ICLR 2022.
   """
   check("gsam", "alpha", alpha, lambda v: 0 <= v <= 1, "in [0, 1] (0: SAM)")
+  if minimize not in ("perturbed", "clean"):
+    raise ValueError(
+      f'gsam: `minimize` must be "perturbed" (the official code) or "clean" (big_vision\'s '
+      f"minimize_fp=False), got {minimize!r}."
+    )
+  if not isinstance(relative, bool):
+    raise ValueError(f"gsam: `relative` must be a Python bool, got {relative!r}.")
+  if relative and adaptive:
+    raise ValueError(
+      "gsam: `relative=True` (big_vision's adaptive_perturbation) and `adaptive=True` (the "
+      "official code's) are two different perturbations; choose one."
+    )
   return method_transformation(
     GSAMState,
     "gsam",
     rho=rho,
     eps=eps,
     scalars={"alpha": alpha},
+    options={"minimize": minimize, "relative": relative},
     adaptive=adaptive,
     mask=mask,
     skip_nonfinite=skip_nonfinite,

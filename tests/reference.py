@@ -82,6 +82,33 @@ class SGDReference:
     return {k: theta[k] - self.lr * self.trace[k] for k in theta}
 
 
+@dataclasses.dataclass
+class AdamReference:
+  """optax.adam: bias-corrected moments, ``eps`` outside the square root."""
+
+  lr: float
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  t: int = 0
+  mu: dict | None = None
+  nu: dict | None = None
+
+  def step(self, theta: dict, grads: dict) -> dict:
+    if self.mu is None:
+      self.mu = {k: np.zeros_like(v) for k, v in grads.items()}
+      self.nu = {k: np.zeros_like(v) for k, v in grads.items()}
+    self.t += 1
+    self.mu = {k: self.b1 * self.mu[k] + (1 - self.b1) * grads[k] for k in grads}
+    self.nu = {k: self.b2 * self.nu[k] + (1 - self.b2) * grads[k] ** 2 for k in grads}
+    out = {}
+    for k in theta:
+      mu_hat = self.mu[k] / (1 - self.b1**self.t)
+      nu_hat = self.nu[k] / (1 - self.b2**self.t)
+      out[k] = theta[k] - self.lr * mu_hat / (np.sqrt(nu_hat) + self.eps)
+    return out
+
+
 def init_mlp(seed: int, sizes: tuple[int, ...] = (5, 7, 3)) -> dict:
   """A tanh MLP's weights, as float64 NumPy arrays."""
   rng = np.random.default_rng(seed)
@@ -258,6 +285,34 @@ class GSAMReference:
       vertical = g[k] - cos * n_g * gp[k] / (n_gp + self.eps)
       out[k] = gp[k] - self.alpha * vertical
     return out
+
+
+@dataclasses.dataclass
+class BigVisionGSAMReference:
+  """GSAM as big_vision's gsam_gradient computes it on one worker (its trainer averages after).
+
+  ``relative``: its adaptive_perturbation, ``rho |theta| g / (||g|| + eps)``;
+  ``minimize_fp=False``: ``g + alpha h``, ``h`` the part of ``g'`` orthogonal to ``g``.
+  """
+
+  rho: float
+  alpha: float
+  minimize_fp: bool = True
+  relative: bool = False
+  eps: float = EPS
+
+  def gradient(self, theta: dict, grad_at: Callable[[dict], dict], sam_step: bool = True) -> dict:
+    g = grad_at(theta)
+    n_g = norm(g)
+    weight = {k: np.abs(theta[k]) if self.relative else 1.0 for k in theta}
+    gp = grad_at({k: theta[k] + weight[k] * self.rho * g[k] / (n_g + self.eps) for k in theta})
+    if self.minimize_fp:  # g' minus alpha times g's part orthogonal to g'
+      u = {k: v / norm(gp) for k, v in gp.items()}
+      along = inner(u, g)
+      return {k: gp[k] - self.alpha * (g[k] - along * u[k]) for k in g}
+    u = {k: v / n_g for k, v in g.items()}
+    along = inner(u, gp)
+    return {k: g[k] + self.alpha * (gp[k] - along * u[k]) for k in g}
 
 
 @dataclasses.dataclass
