@@ -110,7 +110,7 @@ def method_transformation(
   _check_options(name, list(dict(options or {}).items()))
   static = tuple(sorted(dict(options or {}).items()))
   register(state_type, name, [*scalars, *([buffer] if buffer else [])])
-  check(name, "rho", rho, lambda v: v >= 0, "a radius >= 0")
+  check(name, "rho", rho, lambda v: v >= 0, "a radius >= 0", schedule=True)
   check(name, "eps", eps, lambda v: v > 0, "> 0")
   for key, value in scalars.items():
     check(name, key, value, lambda v: v == v and abs(v) != float("inf"), "finite", schedule=True)

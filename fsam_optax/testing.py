@@ -1,7 +1,7 @@
 """Conformance checks for a SAM-family method: run them on your own method.
 
 A method is a factory that returns an Optax transformation, used as
-``optax.chain(method, base)`` and fed by :func:`fsam_optax.sam_value_and_grad`.
+``fsam_optax.chain(method, base)`` and fed by :func:`fsam_optax.sam_value_and_grad`.
 Each check trains a small MLP for a few steps and compares two ways of computing
 the same thing: every parallel layout against one device, ``inject_hyperparams``
 against the plain factory, micro-batches against the whole batch, and so on.
@@ -287,7 +287,7 @@ def _needs(factory: Factory, option: str) -> None:
 
 
 def _chain(factory: Factory, **options: Any) -> optax.GradientTransformation:
-  return optax.chain(factory(**options), optax.sgd(LR, momentum=MOMENTUM))
+  return fsam_optax.chain(factory(**options), optax.sgd(LR, momentum=MOMENTUM))
 
 
 # ---- the problem: a small MLP, in float64 unless the check says otherwise ----
@@ -442,7 +442,7 @@ def _inject_hyperparams(factory: Factory) -> None:
   static = tuple(k for k in values if k not in floats)
   injected = optax.inject_hyperparams(factory.func, static_args=static)
   base = optax.sgd(LR, momentum=MOMENTUM)
-  tx = optax.chain(injected(**values), base)
+  tx = fsam_optax.chain(injected(**values), base)
   step, params = jax.jit(_step(tx)), _init()
   got = _train(step, params, tx.init(params), _batches())
   plain = _plain_run(factory)
@@ -464,7 +464,7 @@ def _inject_hyperparams(factory: Factory) -> None:
 
 def _skip_nonfinite(factory: Factory) -> None:
   _needs(factory, "skip_nonfinite")
-  tx = optax.chain(
+  tx = fsam_optax.chain(
     factory(skip_nonfinite=True), optax.apply_if_finite(optax.sgd(LR, momentum=MOMENTUM), 3)
   )
   step, params = jax.jit(_step(tx)), _init()

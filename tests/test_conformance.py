@@ -20,7 +20,13 @@ SAM = functools.partial(fsam_optax.sam, rho=0.1)
 GSAM = functools.partial(fsam_optax.gsam, rho=0.2, alpha=0.4)
 VASSO = functools.partial(fsam_optax.vasso, rho=0.2, theta=0.4)
 LOOKSAM = functools.partial(fsam_optax.looksam, rho=0.2, every=2, alpha=0.7)
-METHODS = ["FSAM", "SAM", "GSAM", "VASSO", "LOOKSAM"]
+WSAM = functools.partial(fsam_optax.wsam, rho=0.2, gamma=0.8, learning_rate=0.05)
+WSAM_COUPLED = functools.partial(fsam_optax.wsam, rho=0.2, gamma=0.8, decoupled=False)
+# big_vision's forms: the clean loss plus the gap, the perturbation relative to the weights.
+GSAM_BIG_VISION = functools.partial(
+  fsam_optax.gsam, rho=0.2, alpha=0.4, minimize="clean", relative=True
+)
+METHODS = ["FSAM", "SAM", "GSAM", "VASSO", "LOOKSAM", "WSAM", "WSAM_COUPLED", "GSAM_BIG_VISION"]
 BROKEN = pathlib.Path(__file__).with_name("broken_methods.py")
 
 

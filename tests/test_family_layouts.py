@@ -40,14 +40,18 @@ HP = {
   "gsam_adaptive": dict(rho=0.3, alpha=0.5, adaptive=True),
   "vasso": dict(rho=0.2, theta=0.4),
   "looksam": dict(rho=0.2, every=2, alpha=0.7),  # SAM steps 0, 2, 4; one pass at 1, 3
+  # Its clip's norm, over every leaf, adds over the model axis (tests/test_wsam.py).
+  "wsam_clipped": dict(rho=0.2, gamma=0.9, learning_rate=0.1, max_norm=0.01),
 }
 BUILD = {
   "gsam": fsam_optax.gsam,
   "gsam_adaptive": fsam_optax.gsam,
   "vasso": fsam_optax.vasso,
   "looksam": fsam_optax.looksam,
+  "wsam_clipped": fsam_optax.wsam,
 }
-METHODS = list(HP)
+# Run in two processes.
+METHODS = ["gsam", "gsam_adaptive", "vasso", "looksam"]
 # The layouts of a single process that test_conformance.py does not run.
 LAYOUT_METHODS = ["gsam_adaptive"]
 MODEL_SPECS = {"w0": P(None, "model"), "b0": P("model"), "w1": P("model", None), "b1": P()}
@@ -61,7 +65,7 @@ MASK = {"w0": True, "b0": False, "w1": True, "b1": False}
 
 def make_tx(name: str, masked: bool = False) -> optax.GradientTransformation:
   mask = dict(mask=MASK) if masked else {}
-  return optax.chain(BUILD[name](**HP[name], **mask), optax.sgd(LR, momentum=MOMENTUM))
+  return fsam_optax.chain(BUILD[name](**HP[name], **mask), optax.sgd(LR, momentum=MOMENTUM))
 
 
 def init() -> dict:

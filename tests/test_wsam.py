@@ -16,6 +16,7 @@ import pytest
 
 import fsam_optax
 from tests import reference as ref
+from tests import test_family_layouts as layouts
 from tests.jax_mlp import max_rel_error, mlp_loss, run_library
 
 STEPS, TOL = 32, 1e-12
@@ -201,3 +202,14 @@ def test_inject_hyperparams_with_max_norm_static():
       fsam_optax.chain(fsam_optax.wsam(0.2, 0.8, learning_rate=0.05, max_norm=0.05), *base), data
     )
     assert max_rel_error(a, b) < TOL
+
+
+@pytest.mark.parametrize("shape, names", [((4,), ("model",)), ((2, 4), ("data", "model"))])
+def test_clipping_on_a_model_mesh_equals_one_device(shape, names):
+  """The clip's norm adds over the shards of the leaves split over "model"."""
+  with jax.enable_x64(True):
+    x, y = layouts.data()[0]
+    norm = optax.tree.norm(jax.grad(mlp_loss)(layouts.init(), x, y))
+    assert norm > 2 * layouts.HP["wsam_clipped"]["max_norm"]  # the clip acts
+    got = layouts.run_shard_map("wsam_clipped", shape, names)
+    layouts.assert_same_run(got, layouts.single_device("wsam_clipped"))
