@@ -21,7 +21,7 @@ class PerturbationConfig:
   store it (the restore target, built by ``tx.init``, supplies it).
 
   Attributes:
-    adaptive: ASAM-style scale-invariant perturbation.
+    adaptive: the PyTorch SAM code's adaptive perturbation (``|theta|``, no ``eta``).
     mask: one bool per parameter leaf (``False``: not perturbed), resolved
       from the method's ``mask`` at ``tx.init``; ``None`` perturbs every leaf.
     skip_nonfinite: the method leaves its state unchanged on a step whose

@@ -101,7 +101,7 @@ def fsam(
     sigma: how much of the moving average to remove, ``>= 0``. A Python ``0``
       keeps no moving average (plain SAM).
     lmbda: decay of the moving average, in ``[0, 1)``.
-    adaptive: ASAM-style scale-invariant perturbation.
+    adaptive: the PyTorch SAM code's adaptive perturbation (``|theta|``, no ``eta``).
     eps: added to the norm before dividing, ``> 0``.
     mask: pytree of bools (or a callable of the params): ``False`` leaves stay.
     every: take the F-SAM step on steps ``0, every, 2 every, ...`` only; the

@@ -4,7 +4,7 @@ One SAM-family step perturbs the weights ``theta`` along a direction ``d``
 (the clean gradient for SAM, ``g - sigma m`` for F-SAM) scaled to the radius
 ``rho``::
 
-  n = ||d||                      (of |theta| d in adaptive mode, ASAM)
+  n = ||d||                      (of |theta| d in adaptive mode)
   e = rho d / (n + eps)          (rho theta^2 d / (n + eps) in adaptive mode)
 
 and takes the gradient again at ``theta + e``. Every function here works on

@@ -32,7 +32,7 @@ def sam(
 
   Args:
     rho: perturbation radius, ``>= 0``; a scalar or a schedule of the step.
-    adaptive: ASAM-style scale-invariant perturbation.
+    adaptive: the PyTorch SAM code's adaptive perturbation (``|theta|``, no ``eta``).
     eps: added to the norm before dividing, ``> 0``.
     mask: pytree of bools (or a callable of the params returning one); leaves
       that are ``False`` are not perturbed.

@@ -72,7 +72,8 @@ def method_transformation(
       :class:`fsam_optax.SAMGrad` at each update), or ``None``.
     buffer_dtype: its dtype; by default float32 for parameters narrower than
       float32, the parameter's dtype otherwise.
-    adaptive: ASAM-style perturbation, ``e = rho theta^2 d / (||theta d|| + eps)``.
+    adaptive: the PyTorch SAM code's adaptive perturbation, ``e = rho theta^2 d /
+      (||theta d|| + eps)`` (ASAM's authors weight by ``|theta| + eta`` instead).
     mask: a pytree of bools (or a callable of the params returning one); leaves
       that are ``False`` are not perturbed and are left out of every norm.
     every: take the two-pass step on steps ``0, every, 2 every, ...`` only.

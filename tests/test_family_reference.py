@@ -152,7 +152,7 @@ def test_limiting_case_is_sam_bit_for_bit(tx):
       np.testing.assert_array_equal(got[k], expected[k])
 
 
-def test_adaptive_gsam_with_alpha_0_is_asam_bit_for_bit():
+def test_adaptive_gsam_with_alpha_0_is_adaptive_sam_bit_for_bit():
   want = run(fsam_optax.sam(rho=0.5, adaptive=True))
   got = run(fsam_optax.gsam(rho=0.5, alpha=0.0, adaptive=True))
   for g, w in zip(got, want, strict=True):

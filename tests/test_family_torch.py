@@ -22,7 +22,7 @@ uses the radius of the learning rate of step ``t``, as ``gsam_rho_schedule``
 does.
 
 Checked, for alpha 0.1 and 0.4, plain and adaptive: the port's two passes
-(``perturb_weights``, plain and ASAM-style; the second gradient at the
+(``perturb_weights``, plain and adaptive; the second gradient at the
 perturbed weights; ``gradient_decompose``; ``un_perturb`` before the base
 optimizer's step), in its per-tensor loop and its ``foreach`` code path, with
 a constant radius and with ``ProportionScheduler`` over a cosine learning rate.

@@ -34,7 +34,7 @@ CASES = [
   dict(rho=0.3, sigma=2.0, lmbda=0.0),
   dict(rho=0.05, sigma=0.0, lmbda=0.9),  # SAM
   dict(rho=0.2, sigma=1.0, lmbda=0.6, adaptive=True),
-  dict(rho=0.5, sigma=0.0, lmbda=0.9, adaptive=True),  # ASAM
+  dict(rho=0.5, sigma=0.0, lmbda=0.9, adaptive=True),  # adaptive SAM
 ]
 
 
