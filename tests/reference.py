@@ -246,7 +246,7 @@ def inner(a: dict, b: dict, keys=None) -> float:
 
 
 def sam_perturbation(theta: dict, d: dict, rho: float, eps: float, adaptive=False, kept=None):
-  """``rho d / (||d|| + eps)`` (adaptive: ``rho theta^2 d / (||theta d|| + eps)``) on kept leaves."""
+  """``rho d / (||d|| + eps)`` (adaptive: ``rho theta^2 d / (||theta d|| + eps)``), kept leaves."""
   kept = list(theta) if kept is None else kept
   n = norm({k: np.abs(theta[k]) * d[k] if adaptive else d[k] for k in kept})
   e = {k: np.zeros_like(v) for k, v in theta.items()}
