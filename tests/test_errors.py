@@ -60,9 +60,9 @@ def test_non_scalar_hyperparameter_is_refused():
 
 
 @pytest.mark.parametrize("name", ["sigma", "lmbda", "eps"])
-def test_only_rho_takes_a_schedule(name):
+def test_hyperparameters_but_rho_take_no_schedule(name):
   schedule = optax.constant_schedule(0.5)
-  with pytest.raises(ValueError, match=f"`{name}` must be a number.*only `rho` takes a schedule"):
+  with pytest.raises(ValueError, match=f"`{name}` must be a number or a scalar array, not a sch"):
     fsam_optax.fsam(**{name: schedule})
   fsam_optax.fsam(rho=schedule)  # accepted
 

@@ -16,11 +16,11 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 fm = load_example("fashion_mnist")
-FAMILY = ("gsam", "vasso", "looksam")
+FAMILY = ("gsam", "vasso", "looksam", "wsam")
 
 
 def test_the_plain_command_runs_the_whole_family() -> None:
-  assert fm.parse_args([]).methods == ["sgd", "sam", "fsam", "gsam", "vasso", "looksam"]
+  assert fm.parse_args([]).methods == ["sgd", "sam", "fsam", "gsam", "vasso", "looksam", "wsam"]
   for name in FAMILY:
     m = fm.METHODS[name]
     assert (m.start_from, m.compare_to) == ("sam", ("sam", "sgd"))
