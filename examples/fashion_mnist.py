@@ -285,7 +285,8 @@ GSAM_ALPHA = Grid("alpha", (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0), (0.1, 0.2, 0.4)
 VASSO_THETA = Grid("theta", (0.1, 0.2, 0.4, 0.6, 0.9, 1.0), (0.2, 0.4, 0.9))
 # LookSAM's alpha (the paper's default 0.7); 0 is SAM every 5th step with plain steps between.
 LOOKSAM_ALPHA = Grid("alpha", (0.0, 0.1, 0.4, 0.7, 1.0), (0.1, 0.4, 0.7))
-# WSAM's gamma (the class's default 0.9): the sharpness term weighs gamma / (1 - gamma).
+# WSAM's gamma (0.9, the default of the class at its last commit): the sharpness term weighs
+# gamma / (1 - gamma).
 WSAM_GAMMA = Grid("gamma", (0.5, 0.7, 0.8, 0.9, 0.95, 0.99), (0.8, 0.9, 0.95))
 
 METHODS: dict[str, Method] = {
