@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from fsam_optax._lookup import find_sam_state
+from fsam_optax._method import method_name
 from fsam_optax._pairs import SAMGrad
 
 
@@ -21,7 +22,9 @@ def chain(
   :attr:`SAMGrad.after_base` (WSAM's decoupled form, say) adds that term to
   the update the base optimizer makes, past its momentum, weight decay and
   preconditioning; ``optax.chain`` has no place for it and the method refuses
-  it. On a step the method leaves out (``skip_nonfinite``), no term is added.
+  it. On a step the method leaves out (``skip_nonfinite``), no term is added;
+  under ``optax.MultiSteps``, which would step the base optimizer once every
+  ``k`` updates, a term is refused (accumulate with ``micro_batches=``).
   For every other method this is ``optax.chain``. The state is
   ``optax.chain``'s.
 
@@ -50,6 +53,13 @@ def chain(
       return inner.update(updates, state, params, **extra_args)  # the method says what to do
     terms = [x.after_base for x in leaves]
     stripped = jax.tree.unflatten(treedef, [x._replace(after_base=None) for x in leaves])
+    if any(t is not None for t in terms) and _has_multi_steps(state):
+      raise ValueError(
+        f"{method_name(find_sam_state(state).state)} adds a term after the base "
+        "optimizer's update, which optax.MultiSteps after it would apply on every "
+        "micro-step while the base optimizer steps once every k: accumulate inside "
+        "the gradient function instead, with sam_value_and_grad(..., micro_batches=k)."
+      )
     out, new_state = inner.update(stripped, state, params, **extra_args)
     if all(t is None for t in terms):
       return out, new_state
@@ -63,3 +73,8 @@ def chain(
     return jax.tree.unflatten(out_def, added), new_state
 
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def _has_multi_steps(state: Any) -> bool:
+  is_multi = lambda x: isinstance(x, optax.MultiStepsState)
+  return any(is_multi(x) for x in jax.tree.leaves(state, is_leaf=is_multi))

@@ -60,7 +60,9 @@ class PerturbationConfig:
       if key == name:
         return value
     known = [key for key, _ in self.options]
-    raise KeyError(f"{self.method or 'the method'} has no static option {name!r}; it has {known}.")
+    raise ValueError(
+      f"{self.method or 'the method'} has no static option `{name}`; it has {known}."
+    )
 
   @property
   def schedule(self) -> tuple[int, float, int]:

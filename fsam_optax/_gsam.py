@@ -37,10 +37,12 @@ class GSAMState(NamedTuple):
   def direction(self, grads: Leaves, step: SAMStep) -> Leaves | Direction:
     """``g`` itself, as SAM, or ``|theta| g`` over ``||g||`` with ``relative=True``."""
     if self.config.option("relative"):
-      return Direction(
-        [jnp.abs(p).astype(g.dtype) * g for p, g in zip(step.params, grads, strict=True)],
-        step.norm(grads),
-      )
+      # |theta| g in at least float32: in float16 it overflows already at |theta|, |g| ~ 300.
+      acc = jnp.result_type(jnp.float32, *(g.dtype for g in grads))
+      weighted = [
+        jnp.abs(p).astype(acc) * g.astype(acc) for p, g in zip(step.params, grads, strict=True)
+      ]
+      return Direction(weighted, step.norm(grads))
     return grads
 
   def combine(self, perturbed: Leaves, clean: Leaves, step: SAMStep) -> list[SAMGrad]:

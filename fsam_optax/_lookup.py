@@ -19,9 +19,14 @@ from fsam_optax._method import STATE_TYPES, method_name
 
 _HOW_TO_BUILD = (
   "Build the optimizer as `optax.chain(fsam_optax.fsam(...), base_optimizer)` "
-  "(or with `fsam_optax.sam`, `gsam`, `vasso`, `looksam` first) and pass the state "
+  "(or with `fsam_optax.sam`, `gsam`, `vasso`, `looksam` first; "
+  "`fsam_optax.chain(fsam_optax.wsam(...), base_optimizer)` for WSAM) and pass the state "
   "that its init/update return."
 )
+
+# Hyperparameters the rules must read at this update's value: a learning rate is paired
+# with the base optimizer's at the same update.
+_ON_TIME = ("learning_rate",)
 
 
 # inject_hyperparams returns the stateful variant's state in recent optax.
@@ -38,13 +43,23 @@ class Found(NamedTuple):
 
   state: Any
   hyperparams: Mapping[str, Any] | None
+  scheduled: frozenset[str] = frozenset()  # the injected hyperparameters that are schedules
 
   def hyperparam(self, name: str) -> jax.Array:
     """The state's scalar ``name``, as the user set it last.
 
     Under ``inject_hyperparams`` the dict holds the values the user set last;
-    the inner state only learns them at the next update.
+    the inner state only learns them at the next update. An injected schedule
+    holds the last update's value: refused for a learning rate.
     """
+    if name in _ON_TIME and name in self.scheduled:
+      method = method_name(self.state)
+      raise ValueError(
+        f"{method}: `{name}` is a schedule injected with optax.inject_hyperparams, which "
+        "reaches the gradient function one update late, paired with the base optimizer's "
+        f"previous learning rate. Pass the schedule to {method}({name}=...) itself (it is "
+        "evaluated at each update's count), or inject a number."
+      )
     value = getattr(self.state, name, None)
     if value is None or name in ("count", "config"):
       fields = [f for f in self.state._fields if f not in ("count", "config")]
@@ -66,6 +81,7 @@ class _Hit(NamedTuple):
   state: Any
   hyperparams: Mapping[str, Any] | None
   problem: str | None
+  scheduled: frozenset[str] = frozenset()
 
 
 def _not_first(where: str) -> str:
@@ -74,7 +90,7 @@ def _not_first(where: str) -> str:
     "{method} must be the first transformation of the chain, because the "
     "transformations before it would receive the helper's SAMGrad tree; "
     f"found it at {where}. Move it to the front: "
-    "`optax.chain({factory}(...), ...)`."
+    "`{chain}({factory}(...), ...)`."
   )
 
 
@@ -82,7 +98,7 @@ _INSIDE_APPLY_IF_FINITE = (
   "{method} cannot sit inside optax.apply_if_finite: on a skipped step it returns "
   "zeros shaped like the SAMGrad tree it received, which the rest "
   "of the chain cannot take. Wrap the base optimizer instead: "
-  "`optax.chain({factory}(...), optax.apply_if_finite(base, "
+  "`{chain}({factory}(...), optax.apply_if_finite(base, "
   "max_consecutive_errors))` with `{method}(..., skip_nonfinite=True)`, which "
   "leaves its state unchanged on a non-finite step, so the whole step is skipped."
 )
@@ -114,12 +130,12 @@ _INSIDE_MASK = (
   "{method} cannot sit inside optax.masked or optax.multi_transform: the gradient "
   "helper perturbs every parameter with one global norm. Keep {method} first and "
   "unmasked, exclude parameters from the perturbation with its own `mask=`, "
-  "and mask the base optimizer after it: `optax.chain({factory}(mask=...), "
+  "and mask the base optimizer after it: `{chain}({factory}(mask=...), "
   "optax.multi_transform(transforms, labels))`."
 )
 
 
-_BUILT_IN = ("fsam", "sam", "gsam", "vasso", "looksam")
+_BUILT_IN = ("fsam", "sam", "gsam", "vasso", "looksam", "wsam")
 
 
 def _children(node: Any) -> list[tuple[Any, str | None]]:
@@ -148,11 +164,14 @@ def _children(node: Any) -> list[tuple[Any, str | None]]:
   return [] if is_leaf else [(c, None) for c in leaves]
 
 
-def _search(node: Any, hyperparams: Any, problem: str | None) -> list[_Hit]:
+def _search(
+  node: Any, hyperparams: Any, problem: str | None, scheduled: frozenset[str] = frozenset()
+) -> list[_Hit]:
   if isinstance(node, tuple(STATE_TYPES)):
-    return [_Hit(node, hyperparams, problem)]
+    return [_Hit(node, hyperparams, problem, scheduled)]
   if isinstance(node, _INJECT_STATES):
-    return _search(node.inner_state, node.hyperparams, problem)
+    schedules = frozenset(getattr(node, "hyperparams_states", None) or ())
+    return _search(node.inner_state, node.hyperparams, problem, schedules)
   hits = []
   for child, child_problem in _children(node):
     hits += _search(child, None, problem or child_problem)
@@ -172,20 +191,24 @@ def find_sam_state(opt_state: Any, caller: str = "sam_value_and_grad") -> Found:
     raise ValueError(
       f"{caller}: opt_state holds {len(hits)} SAM-family states ({names}); a "
       "chain must contain exactly one SAM-family transformation (fsam, sam, gsam, "
-      "vasso, looksam or a method of one's own)."
+      "vasso, looksam, wsam or a method of one's own)."
     )
   hit = hits[0]
   method = method_name(hit.state)
   # The built-in methods' factories are fsam_optax's; a method of one's own, its author's.
   factory = f"fsam_optax.{method}" if method in _BUILT_IN else method
+  # WSAM's decoupled term needs fsam_optax.chain; it is optax.chain for the others.
+  chain = "fsam_optax.chain" if method == "wsam" else "optax.chain"
   if hit.problem is not None:
-    raise ValueError(hit.problem.format(method=method, factory=factory))
+    raise ValueError(hit.problem.format(method=method, factory=factory, chain=chain))
   if not hit.state.config.skip_nonfinite and _has_apply_if_finite(opt_state):
     consequence = _non_finite_consequence(hit.state)
     raise ValueError(
-      _APPLY_IF_FINITE_NEEDS_SKIP.format(method=method, factory=factory, consequence=consequence)
+      _APPLY_IF_FINITE_NEEDS_SKIP.format(
+        method=method, factory=factory, chain=chain, consequence=consequence
+      )
     )
-  return Found(hit.state, hit.hyperparams)
+  return Found(hit.state, hit.hyperparams, hit.scheduled)
 
 
 def _no_state(opt_state: Any, caller: str) -> str:
@@ -193,15 +216,15 @@ def _no_state(opt_state: Any, caller: str) -> str:
   got = f"opt_state (of type `{_type_name(opt_state)}`)"
   if _is_nnx_state(opt_state):
     return (
-      f"{caller}: {got} holds no SAM-family state (fsam, sam, gsam, vasso or "
-      "looksam): an `nnx.State`, such as `nnx.state(optimizer)` returns, keeps the "
+      f"{caller}: {got} holds no SAM-family state (fsam, sam, gsam, vasso, "
+      "looksam or wsam): an `nnx.State`, such as `nnx.state(optimizer)` returns, keeps the "
       "optimizer's arrays as nested dicts of variables, without the optax state that the "
       "SAM-family transformation reads its settings from. Pass the `nnx.Optimizer` itself "
       "or `optimizer.opt_state`."
     )
   return (
-    f"{caller}: {got} holds no SAM-family state (fsam, sam, gsam, vasso or "
-    f"looksam). {_HOW_TO_BUILD}"
+    f"{caller}: {got} holds no SAM-family state (fsam, sam, gsam, vasso, "
+    f"looksam or wsam). {_HOW_TO_BUILD}"
   )
 
 

@@ -69,6 +69,14 @@ class SAMStep:
     """Whether the rules see each replica's own gradients (``perturbation="per_device"``)."""
     return self._layout.per_device
 
+  def mean(self, leaves: Sequence[jax.Array]) -> list[jax.Array]:
+    """``leaves`` averaged over the data replicas with ``perturbation="per_device"``.
+
+    The gradients as the whole batch gives them, where each replica's rules
+    see its own; unchanged otherwise (the rules then see the average already).
+    """
+    return list(self._layout.mean_grads(list(leaves))) if self.per_device else list(leaves)
+
   def norm(self, leaves: Sequence[jax.Array], *, include_masked: bool = False) -> jax.Array:
     """The L2 norm of the whole tree of perturbed (unmasked) leaves, on any layout.
 

@@ -19,9 +19,9 @@ class SAMGrad(NamedTuple):
   Attributes:
     grad: the gradient the optimizers after the method in the chain receive:
       ``g'``, the gradient at the perturbed weights ``theta + e`` (SAM, F-SAM,
-      VaSSO, LookSAM's two-pass steps), GSAM's ``g' - alpha * vertical``,
-      LookSAM's reused gradient on its one-pass steps, ``g`` on the other
-      methods' one-pass steps.
+      VaSSO, LookSAM's two-pass steps), GSAM's combination of ``g`` and ``g'``,
+      WSAM's ``g`` (decoupled) or combination, LookSAM's reused gradient on its
+      one-pass steps, ``g`` on the other methods' one-pass steps.
     buffer: the new value of the method's parameter-shaped buffer at this leaf,
       which its update stores (F-SAM's and VaSSO's moving averages, LookSAM's
       ``g_v``); ``None`` for a method without one.
@@ -59,16 +59,18 @@ class SAMGrad(NamedTuple):
 _PAIR_AS_ARRAY = (
   "a fsam_optax.SAMGrad was used as an array. Pass the helper's gradients unchanged "
   "to an optimizer whose chain starts with the SAM-family transformation (fsam, sam, "
-  "gsam, vasso, looksam or a method of your own), or take the plain tree of gradients "
+  "gsam, vasso, looksam, wsam or a method of your own), or take the plain tree of gradients "
   "that the base optimizer receives with fsam_optax.base_grads(grads)."
 )
 
 
-def split_grads(updates: Any, method: str) -> tuple[list[jax.Array], list[Any], Any]:
+def split_grads(
+  updates: Any, method: str, *, terms: bool = False
+) -> tuple[list[jax.Array], list[Any], Any]:
   """The helper's gradients: lists of their ``grad`` and ``buffer`` leaves, and a treedef.
 
-  A term to add after the base optimizer must have been taken out already, by
-  :func:`fsam_optax.chain`: ``optax.chain`` has no place for it.
+  Unless ``terms``, a term to add after the base optimizer must have been taken
+  out already, by :func:`fsam_optax.chain`: ``optax.chain`` has no place for it.
 
   ``method`` names the transformation in the error raised for plain gradients.
   """
@@ -81,7 +83,7 @@ def split_grads(updates: Any, method: str) -> tuple[list[jax.Array], list[Any], 
       f"which returns the SAMGrad tree that {method} consumes, "
       f"and place {method} first in the chain."
     )
-  if any(x.after_base is not None for x in leaves):
+  if not terms and any(x.after_base is not None for x in leaves):
     raise ValueError(
       f"{method} adds a term to the update after the base optimizer's, which optax.chain "
       f"has no place for: build the optimizer with fsam_optax.chain({method}(...), base) "
@@ -94,7 +96,9 @@ def base_grads(grads: Any) -> Any:
   """The gradients the optimizers after the method receive, as a plain tree.
 
   ``g'`` for SAM, F-SAM and VaSSO; GSAM's combination; LookSAM's reused
-  gradient on its one-pass steps; ``g`` on the other methods' one-pass steps. Use
+  gradient on its one-pass steps; WSAM's ``g`` (decoupled: the term it adds after
+  the base optimizer is left out) or combination; ``g`` on the other methods'
+  one-pass steps. Use
   it (not the ``SAMGrad`` tree) wherever a plain gradient tree is expected,
   e.g. ``optax.global_norm``.
 
@@ -108,7 +112,7 @@ def base_grads(grads: Any) -> Any:
     [3.06 4.08]
   """
   try:
-    leaves, _, treedef = split_grads(grads, "fsam_optax.base_grads")
+    leaves, _, treedef = split_grads(grads, "fsam_optax.base_grads", terms=True)
   except ValueError:
     raise ValueError(
       "fsam_optax.base_grads: expected the gradients of sam_value_and_grad, a tree "

@@ -202,12 +202,25 @@ def _hand_on(
   else:
     handed = combine(perturbed, jax.tree.leaves(clean.for_rules), step)
     _check_handed(handed, perturbed, _buffer_leaves(state), method_name(state))
+    handed = [_non_finite_with_its_term(x) for x in handed]
   # Per device, both branches of a schedule's cond hand on the replica's own.
   grads = step._layout.vary_if_per_device(jax.tree.unflatten(treedef, handed))
   norm = None
   if diagnose:
     norm = step._layout.norm(jax.tree.leaves(_averaged(second.grads, step._layout)))
   return _HandedOn(grads, second.value, second.norms, norm, second.rngs)
+
+
+def _non_finite_with_its_term(handed: SAMGrad) -> SAMGrad:
+  """``handed`` with its gradient non-finite wherever its ``after_base`` term is.
+
+  The term bypasses the base optimizer, so a guard that reads the gradients
+  (``skip_nonfinite``, ``optax.apply_if_finite``) must see it to leave the step out.
+  """
+  if handed.after_base is None:
+    return handed
+  nan = jnp.asarray(jnp.nan, handed.grad.dtype)
+  return handed._replace(grad=jnp.where(jnp.isfinite(handed.after_base), handed.grad, nan))
 
 
 def _check_buffer(state: SAMState, n_leaves: int) -> None:

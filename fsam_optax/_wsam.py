@@ -27,8 +27,8 @@ class WSAMState(NamedTuple):
     gamma: the sharpness term's weight is ``gamma / (1 - gamma)``.
     eps: added to the norm before dividing by it.
     config: static settings (``decoupled`` and ``max_norm`` among its options).
-    learning_rate: the base optimizer's learning rate at this count, for the
-      decoupled form; ``None`` in the coupled form.
+    learning_rate: the base optimizer's learning rate for the next update (at
+      ``count``), for the decoupled form; ``None`` in the coupled form.
   """
 
   count: jax.Array  # type: ignore[assignment]
@@ -43,39 +43,42 @@ class WSAMState(NamedTuple):
     return grads
 
   def combine(self, perturbed: Leaves, clean: Leaves, step: SAMStep) -> list[SAMGrad]:
-    """``g`` and the sharpness term, or their weighted sum; ``g`` on a one-pass step."""
+    """``g`` and the sharpness term, or their weighted sum; ``g`` on a one-pass step.
+
+    Masked leaves receive ``g`` and no term: the method leaves them alone.
+    """
+    acc = jnp.result_type(jnp.float32, *(g.dtype for g in clean))
+    g = [x.astype(acc) for x in clean]
+    gp = [x.astype(acc) for x in perturbed] if step.two_pass else g
     max_norm = self.config.option("max_norm")
     if isinstance(max_norm, float):
-      if step.per_device:
-        raise ValueError(
-          "wsam: `max_norm` clips the gradients averaged over the replicas, which "
-          'perturbation="per_device" never forms; clip with the default perturbation, '
-          "or drop max_norm here."
-        )
-      clean = _clipped(clean, max_norm, step)
-      perturbed = _clipped(perturbed, max_norm, step) if step.two_pass else clean
+      # As the class: the gradients averaged over the workers, clipped.
+      g = _clipped(step.mean(g), max_norm, step)
+      gp = _clipped(step.mean(gp), max_norm, step) if step.two_pass else g
+    plain = [SAMGrad(x.astype(c.dtype)) for x, c in zip(g, clean, strict=True)]
     if not step.two_pass:
-      return [SAMGrad(g) for g in clean]
-    acc = jnp.result_type(jnp.float32, *(g.dtype for g in clean))
+      return plain
     gamma = step.hyperparam("gamma").astype(acc)
     alpha = gamma / (1 - gamma)
     if self.config.option("decoupled"):
       scale = -step.hyperparam("learning_rate").astype(acc) * alpha
-      return [
-        SAMGrad(g, after_base=(scale * (gp.astype(acc) - g.astype(acc))).astype(g.dtype))
-        for gp, g in zip(perturbed, clean, strict=True)
+      combined = [
+        SAMGrad(x.grad, after_base=(scale * (b - a)).astype(x.grad.dtype))
+        for x, a, b in zip(plain, g, gp, strict=True)
       ]
-    return [
-      SAMGrad((gp.astype(acc) * alpha + g.astype(acc) * (1 - alpha)).astype(gp.dtype))
-      for gp, g in zip(perturbed, clean, strict=True)
-    ]
+    else:
+      combined = [
+        SAMGrad((b * alpha + a * (1 - alpha)).astype(c.dtype))
+        for a, b, c in zip(g, gp, clean, strict=True)
+      ]
+    return step.where_perturbed(combined, plain)
 
 
 def _clipped(grads: Leaves, max_norm: float, step: SAMStep) -> Leaves:
   """``grads`` times ``min(1, max_norm / (||grads|| + 1e-6))``, the norm over every leaf."""
   norm = step.norm(grads, include_masked=True)
-  scale = jnp.minimum(1, max_norm / (norm + CLIP_EPS))
-  return [(g.astype(norm.dtype) * scale).astype(g.dtype) for g in grads]
+  scale = jnp.minimum(1, max_norm / (norm + CLIP_EPS)).astype(norm.dtype)
+  return [g * scale for g in grads]
 
 
 def wsam(
@@ -110,16 +113,24 @@ def wsam(
   With ``max_norm``, ``g`` (once ``e`` is made) and ``g'`` are each scaled by
   ``min(1, max_norm / (norm + 1e-6))``, their own global norm over every leaf:
   PyTorch's ``clip_grad_norm_``, which the class calls, not
-  ``optax.clip_by_global_norm``. Masked leaves are not perturbed; the
-  combination applies at every leaf. On a one-pass step (``sam_step=False``)
-  the base optimizer receives ``g`` (clipped) and nothing is added.
+  ``optax.clip_by_global_norm``. With ``perturbation="per_device"`` each
+  replica perturbs with its own ``g`` and the clipping acts on the gradients
+  averaged over the replicas, as the class under ``DistributedDataParallel``.
+  Masked leaves are left alone: not perturbed, and they receive ``g`` with no
+  term (a leaf the base optimizer freezes must be masked here too, since the
+  term bypasses the base optimizer). On a one-pass step (``sam_step=False``)
+  the base optimizer receives ``g`` (clipped) and nothing is added. A
+  non-finite term makes the step non-finite, so that ``skip_nonfinite`` with
+  ``optax.apply_if_finite`` leaves it out.
 
   Args:
     rho: perturbation radius, ``>= 0``; a scalar or a schedule of the step.
     gamma: in ``[0, 1)``; the sharpness term's weight is ``gamma / (1 - gamma)``.
     learning_rate: the base optimizer's learning rate, a number or the same
       schedule (evaluated at the count of the update it belongs to); required
-      by the decoupled form, refused by the coupled one.
+      by the decoupled form, refused by the coupled one. Under
+      ``optax.inject_hyperparams`` a number may be injected, not a schedule
+      (it would reach the step one update late).
     decoupled: add the sharpness term after the base optimizer (``True``) or
       hand it the weighted sum of the gradients (``False``).
     max_norm: clip ``g`` and ``g'`` to this global norm, ``> 0``; ``None``: off.
@@ -129,7 +140,8 @@ def wsam(
       as the class's ``adaptive``.
     eps: added to the norm before dividing, ``> 0``.
     mask: pytree of bools (or a callable of the params returning one); leaves
-      that are ``False`` are not perturbed and are left out of ``||g||``.
+      that are ``False`` are not perturbed, are left out of ``||g||``, and
+      receive ``g`` with no term.
     skip_nonfinite: leave the state unchanged on a non-finite step (see :func:`fsam`).
 
   Returns:

@@ -373,7 +373,8 @@ class WSAMReference:
 
   Decoupled, the base optimizer receives ``g`` and ``term`` is what the class
   adds to the weights after the base step: ``-lr alpha (g' - g)``, with
-  ``lr`` the learning rate that step used (``train_family`` sets it).
+  ``lr`` the learning rate that step used (``train_family`` sets it). Leaves
+  outside ``kept`` (the library's mask; the class has none) receive ``g``.
   """
 
   rho: float
@@ -402,9 +403,10 @@ class WSAMReference:
     gp = self.clip(grad_at(shift(theta, e)))
     g = self.clip(g)
     alpha = self.gamma / (1 - self.gamma)
+    kept = list(g) if self.kept is None else self.kept  # the others: g, and no term
     if not self.decoupled:
-      return {k: gp[k] * alpha + g[k] * (1 - alpha) for k in g}
-    self.term = {k: -self.lr * alpha * (gp[k] - g[k]) for k in g}
+      return {k: gp[k] * alpha + g[k] * (1 - alpha) if k in kept else g[k] for k in g}
+    self.term = {k: -self.lr * alpha * (gp[k] - g[k]) if k in kept else 0.0 * g[k] for k in g}
     return g
 
 

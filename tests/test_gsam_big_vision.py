@@ -118,3 +118,14 @@ def test_a_zero_gradient_stays_finite(form):
 def test_bad_options_are_refused(kwargs, match):
   with pytest.raises(ValueError, match=match):
     fsam_optax.gsam(0.1, 0.4, **kwargs)
+
+
+def test_relative_perturbation_stays_finite_in_float16():
+  """|theta| g in float16 overflows at |theta|, |g| ~ 300: the direction is formed wider."""
+  params = {"w": jnp.array([300.0, -200.0], jnp.float16)}
+  tx = optax.chain(fsam_optax.gsam(0.01, 0.4, relative=True), optax.sgd(1e-6))
+  loss = lambda p: jnp.sum(150.0 * p["w"].astype(jnp.float32) ** 2 / 300.0)  # |g| ~ 300
+  _, grads = fsam_optax.sam_value_and_grad(loss)(params, tx.init(params))
+  got = fsam_optax.base_grads(grads)["w"]
+  assert got.dtype == jnp.float16
+  assert np.all(np.isfinite(np.asarray(got, np.float32)))

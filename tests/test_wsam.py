@@ -175,18 +175,118 @@ def test_decoupled_wsam_under_optax_chain_is_refused_with_the_fix():
     tx.update(grads, opt_state, params)
 
 
-def test_clipping_per_device_is_refused():
-  tx = fsam_optax.chain(fsam_optax.wsam(0.1, learning_rate=0.1, max_norm=1.0), optax.sgd(0.1))
-  grad_fn = fsam_optax.sam_value_and_grad(
-    lambda p, x: jnp.mean((x @ p) ** 2), axis_name="data", perturbation="per_device"
+def mean_over(trees):
+  """The mean of a list of dicts of arrays, leaf by leaf (the workers' all-reduce)."""
+  return {k: np.mean([t[k] for t in trees], axis=0) for k in trees[0]}
+
+
+def test_per_device_clipping_acts_on_the_averaged_gradients_as_the_class_under_ddp():
+  """Each worker perturbs with its own g; g and g' are averaged, then clipped and combined."""
+  n, steps, max_norm = jax.device_count(), 6, 0.05
+  tx = fsam_optax.chain(
+    fsam_optax.wsam(0.2, 0.9, learning_rate=0.05, max_norm=max_norm),
+    optax.sgd(0.05, momentum=MOMENTUM),
   )
-  params = jnp.ones(3)
-  mapped = jax.pmap(grad_fn, axis_name="data", in_axes=(None, None, 0))
+  grad_fn = fsam_optax.sam_value_and_grad(mlp_loss, axis_name="data", perturbation="per_device")
+
+  def step(params, opt_state, x, y):
+    _, grads = grad_fn(params, opt_state, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  step = jax.pmap(step, axis_name="data")
+  replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), tree)
+  with jax.enable_x64(True):
+    data = ref.batches(seed=4, steps=steps, batch=2 * n)
+    params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
+    params, opt_state = replicate(params), replicate(tx.init(params))
+    theta, base = ref.init_mlp(0), ref.SGDReference(0.05, MOMENTUM, 0.0)
+    method = ref.WSAMReference(0.2, 0.9, max_norm=max_norm, lr=0.05)
+    clipped = False
+    for x, y in data:
+      params, opt_state = step(params, opt_state, x.reshape(n, 2, -1), y.reshape(n, 2, -1))
+      shards = [(x[2 * i : 2 * i + 2], y[2 * i : 2 * i + 2]) for i in range(n)]
+      g = [ref.mlp_loss_and_grad(theta, *b)[1] for b in shards]
+      e = [ref.sam_perturbation(theta, gi, 0.2, ref.EPS) for gi in g]
+      gp = [
+        ref.mlp_loss_and_grad(ref.shift(theta, ei), *b)[1] for ei, b in zip(e, shards, strict=True)
+      ]
+      g_avg, gp_avg = mean_over(g), mean_over(gp)
+      clipped |= ref.norm(g_avg) > max_norm
+      g_avg, gp_avg = method.clip(g_avg), method.clip(gp_avg)
+      term = {k: -0.05 * 9.0 * (gp_avg[k] - g_avg[k]) for k in theta}
+      theta = base.step(theta, g_avg)
+      theta = {k: theta[k] + term[k] for k in theta}
+      got = jax.tree.map(lambda a: np.asarray(a[0]), params)
+      assert max_rel_error([got], [theta]) < 1e-12
+    assert clipped
+
+
+def test_a_non_finite_perturbed_gradient_leaves_the_whole_step_out():
+  """g finite, g' not (the perturbation crosses sqrt's domain): the term must not slip in."""
+  params = {"w": jnp.array([0.01, 1.0])}
+  tx = fsam_optax.chain(
+    fsam_optax.wsam(0.5, 0.9, learning_rate=0.1, skip_nonfinite=True),
+    optax.apply_if_finite(optax.sgd(0.1), 3),
+  )
+  grad_fn = fsam_optax.sam_value_and_grad(lambda p: -jnp.sum(jnp.sqrt(p["w"])))
+  opt_state = tx.init(params)
+  _, grads = grad_fn(params, opt_state)
+  assert np.all(np.isfinite(jax.grad(lambda p: -jnp.sum(jnp.sqrt(p["w"])))(params)["w"]))
+  updates, new_state = tx.update(grads, opt_state, params)
+  np.testing.assert_array_equal(updates["w"], np.zeros(2))
+  assert int(new_state[0].count) == 0
+  assert int(new_state[1].notfinite_count) == 1
+
+
+def test_an_injected_learning_rate_schedule_is_refused():
+  schedule = optax.linear_schedule(0.1, 0.0, 10)
+  tx = fsam_optax.chain(
+    optax.inject_hyperparams(fsam_optax.wsam)(rho=0.1, gamma=0.9, learning_rate=schedule),
+    optax.sgd(schedule),
+  )
+  params = {"w": jnp.ones(3)}
+  grad_fn = fsam_optax.sam_value_and_grad(lambda p: jnp.sum(p["w"] ** 2))
   with pytest.raises(
-    ValueError,
-    match=r'`max_norm` clips the gradients averaged over the replicas, .*"per_device"',
+    ValueError, match=r"one update late.* Pass the schedule to wsam\(learning_rate"
   ):
-    mapped(params, tx.init(params), jnp.ones((2, 8, 3)))
+    grad_fn(params, tx.init(params))
+
+
+def test_multi_steps_after_a_decoupled_wsam_is_refused():
+  tx = fsam_optax.chain(
+    fsam_optax.wsam(0.1, learning_rate=0.1),
+    optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2).gradient_transformation(),
+  )
+  params = {"w": jnp.ones(3)}
+  grad_fn = fsam_optax.sam_value_and_grad(lambda p: jnp.sum(p["w"] ** 2))
+  opt_state = tx.init(params)
+  _, grads = grad_fn(params, opt_state)
+  with pytest.raises(ValueError, match=r"optax.MultiSteps .* micro_batches=k"):
+    tx.update(grads, opt_state, params)
+
+
+def test_base_grads_of_decoupled_wsam_are_g():
+  params = {"w": jnp.array([3.0, 4.0])}
+  loss = lambda p: jnp.sum(p["w"] ** 3)
+  tx = fsam_optax.chain(fsam_optax.wsam(0.1, learning_rate=0.1), optax.sgd(0.1))
+  _, grads = fsam_optax.sam_value_and_grad(loss)(params, tx.init(params))
+  np.testing.assert_array_equal(fsam_optax.base_grads(grads)["w"], jax.grad(loss)(params)["w"])
+
+
+def test_a_leaf_masked_here_and_frozen_in_the_base_does_not_move():
+  """The term bypasses the base optimizer: the mask keeps it off a frozen leaf."""
+  params = {"frozen": jnp.array([1.0, -2.0]), "w": jnp.array([0.5, 1.5])}
+  labels = {"frozen": "frozen", "w": "train"}
+  base = optax.multi_transform({"frozen": optax.set_to_zero(), "train": optax.sgd(0.1)}, labels)
+  mask = {"frozen": False, "w": True}
+  tx = fsam_optax.chain(fsam_optax.wsam(0.5, 0.9, learning_rate=0.1, mask=mask), base)
+  grad_fn = fsam_optax.sam_value_and_grad(lambda p: jnp.sum(p["frozen"] ** 2 * p["w"] ** 4))
+  opt_state = tx.init(params)
+  _, grads = grad_fn(params, opt_state)
+  updates, _ = tx.update(grads, opt_state, params)
+  np.testing.assert_array_equal(updates["frozen"], np.zeros(2))
+  assert np.all(updates["w"] != 0)
 
 
 def test_inject_hyperparams_with_max_norm_static():
