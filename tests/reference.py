@@ -84,12 +84,14 @@ class SGDReference:
 
 @dataclasses.dataclass
 class AdamReference:
-  """optax.adam: bias-corrected moments, ``eps`` outside the square root."""
+  """optax.adamw (optax.adam at ``wd = 0``): bias-corrected moments, ``eps`` outside the
+  square root, decoupled weight decay."""
 
   lr: float
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
+  wd: float = 0.0
   t: int = 0
   mu: dict | None = None
   nu: dict | None = None
@@ -105,7 +107,7 @@ class AdamReference:
     for k in theta:
       mu_hat = self.mu[k] / (1 - self.b1**self.t)
       nu_hat = self.nu[k] / (1 - self.b2**self.t)
-      out[k] = theta[k] - self.lr * mu_hat / (np.sqrt(nu_hat) + self.eps)
+      out[k] = theta[k] - self.lr * (mu_hat / (np.sqrt(nu_hat) + self.eps) + self.wd * theta[k])
     return out
 
 

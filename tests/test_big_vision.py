@@ -30,7 +30,7 @@ import pytest
 import fsam_optax
 from tests import reference as ref
 from tests.jax_mlp import max_rel_error, mlp_loss
-from tests.train_step import sam_step
+from tests.train_step import per_worker_step, replicate
 
 ROOT = os.environ.get("BIG_VISION_DIR")
 if not ROOT:
@@ -114,14 +114,7 @@ def library_run(form, data, n):
     relative=form["adaptive_perturbation"],
   )
   tx = optax.chain(method, *base_optimizer())
-  step = sam_step(
-    tx,
-    mlp_loss,
-    mapped=functools.partial(jax.pmap, axis_name="batch"),
-    jit=False,
-    axis_name="batch",
-    perturbation="per_device",
-  )
+  step = per_worker_step(tx, mlp_loss, "batch")
   params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
   params, opt_state = replicate(params, n), replicate(tx.init(params), n)
   path = []
@@ -129,10 +122,6 @@ def library_run(form, data, n):
     params, opt_state = step(params, opt_state, *split(x, y, n))
     path.append(jax.tree.map(lambda a: np.asarray(a[0]), params))
   return path
-
-
-def replicate(tree, n):
-  return jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), tree)
 
 
 def split(x, y, n):

@@ -147,10 +147,18 @@ def worst_error(case, foreach, seed=1):
 
 
 def float64_global_gradient_norm(param_groups, device=None, *, weight_adaptive=False):
-  """The port's squared global gradient norm, left in the gradients' dtype (not float32)."""
-  assert not weight_adaptive  # GSAM asks this helper for the plain norm only
-  grads = [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
-  return torch.stack([g.norm() for g in grads]).square().sum().reshape(1)
+  """The ports' squared global gradient norm, left in the gradients' dtype (not float32).
+
+  ``weight_adaptive`` weighs by ``|p|`` in the groups built with ``adaptive=True``, as
+  the helper it replaces (WSAM asks for it; GSAM for the plain norm).
+  """
+  squares = []
+  for group in param_groups:
+    for p in group["params"]:
+      if p.grad is not None:
+        weighted = p.grad * p.abs() if weight_adaptive and group.get("adaptive") else p.grad
+        squares.append(weighted.norm().square())
+  return torch.stack(squares).sum().reshape(1)
 
 
 @pytest.fixture

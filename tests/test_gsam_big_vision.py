@@ -9,8 +9,6 @@ worker; its trainer averages the results over workers): the default form, the
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +19,7 @@ import fsam_optax
 from tests import reference as ref
 from tests.jax_mlp import max_rel_error, mlp_loss, run_library
 from tests.test_family_reference import LR, MOMENTUM, STEPS, WD
-from tests.train_step import sam_step
+from tests.train_step import per_worker_step, replicate
 
 TOL = 1e-9  # the default form: big_vision's norms have no eps (1e-11 apart on this MLP)
 FORMS = [
@@ -66,19 +64,11 @@ def test_each_form_is_far_from_the_default(form):
 def test_per_worker_under_pmap_equals_big_vision_then_pmean(form):
   n, steps = jax.device_count(), 8
   tx = optax.chain(fsam_optax.gsam(0.3, 0.6, **form), *base_optimizer())
-  step = sam_step(
-    tx,
-    mlp_loss,
-    mapped=functools.partial(jax.pmap, axis_name="data"),
-    jit=False,
-    axis_name="data",
-    perturbation="per_device",
-  )
-  replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), tree)
+  step = per_worker_step(tx, mlp_loss, "data")
   with jax.enable_x64(True):
     data = ref.batches(seed=3, steps=steps, batch=2 * n)
     params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
-    params, opt_state = replicate(params), replicate(tx.init(params))
+    params, opt_state = replicate(params, n), replicate(tx.init(params), n)
     theta, base = ref.init_mlp(0), ref.SGDReference(LR, MOMENTUM, WD)
     for x, y in data:
       params, opt_state = step(params, opt_state, x.reshape(n, 2, -1), y.reshape(n, 2, -1))

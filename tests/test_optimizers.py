@@ -23,28 +23,6 @@ LR = 0.05
 FSAM = dict(rho=0.2, sigma=1.0, lmbda=0.6)
 
 
-class AdamWByHand:
-  """optax.adamw: bias-corrected Adam plus decoupled weight decay."""
-
-  def __init__(self, lr, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4):
-    self.lr, self.b1, self.b2, self.eps, self.wd = lr, b1, b2, eps, wd
-    self.t, self.mu, self.nu = 0, None, None
-
-  def step(self, theta, g):
-    if self.mu is None:
-      self.mu = {k: np.zeros_like(v) for k, v in g.items()}
-      self.nu = {k: np.zeros_like(v) for k, v in g.items()}
-    self.t += 1
-    self.mu = {k: self.b1 * self.mu[k] + (1 - self.b1) * g[k] for k in g}
-    self.nu = {k: self.b2 * self.nu[k] + (1 - self.b2) * g[k] ** 2 for k in g}
-    out = {}
-    for k in theta:
-      m_hat = self.mu[k] / (1 - self.b1**self.t)
-      v_hat = self.nu[k] / (1 - self.b2**self.t)
-      out[k] = theta[k] - self.lr * (m_hat / (np.sqrt(v_hat) + self.eps) + self.wd * theta[k])
-    return out
-
-
 class LionByHand:
   """optax.lion: sign of an interpolated momentum, plus decoupled weight decay."""
 
@@ -101,7 +79,7 @@ CASES = {
   ),
   "adamw": (
     lambda: optax.adamw(1e-2, weight_decay=1e-2),
-    lambda: AdamWByHand(1e-2, wd=1e-2),
+    lambda: ref.AdamReference(1e-2, wd=1e-2),
   ),
   "lion": (
     lambda: optax.lion(1e-3, weight_decay=1e-2),

@@ -18,6 +18,7 @@ import fsam_optax
 from tests import reference as ref
 from tests import test_family_layouts as layouts
 from tests.jax_mlp import max_rel_error, mlp_loss, run_library
+from tests.train_step import replicate
 
 STEPS, TOL = 32, 1e-12
 MOMENTUM, WD = 0.9, 1e-3
@@ -195,11 +196,10 @@ def test_per_device_clipping_acts_on_the_averaged_gradients_as_the_class_under_d
     return optax.apply_updates(params, updates), opt_state
 
   step = jax.pmap(step, axis_name="data")
-  replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), tree)
   with jax.enable_x64(True):
     data = ref.batches(seed=4, steps=steps, batch=2 * n)
     params = jax.tree.map(jnp.asarray, ref.init_mlp(0))
-    params, opt_state = replicate(params), replicate(tx.init(params))
+    params, opt_state = replicate(params, n), replicate(tx.init(params), n)
     theta, base = ref.init_mlp(0), ref.SGDReference(0.05, MOMENTUM, 0.0)
     method = ref.WSAMReference(0.2, 0.9, max_norm=max_norm, lr=0.05)
     clipped = False

@@ -33,7 +33,7 @@ from tests.test_family_reference import LR, MOMENTUM, STEPS, TOL, WD
 
 torch = pytest.importorskip("torch")
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
-from tests.test_family_torch import TorchMLP, cosine  # noqa: E402  (needs torch)
+from tests.test_family_torch import TorchMLP, cosine, float64_norms  # noqa: E402, F401 (a fixture)
 
 CASES = [
   dict(gamma=0.9, decoupled=True, adaptive=False),
@@ -89,27 +89,10 @@ def run_fsam_optax(gamma, decoupled, adaptive, data):
     return [{k: np.asarray(v) for k, v in params.items()} for params in path]
 
 
-def float64_global_gradient_norm(param_groups, device=None, *, weight_adaptive=False):
-  """The port's squared global gradient norm, left in the gradients' dtype (not float32)."""
-  squares = []
-  for group in param_groups:
-    for p in group["params"]:
-      if p.grad is not None:
-        weighted = p.grad * p.abs() if weight_adaptive and group.get("adaptive") else p.grad
-        squares.append(weighted.norm().square())
-  return torch.stack(squares).sum().reshape(1)
-
-
-@pytest.fixture
-def float64_norms(monkeypatch):
-  monkeypatch.setattr(
-    pytorch_optimizer.optimizer.sam, "get_global_gradient_norm", float64_global_gradient_norm
-  )
-
-
+@pytest.mark.usefixtures("float64_norms")
 @pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_wsam_follows_the_port(case, foreach, float64_norms):
+def test_wsam_follows_the_port(case, foreach):
   data = ref.batches(seed=1, steps=STEPS)
   assert (
     max_rel_error(run_port(**case, data=data, foreach=foreach), run_fsam_optax(**case, data=data))
@@ -123,7 +106,8 @@ def test_wsam_follows_the_port_to_float32_norms(case):
   assert max_rel_error(run_port(**case, data=data), run_fsam_optax(**case, data=data)) < 1e-6
 
 
-def test_the_ports_clipping_is_the_class_rule_on_the_perturbed_gradient_only(float64_norms):
+@pytest.mark.usefixtures("float64_norms")
+def test_the_ports_clipping_is_the_class_rule_on_the_perturbed_gradient_only():
   """With max_norm the port equals the NumPy statement of the class with g left unclipped."""
   data = ref.batches(seed=1, steps=STEPS)
   case = dict(gamma=0.9, decoupled=True, adaptive=False)

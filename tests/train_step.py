@@ -105,3 +105,22 @@ def sam_steps_at(counts: jax.Array, **schedule: Any) -> np.ndarray:
   grad_fn = fsam_optax.sam_value_and_grad(_loss, return_diagnostics=True)
   norm = lambda c: grad_fn(params, tx.init(params)._replace(count=c))[2].perturbation_norm
   return np.asarray(jax.jit(jax.vmap(norm))(counts) > 0)
+
+
+def per_worker_step(
+  tx: optax.GradientTransformation, loss_fn: Callable[..., Any], axis_name: str
+) -> Callable[..., tuple[Any, ...]]:
+  """:func:`sam_step` under ``jax.pmap``, each worker's rules on its own gradients.
+
+  As a ``pmap`` trainer runs a SAM-family method per worker and averages after it
+  (``perturbation="per_device"``).
+  """
+  mapped = functools.partial(jax.pmap, axis_name=axis_name)
+  return sam_step(
+    tx, loss_fn, mapped=mapped, jit=False, axis_name=axis_name, perturbation="per_device"
+  )
+
+
+def replicate(tree: Any, n: int) -> Any:
+  """``tree`` stacked ``n`` times along a new leading axis, one copy per ``pmap`` device."""
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), tree)
