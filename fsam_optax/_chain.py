@@ -21,10 +21,12 @@ def chain(
   A method whose :meth:`~fsam_optax.SAMState.combine` fills
   :attr:`SAMGrad.after_base` (WSAM's decoupled form, say) adds that term to
   the update the base optimizer makes, past its momentum, weight decay and
-  preconditioning; ``optax.chain`` has no place for it and the method refuses
-  it. On a step the method leaves out (``skip_nonfinite``), no term is added;
-  under ``optax.MultiSteps``, which would step the base optimizer once every
-  ``k`` updates, a term is refused (accumulate with ``micro_batches=``).
+  preconditioning (finished by the state's
+  :meth:`~fsam_optax.SAMState.terms_at_update`, if it has one);
+  ``optax.chain`` has no place for it and the method refuses it. On a step
+  the method leaves out (``skip_nonfinite``), no term is added; after
+  ``optax.MultiSteps`` or ``optax.apply_every``, which hold the base update
+  back for ``k`` steps, a term is refused (accumulate with ``micro_batches=``).
   For every other method this is ``optax.chain``. The state is
   ``optax.chain``'s.
 
@@ -53,18 +55,22 @@ def chain(
       return inner.update(updates, state, params, **extra_args)  # the method says what to do
     terms = [x.after_base for x in leaves]
     stripped = jax.tree.unflatten(treedef, [x._replace(after_base=None) for x in leaves])
-    if any(t is not None for t in terms) and _has_multi_steps(state):
+    if any(t is not None for t in terms) and _holds_back(state):
       raise ValueError(
         f"{method_name(find_sam_state(state).state)} adds a term after the base "
-        "optimizer's update, which optax.MultiSteps after it would apply on every "
-        "micro-step while the base optimizer steps once every k: accumulate inside "
+        "optimizer's update, which would be applied on every step while optax.MultiSteps "
+        "or optax.apply_every holds the base update back for k steps: accumulate inside "
         "the gradient function instead, with sam_value_and_grad(..., micro_batches=k)."
       )
     out, new_state = inner.update(stripped, state, params, **extra_args)
     if all(t is None for t in terms):
       return out, new_state
     # No term on a step the method left out: its count did not advance.
-    taken = find_sam_state(new_state).step_count != find_sam_state(state).step_count
+    found = find_sam_state(new_state)
+    taken = found.step_count != find_sam_state(state).step_count
+    at_update = getattr(found.state, "terms_at_update", None)
+    if at_update is not None:
+      terms = at_update(terms)
     plain, out_def = jax.tree.flatten(out)
     added = [
       u if t is None else u + jnp.where(taken, t, 0).astype(u.dtype)
@@ -75,6 +81,7 @@ def chain(
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
-def _has_multi_steps(state: Any) -> bool:
-  is_multi = lambda x: isinstance(x, optax.MultiStepsState)
-  return any(is_multi(x) for x in jax.tree.leaves(state, is_leaf=is_multi))
+def _holds_back(state: Any) -> bool:
+  """Whether ``state`` has a transformation that holds updates back for several steps."""
+  is_held = lambda x: isinstance(x, optax.MultiStepsState | optax.ApplyEvery)
+  return any(is_held(x) for x in jax.tree.leaves(state, is_leaf=is_held))

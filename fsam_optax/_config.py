@@ -29,7 +29,7 @@ class PerturbationConfig:
     every, probability, seed: which steps take the SAM step (see
       :func:`fsam`'s arguments of the same names); ``1``, ``1.0``: every step.
     method: the name of the transformation that built the state (``"fsam"``,
-      ``"sam"``, ``"gsam"``, ``"vasso"``, ``"looksam"``, or a method of one's
+      ``"sam"``, ``"gsam"``, ``"vasso"``, ``"looksam"``, ``"wsam"``, or a method of one's
       own), for error messages.
     buffer: the name of the state's parameter-shaped buffer (``"ema"``,
       ``"g_v"``), or ``None`` for a method without one.

@@ -24,10 +24,6 @@ _HOW_TO_BUILD = (
   "that its init/update return."
 )
 
-# Hyperparameters the rules must read at this update's value: a learning rate is paired
-# with the base optimizer's at the same update.
-_ON_TIME = ("learning_rate",)
-
 
 # inject_hyperparams returns the stateful variant's state in recent optax.
 _INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
@@ -43,23 +39,13 @@ class Found(NamedTuple):
 
   state: Any
   hyperparams: Mapping[str, Any] | None
-  scheduled: frozenset[str] = frozenset()  # the injected hyperparameters that are schedules
 
   def hyperparam(self, name: str) -> jax.Array:
     """The state's scalar ``name``, as the user set it last.
 
     Under ``inject_hyperparams`` the dict holds the values the user set last;
-    the inner state only learns them at the next update. An injected schedule
-    holds the last update's value: refused for a learning rate.
+    the inner state only learns them at the next update.
     """
-    if name in _ON_TIME and name in self.scheduled:
-      method = method_name(self.state)
-      raise ValueError(
-        f"{method}: `{name}` is a schedule injected with optax.inject_hyperparams, which "
-        "reaches the gradient function one update late, paired with the base optimizer's "
-        f"previous learning rate. Pass the schedule to {method}({name}=...) itself (it is "
-        "evaluated at each update's count), or inject a number."
-      )
     value = getattr(self.state, name, None)
     if value is None or name in ("count", "config"):
       fields = [f for f in self.state._fields if f not in ("count", "config")]
@@ -81,7 +67,6 @@ class _Hit(NamedTuple):
   state: Any
   hyperparams: Mapping[str, Any] | None
   problem: str | None
-  scheduled: frozenset[str] = frozenset()
 
 
 def _not_first(where: str) -> str:
@@ -146,10 +131,7 @@ def _children(node: Any) -> list[tuple[Any, str | None]]:
     return [(c, _INSIDE_MASK) for c in jax.tree.leaves(node, is_leaf=lambda x: x is not node)]
   if isinstance(node, optax.MultiStepsState):
     problem = (
-      "{method} cannot sit inside optax.MultiSteps, which accumulates plain "
-      "gradients. Accumulate after it instead: `optax.chain("
-      "{factory}(...), optax.MultiSteps(base, every_k_schedule=k)."
-      "gradient_transformation())`."
+      "{method} cannot sit inside optax.MultiSteps, which accumulates plain gradients. {accumulate}"
     )
     return [(c, problem) for c in node]
   if type(node) in (tuple, list):  # an optax.chain state
@@ -164,14 +146,11 @@ def _children(node: Any) -> list[tuple[Any, str | None]]:
   return [] if is_leaf else [(c, None) for c in leaves]
 
 
-def _search(
-  node: Any, hyperparams: Any, problem: str | None, scheduled: frozenset[str] = frozenset()
-) -> list[_Hit]:
+def _search(node: Any, hyperparams: Any, problem: str | None) -> list[_Hit]:
   if isinstance(node, tuple(STATE_TYPES)):
-    return [_Hit(node, hyperparams, problem, scheduled)]
+    return [_Hit(node, hyperparams, problem)]
   if isinstance(node, _INJECT_STATES):
-    schedules = frozenset(getattr(node, "hyperparams_states", None) or ())
-    return _search(node.inner_state, node.hyperparams, problem, schedules)
+    return _search(node.inner_state, node.hyperparams, problem)
   hits = []
   for child, child_problem in _children(node):
     hits += _search(child, None, problem or child_problem)
@@ -197,10 +176,18 @@ def find_sam_state(opt_state: Any, caller: str = "sam_value_and_grad") -> Found:
   method = method_name(hit.state)
   # The built-in methods' factories are fsam_optax's; a method of one's own, its author's.
   factory = f"fsam_optax.{method}" if method in _BUILT_IN else method
-  # WSAM's decoupled term needs fsam_optax.chain; it is optax.chain for the others.
+  # WSAM's decoupled term needs fsam_optax.chain, and no accumulation after it.
   chain = "fsam_optax.chain" if method == "wsam" else "optax.chain"
+  accumulate = (
+    "Accumulate inside the gradient function instead: `sam_value_and_grad(..., micro_batches=k)`."
+    if method == "wsam"
+    else f"Accumulate after it instead: `{chain}({factory}(...), "
+    "optax.MultiSteps(base, every_k_schedule=k).gradient_transformation())`."
+  )
   if hit.problem is not None:
-    raise ValueError(hit.problem.format(method=method, factory=factory, chain=chain))
+    raise ValueError(
+      hit.problem.format(method=method, factory=factory, chain=chain, accumulate=accumulate)
+    )
   if not hit.state.config.skip_nonfinite and _has_apply_if_finite(opt_state):
     consequence = _non_finite_consequence(hit.state)
     raise ValueError(
@@ -208,7 +195,7 @@ def find_sam_state(opt_state: Any, caller: str = "sam_value_and_grad") -> Found:
         method=method, factory=factory, chain=chain, consequence=consequence
       )
     )
-  return Found(hit.state, hit.hyperparams, hit.scheduled)
+  return Found(hit.state, hit.hyperparams)
 
 
 def _no_state(opt_state: Any, caller: str) -> str:

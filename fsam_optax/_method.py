@@ -135,6 +135,16 @@ class SAMState(Protocol):
     :class:`Direction` to divide it by a norm of the method's own.
     """
 
+  def terms_at_update(self, terms: list[jax.Array | None]) -> list[jax.Array | None]:
+    """Optional: the :attr:`SAMGrad.after_base` terms as :func:`fsam_optax.chain` adds them.
+
+    Called on the state the update returned, with one term a leaf (``None``
+    where a leaf has none). It applies what only the update knows: WSAM
+    multiplies by the learning rate of this update, which
+    ``optax.inject_hyperparams`` sets at the update, after the gradients were
+    taken. Without it the terms are added as ``combine`` returned them.
+    """
+
   def combine(self, perturbed: Leaves, clean: Leaves, step: SAMStep) -> list[SAMGrad]:
     """Optional: what the update receives, a :class:`SAMGrad` a leaf.
 

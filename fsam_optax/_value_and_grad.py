@@ -391,7 +391,7 @@ def sam_value_and_grad(
 
   The returned function takes ``(params, opt_state, *args, **kwargs)``. It
   finds the state of the method first in the chain (``fsam``, ``sam``,
-  ``gsam``, ``vasso``, ``looksam`` or one built with
+  ``gsam``, ``vasso``, ``looksam``, ``wsam`` or one built with
   :func:`fsam_optax.method_transformation`) in ``opt_state`` (under ``optax.chain``,
   ``named_chain``, ``inject_hyperparams`` or in an ``nnx.Optimizer``),
   takes the gradient ``g`` of ``fun`` at ``params``, builds the perturbation

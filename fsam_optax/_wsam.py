@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fsam_optax._config import PerturbationConfig
-from fsam_optax._hyperparams import check
+from fsam_optax._hyperparams import at, check
 from fsam_optax._mask import Mask
 from fsam_optax._method import Leaves, SAMStep
 from fsam_optax._pairs import SAMGrad
@@ -27,8 +27,9 @@ class WSAMState(NamedTuple):
     gamma: the sharpness term's weight is ``gamma / (1 - gamma)``.
     eps: added to the norm before dividing by it.
     config: static settings (``decoupled`` and ``max_norm`` among its options).
-    learning_rate: the base optimizer's learning rate for the next update (at
-      ``count``), for the decoupled form; ``None`` in the coupled form.
+    learning_rate: the base optimizer's learning rate at the last update (at
+      ``count = 0``, at the first), which scales the decoupled form's term;
+      ``None`` in the coupled form.
   """
 
   count: jax.Array  # type: ignore[assignment]
@@ -41,6 +42,18 @@ class WSAMState(NamedTuple):
   def direction(self, grads: Leaves, step: SAMStep) -> Leaves:
     """``g`` itself, as SAM."""
     return grads
+
+  def terms_at_update(self, terms: list[jax.Array | None]) -> list[jax.Array | None]:
+    """``-lr alpha (g' - g)``, from ``g' - g`` and the learning rate of this update."""
+    lr = self.learning_rate
+    assert lr is not None  # the decoupled form keeps one; the coupled form adds no term
+
+    def scaled(t: jax.Array) -> jax.Array:
+      acc = jnp.result_type(jnp.float32, t.dtype)
+      gamma = self.gamma.astype(acc)
+      return ((-lr.astype(acc) * (gamma / (1 - gamma))) * t.astype(acc)).astype(t.dtype)
+
+    return [None if t is None else scaled(t) for t in terms]
 
   def combine(self, perturbed: Leaves, clean: Leaves, step: SAMStep) -> list[SAMGrad]:
     """``g`` and the sharpness term, or their weighted sum; ``g`` on a one-pass step.
@@ -58,15 +71,15 @@ class WSAMState(NamedTuple):
     plain = [SAMGrad(x.astype(c.dtype)) for x, c in zip(g, clean, strict=True)]
     if not step.two_pass:
       return plain
-    gamma = step.hyperparam("gamma").astype(acc)
-    alpha = gamma / (1 - gamma)
     if self.config.option("decoupled"):
-      scale = -step.hyperparam("learning_rate").astype(acc) * alpha
+      # g' - g, scaled by -lr alpha at the update, which sets lr (terms_at_update).
       combined = [
-        SAMGrad(x.grad, after_base=(scale * (b - a)).astype(x.grad.dtype))
+        SAMGrad(x.grad, after_base=(b - a).astype(x.grad.dtype))
         for x, a, b in zip(plain, g, gp, strict=True)
       ]
     else:
+      gamma = step.hyperparam("gamma").astype(acc)
+      alpha = gamma / (1 - gamma)
       combined = [
         SAMGrad((b * alpha + a * (1 - alpha)).astype(c.dtype))
         for a, b, c in zip(g, gp, clean, strict=True)
@@ -128,9 +141,9 @@ def wsam(
     gamma: in ``[0, 1)``; the sharpness term's weight is ``gamma / (1 - gamma)``.
     learning_rate: the base optimizer's learning rate, a number or the same
       schedule (evaluated at the count of the update it belongs to); required
-      by the decoupled form, refused by the coupled one. Under
-      ``optax.inject_hyperparams`` a number may be injected, not a schedule
-      (it would reach the step one update late).
+      by the decoupled form, refused by the coupled one. It is read when the
+      update runs, so a value ``optax.inject_hyperparams`` sets (around
+      ``wsam`` or around the whole optimizer) scales that update's term.
     decoupled: add the sharpness term after the base optimizer (``True``) or
       hand it the weighted sum of the gradients (``False``).
     max_norm: clip ``g`` and ``g'`` to this global norm, ``> 0``; ``None``: off.
@@ -177,7 +190,6 @@ def wsam(
       )
     if not max_norm > 0:
       raise ValueError(f"wsam: `max_norm` must be > 0 (None: no clipping), got {max_norm!r}.")
-  scalars: dict[str, optax.ScalarOrSchedule] = {"gamma": gamma}
   if decoupled:
     if learning_rate is None:
       raise ValueError(
@@ -186,19 +198,43 @@ def wsam(
         "(the same number or schedule), or decoupled=False for the coupled form."
       )
     check("wsam", "learning_rate", learning_rate, lambda v: v >= 0, ">= 0", schedule=True)
-    scalars["learning_rate"] = learning_rate
   elif learning_rate is not None:
     raise ValueError(
       "wsam: `learning_rate` is read by the decoupled form only; drop it, or set decoupled=True."
     )
-  return method_transformation(
+  tx = method_transformation(
     WSAMState,
     "wsam",
     rho=rho,
     eps=eps,
-    scalars=scalars,
+    scalars={"gamma": gamma},
     options={"decoupled": decoupled, "max_norm": None if max_norm is None else float(max_norm)},
     adaptive=adaptive,
     mask=mask,
     skip_nonfinite=skip_nonfinite,
   )
+  if learning_rate is None:
+    return tx
+  return _with_learning_rate(tx, learning_rate)
+
+
+def _with_learning_rate(
+  tx: optax.GradientTransformationExtraArgs, learning_rate: optax.ScalarOrSchedule
+) -> optax.GradientTransformationExtraArgs:
+  """``tx`` keeping, in ``learning_rate``, the learning rate of the update it last took."""
+
+  def init_fn(params: optax.Params) -> WSAMState:
+    state = tx.init(params)
+    return state._replace(learning_rate=at(learning_rate, state.count))
+
+  def update_fn(
+    updates: optax.Updates, state: WSAMState, params: optax.Params | None = None, **extra: Any
+  ) -> tuple[optax.Updates, WSAMState]:
+    updates, new_state = tx.update(updates, state, params, **extra)
+    taken = new_state.count != state.count  # not on a step skip_nonfinite left out
+    last = state.learning_rate
+    assert last is not None  # init_fn sets it
+    now = jnp.where(taken, at(learning_rate, state.count), last)
+    return updates, new_state._replace(learning_rate=now)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -282,6 +282,46 @@ def test_the_builder_refuses_arguments_no_method_may_take():
 
   with pytest.raises(ValueError, match=r"mine: `theta` must be finite, got nan"):
     build(WithTheta, "mine", rho=0.1, eps=1e-12, scalars={"theta": float("nan")})
+  with pytest.raises(ValueError, match=r"mine: the static option `s` must be hashable"):
+    build(WithTheta, "mine", rho=0.1, eps=1e-12, scalars={"theta": 1.0}, options={"s": []})
+
+
+def test_a_scalar_schedule_and_a_static_option_reach_the_rules():
+  """A scalar given as a schedule is read at the count of each step; an option as given."""
+
+  class Scaled(NamedTuple):
+    count: jax.Array
+    rho: jax.Array
+    k: jax.Array
+    eps: jax.Array
+    config: fsam_optax.PerturbationConfig
+
+    def direction(self, grads, step):
+      sign = -1.0 if self.config.option("flip") else 1.0
+      return [sign * step.hyperparam("k") * g for g in grads]
+
+  schedule = lambda count: 1.0 + count
+  tx = optax.chain(
+    fsam_optax.method_transformation(
+      Scaled, "scaled", rho=RHO, eps=1e-12, scalars={"k": schedule}, options={"flip": True}
+    ),
+    optax.sgd(0.1),
+  )
+  grad_fn = fsam_optax.sam_value_and_grad(loss)
+  opt_state = tx.init(PARAMS)
+  for t in range(3):
+    assert float(opt_state[0].k) == schedule(t)
+    _, grads = grad_fn(PARAMS, opt_state, X)
+    # -k g over its norm: the perturbation of -g (k > 0), flipped by the option.
+    g = jax.grad(loss)(PARAMS, X)
+    n = optax.tree.norm(g)
+    e = jax.tree.map(lambda v, n=n: -RHO * v / n, g)
+    want = jax.grad(loss)(jax.tree.map(jnp.add, PARAMS, e), X)
+    got = fsam_optax.base_grads(grads)
+    for key in PARAMS:
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
+    _, opt_state = tx.update(grads, opt_state, PARAMS)
+  assert opt_state[0].config.option("flip") is True
 
 
 class Decoupled(NamedTuple):

@@ -239,30 +239,47 @@ def test_a_non_finite_perturbed_gradient_leaves_the_whole_step_out():
   assert int(new_state[1].notfinite_count) == 1
 
 
-def test_an_injected_learning_rate_schedule_is_refused():
-  schedule = optax.linear_schedule(0.1, 0.0, 10)
-  tx = fsam_optax.chain(
-    optax.inject_hyperparams(fsam_optax.wsam)(rho=0.1, gamma=0.9, learning_rate=schedule),
-    optax.sgd(schedule),
-  )
-  params = {"w": jnp.ones(3)}
-  grad_fn = fsam_optax.sam_value_and_grad(lambda p: jnp.sum(p["w"] ** 2))
-  with pytest.raises(
-    ValueError, match=r"one update late.* Pass the schedule to wsam\(learning_rate"
-  ):
-    grad_fn(params, tx.init(params))
+def test_an_injected_learning_rate_scales_the_term_of_its_own_update():
+  """Injected around wsam or around the whole optimizer, as passed directly: the term uses
+  the learning rate of the update it is added at, which the injection sets then."""
+  inject = optax.inject_hyperparams
+  sgd = lambda lr: optax.sgd(lr, momentum=MOMENTUM)
+  ways = {
+    "around wsam": fsam_optax.chain(
+      inject(fsam_optax.wsam)(rho=0.2, gamma=0.9, learning_rate=lr_schedule), sgd(lr_schedule)
+    ),
+    "around the optimizer": inject(
+      lambda learning_rate: fsam_optax.chain(
+        fsam_optax.wsam(0.2, 0.9, learning_rate=learning_rate), sgd(learning_rate)
+      )
+    )(learning_rate=lr_schedule),
+  }
+  with jax.enable_x64(True):
+    data = ref.batches(seed=1, steps=12)
+    want, _ = run_library(
+      fsam_optax.chain(fsam_optax.wsam(0.2, 0.9, learning_rate=lr_schedule), sgd(lr_schedule)),
+      data,
+    )
+    for name, tx in ways.items():
+      got, _ = run_library(tx, data)
+      assert max_rel_error(got, want) < TOL, name
 
 
-def test_multi_steps_after_a_decoupled_wsam_is_refused():
-  tx = fsam_optax.chain(
-    fsam_optax.wsam(0.1, learning_rate=0.1),
-    optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2).gradient_transformation(),
-  )
+@pytest.mark.parametrize(
+  "base",
+  [
+    [optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2).gradient_transformation()],
+    [optax.sgd(0.1), optax.apply_every(2)],
+  ],
+  ids=["MultiSteps", "apply_every"],
+)
+def test_a_transformation_that_holds_updates_back_after_a_decoupled_wsam_is_refused(base):
+  tx = fsam_optax.chain(fsam_optax.wsam(0.1, learning_rate=0.1), *base)
   params = {"w": jnp.ones(3)}
   grad_fn = fsam_optax.sam_value_and_grad(lambda p: jnp.sum(p["w"] ** 2))
   opt_state = tx.init(params)
   _, grads = grad_fn(params, opt_state)
-  with pytest.raises(ValueError, match=r"optax.MultiSteps .* micro_batches=k"):
+  with pytest.raises(ValueError, match=r"optax.MultiSteps or optax.apply_every .* micro_batches=k"):
     tx.update(grads, opt_state, params)
 
 
