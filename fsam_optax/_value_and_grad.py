@@ -211,6 +211,42 @@ def _hand_on(
   return _HandedOn(grads, second.value, second.norms, norm, second.rngs)
 
 
+def _device_choice(
+  take: jax.Array,
+  two_passes: Callable[[], _HandedOn],
+  one_pass: Callable[[], _HandedOn],
+  layout: Layout,
+) -> _HandedOn:
+  """``lax.cond(take, two_passes, one_pass)``; zero terms on the one-pass branch if need be.
+
+  A method whose two-pass step adds ``after_base`` terms and whose one-pass step
+  adds none gives branches of different structures; only then (found when the
+  cond refuses them) the two-pass step is traced for its shapes, and the
+  one-pass branch hands on zeros where it has terms.
+  """
+  try:
+    return jax.lax.cond(take, two_passes, one_pass)
+  except TypeError:
+    is_samgrad = lambda x: isinstance(x, SAMGrad)
+    shapes = jax.tree.leaves(jax.eval_shape(two_passes).grads, is_leaf=is_samgrad)
+    if all(x.after_base is None for x in shapes):
+      raise
+
+  def one_pass_with_zero_terms() -> _HandedOn:
+    handed = one_pass()
+    leaves, treedef = jax.tree.flatten(handed.grads, is_leaf=is_samgrad)
+    filled = [
+      x
+      if s.after_base is None or x.after_base is not None
+      else x._replace(after_base=jnp.zeros_like(x.grad))
+      for x, s in zip(leaves, shapes, strict=True)
+    ]
+    grads = layout.vary_if_per_device(jax.tree.unflatten(treedef, filled))
+    return handed._replace(grads=grads)
+
+  return jax.lax.cond(take, two_passes, one_pass_with_zero_terms)
+
+
 def _non_finite_with_its_term(handed: SAMGrad) -> SAMGrad:
   """``handed`` with its gradient non-finite wherever its ``after_base`` term is.
 
@@ -636,7 +672,7 @@ def sam_value_and_grad(
     elif take is False:
       second = one_pass()
     else:
-      second = jax.lax.cond(take, two_passes, one_pass)
+      second = _device_choice(take, two_passes, one_pass, bound)
     # The model keeps what the clean pass wrote, and its RNG streams as the
     # passes that drew from them left them, so that no key is used twice.
     model.write_back(second.rngs if second_pass_rng == "fresh" else clean.rngs, clean.rest)

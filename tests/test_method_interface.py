@@ -9,6 +9,7 @@ with the method and the piece named, when it is defined or at its first trace.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -381,3 +382,36 @@ def test_no_term_is_added_on_a_step_the_method_leaves_out():
   updates, new_state = tx.update(grads, state, PARAMS)
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
   assert int(new_state[0].count) == 0
+
+
+class TwoPassTerm(Decoupled):
+  """Decoupled's term on two-pass steps only: a one-pass step hands on g and no term."""
+
+  def combine(self, perturbed, clean, step):
+    if not step.two_pass:
+      return [fsam_optax.SAMGrad(g) for g in clean]
+    return super().combine(perturbed, clean, step)
+
+
+def test_a_term_on_two_pass_steps_only_works_with_the_device_s_choice():
+  """The device's lax.cond needs both branches alike: the one-pass branch adds zero terms."""
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), PARAMS)
+    build = lambda: fsam_optax.method_transformation(
+      TwoPassTerm, "two_pass_term", rho=RHO, eps=1e-12, every=2
+    )
+    tx = fsam_optax.chain(build(), optax.sgd(0.1))
+    grad_fn = fsam_optax.sam_value_and_grad(loss)
+
+    @functools.partial(jax.jit, static_argnames="sam_step")
+    def step(p, state, sam_step=None):
+      _, grads = grad_fn(p, state, X, sam_step=sam_step)
+      updates, state = tx.update(grads, state, p)
+      return optax.apply_updates(p, updates), state
+
+    device, host = (params, tx.init(params)), (params, tx.init(params))
+    for i in range(6):
+      device = step(*device)
+      host = step(*host, sam_step=fsam_optax.is_sam_step(host[1], i))
+      for k in params:
+        np.testing.assert_allclose(device[0][k], host[0][k], rtol=1e-12)
