@@ -11,7 +11,7 @@ does: per worker under ``pmap``, then ``pmean``, then the optimizer of
 decoupled weight decay on the kernels, the schedule), numbering its steps from
 1 while the optimizer counts from 0. The library runs the port the GSAM guide
 gives: the same chain behind ``fsam_optax.gsam``, with the radius read one step
-ahead. 20 float64 steps of the MLP on 8 CPU devices, every form.
+ahead. 20 float64 steps of the MLP on one device and on 8 CPU devices, every form.
 """
 
 from __future__ import annotations
@@ -128,9 +128,10 @@ def split(x, y, n):
   return x.reshape(n, -1, x.shape[-1]), y.reshape(n, -1, y.shape[-1])
 
 
+@pytest.mark.parametrize("devices", ["one", "all"])
 @pytest.mark.parametrize("form", FORMS, ids=str)
-def test_the_port_follows_big_vision(form, monkeypatch):
-  n = jax.device_count()
+def test_the_port_follows_big_vision(form, devices, monkeypatch):
+  n = 1 if devices == "one" else jax.device_count()
   with jax.enable_x64(True):
     data = ref.batches(seed=5, steps=STEPS, batch=4 * n)
     want = big_vision_run(form, data, n, monkeypatch)
