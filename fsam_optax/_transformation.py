@@ -108,8 +108,9 @@ def method_transformation(
   """
   scalars = dict(scalars or {})
   _check_builder(state_type, name, scalars, buffer, buffer_dtype, adaptive, skip_nonfinite)
-  _check_options(name, list(dict(options or {}).items()))
-  static = tuple(sorted(dict(options or {}).items()))
+  given = list(dict(options or {}).items())
+  _check_options(name, given)
+  static = tuple(sorted(given))
   register(state_type, name, [*scalars, *([buffer] if buffer else [])])
   check(name, "rho", rho, lambda v: v >= 0, "a radius >= 0", schedule=True)
   check(name, "eps", eps, lambda v: v > 0, "> 0")
